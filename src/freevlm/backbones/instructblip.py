@@ -1,0 +1,45 @@
+"""InstructBLIP: BLIP-2 whose Q-Former also reads the instruction. Released LMs: Vicuna (Llama) and FlanT5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    BlipImageProcessorPil,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+)
+
+from freevlm.backbones.common import VLMBackbone
+from freevlm.backbones.lm import language_model_adapter
+
+
+def image_features(model, pixel_values, qformer_input_ids=None, qformer_attention_mask=None, **extra) -> torch.Tensor:
+    if qformer_input_ids is None:
+        raise ValueError("InstructBLIP needs qformer_input_ids (the instruction, tokenised for the Q-Former)")
+    return model.get_image_features(
+        pixel_values, qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask,
+        return_dict=True,
+    ).pooler_output  # (B, Q, D)
+
+
+def wrap(model: InstructBlipForConditionalGeneration, processor=None, name: str = "") -> VLMBackbone:
+    lm = language_model_adapter(model.language_model)
+    return VLMBackbone("instructblip", model.eval(), processor, lm, image_features, name)
+
+
+def from_config(config: InstructBlipConfig, processor=None, name: str = "") -> VLMBackbone:
+    return wrap(InstructBlipForConditionalGeneration(config), processor, name)
+
+
+def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> VLMBackbone:
+    model = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    processor = InstructBlipProcessor(
+        BlipImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+        AutoTokenizer.from_pretrained(Path(path) / "qformer_tokenizer"),
+        num_query_tokens=model.config.num_query_tokens,
+    )
+    return wrap(model, processor, name=str(path))

@@ -1,0 +1,135 @@
+"""Tiny random models of every supported architecture, built from config in milliseconds.
+
+They are real transformers architectures (the same classes as BLIP-2 OPT-2.7B or InstructBLIP Vicuna-7B) at toy
+sizes, so every code path that runs on a real checkpoint runs on them: tests build them on CPU, and the embedded
+default VLM (`default_vlm_config`) is one of them, trained on the synthetic data.
+
+Special token ids are shared by every tiny model so one word-level tokenizer serves all of them (see
+`freevlm.data.tokenizer`): pad=0, bos=1, eos=2, unk=3, image placeholder=4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import (
+    Blip2Config,
+    CLIPVisionConfig,
+    InstructBlipConfig,
+    LlamaConfig,
+    LlavaConfig,
+    OPTConfig,
+    T5Config,
+)
+
+from freevlm.backbones import blip2, instructblip, llava
+from freevlm.backbones.common import VLMBackbone
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = 0, 1, 2, 3, 4
+
+FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "instructblip-t5", "llava-llama")
+
+
+@dataclass
+class TinySize:
+    vocab_size: int = 64  # LM vocabulary (>= the tokenizer's size)
+    lm_layers: int = 4  # LM decoder layers (T5: decoder blocks, and as many encoder blocks: transformers 5.23
+    # sizes the generation cache from the encoder depth, so unequal depths break its own T5 generate)
+    lm_hidden: int = 32  # LM hidden size
+    lm_heads: int = 4  # LM attention heads (Llama: 2 key/value heads, so grouped-query attention is exercised)
+    lm_ffn: int = 64  # LM feed-forward size
+    vision_hidden: int = 32  # vision encoder (and Q-Former) hidden size
+    vision_layers: int = 2  # vision encoder layers
+    qformer_layers: int = 2  # Q-Former layers
+    image_size: int = 32  # input resolution
+    patch_size: int = 8  # ViT patch size
+    num_query_tokens: int = 4  # Q-Former queries = image tokens seen by the LM
+    max_positions: int = 128  # OPT learned positions / Llama max_position_embeddings
+    dropout: float = 0.0  # LM dropout (0 keeps training deterministic; OPT-2.7B ships 0.1)
+
+
+def _lm_config(kind: str, s: TinySize):
+    common = dict(vocab_size=s.vocab_size, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if kind == "opt":
+        return OPTConfig(
+            hidden_size=s.lm_hidden, num_hidden_layers=s.lm_layers, num_attention_heads=s.lm_heads, ffn_dim=s.lm_ffn,
+            word_embed_proj_dim=s.lm_hidden, max_position_embeddings=s.max_positions, dropout=s.dropout,
+            attention_dropout=s.dropout, **common,
+        )
+    if kind == "llama":
+        return LlamaConfig(
+            hidden_size=s.lm_hidden, num_hidden_layers=s.lm_layers, num_attention_heads=s.lm_heads,
+            num_key_value_heads=max(1, s.lm_heads // 2), intermediate_size=s.lm_ffn,
+            max_position_embeddings=s.max_positions, attention_dropout=s.dropout, tie_word_embeddings=False, **common,
+        )
+    if kind == "t5":
+        return T5Config(
+            d_model=s.lm_hidden, d_kv=s.lm_hidden // s.lm_heads, d_ff=s.lm_ffn, num_layers=s.lm_layers,
+            num_decoder_layers=s.lm_layers, num_heads=s.lm_heads, feed_forward_proj="gated-gelu",
+            dropout_rate=s.dropout, decoder_start_token_id=PAD_ID, relative_attention_num_buckets=8,
+            relative_attention_max_distance=32, is_encoder_decoder=True, tie_word_embeddings=False, **common,
+        )
+    raise ValueError(f"unknown tiny LM kind {kind!r}; expected opt, llama or t5")
+
+
+def _qformer_vision(s: TinySize) -> tuple[dict, dict]:
+    vision = dict(
+        hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden, num_hidden_layers=s.vision_layers,
+        num_attention_heads=max(1, s.vision_hidden // 16), image_size=s.image_size, patch_size=s.patch_size,
+        initializer_range=0.02,  # BLIP-2's default (1e-10) assumes pretrained weights; tiny models start random
+    )
+    qformer = dict(
+        vocab_size=s.vocab_size, hidden_size=s.vision_hidden, num_hidden_layers=s.qformer_layers,
+        num_attention_heads=max(1, s.vision_hidden // 16), intermediate_size=4 * s.vision_hidden,
+        encoder_hidden_size=s.vision_hidden, cross_attention_frequency=1, max_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return vision, qformer
+
+
+def tiny_config(family: str, size: TinySize | None = None):
+    """The transformers config of a tiny `family` model (one of FAMILIES)."""
+    s = size or TinySize()
+    arch, lm_kind = family.split("-")
+    text = _lm_config(lm_kind, s)
+    if arch in ("blip2", "minigpt4"):
+        vision, qformer = _qformer_vision(s)
+        return Blip2Config(
+            vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
+            num_query_tokens=s.num_query_tokens, image_token_index=IMAGE_ID,
+        )
+    if arch == "instructblip":
+        vision, qformer = _qformer_vision(s)
+        return InstructBlipConfig(
+            vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
+            num_query_tokens=s.num_query_tokens, image_token_index=IMAGE_ID,
+        )
+    if arch == "llava":
+        vision = CLIPVisionConfig(
+            hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden, num_hidden_layers=s.vision_layers,
+            num_attention_heads=max(1, s.vision_hidden // 16), image_size=s.image_size, patch_size=s.patch_size,
+            projection_dim=s.vision_hidden,
+        )
+        return LlavaConfig(
+            vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_ID,
+            vision_feature_layer=-1, vision_feature_select_strategy="default",
+            image_seq_length=(s.image_size // s.patch_size) ** 2,
+        )
+    raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def num_image_tokens(family: str, size: TinySize | None = None) -> int:
+    """How many placeholder tokens a prompt for this tiny model carries."""
+    s = size or TinySize()
+    return (s.image_size // s.patch_size) ** 2 if family.startswith("llava") else s.num_query_tokens
+
+
+def build_tiny(family: str, size: TinySize | None = None, processor=None, seed: int | None = None) -> VLMBackbone:
+    """A tiny random backbone of `family`; `seed` makes its weights reproducible."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = tiny_config(family, size)
+    module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava}[family.split("-")[0]]
+    return module.from_config(config, processor, name=f"tiny-{family}")

@@ -1,0 +1,295 @@
+"""The early-exit engine: which layers run, what skipped layers' caches hold, batching, beams, and parity at alpha=1."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from freevlm.backbones.tiny import FAMILIES, TinySize, build_tiny
+from freevlm.exits import ExitSpec, build_exits
+from freevlm.generation.criteria import Confidence
+from freevlm.generation.decode import generate_from_inputs
+from freevlm.generation.kv import SkipPolicy
+from tests.conftest import tiny_batch
+
+SIZE = TinySize(lm_layers=6)
+EXIT_LAYERS = [2, 4]
+
+
+class Scripted:
+    """A test criterion that exits where a plan says: plan[step][row] = exit index to leave at, or None."""
+
+    needs_logits = True
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.step = -1
+
+    def never_exits(self):
+        return False
+
+    def new_step(self, batch, device):
+        self.step += 1
+        return {"k": -1}
+
+    def __call__(self, state, rows, logits, hidden, prev):
+        state["k"] += 1
+        step_plan = self.plan[min(self.step, len(self.plan) - 1)]
+        return torch.tensor([step_plan[int(r)] == state["k"] for r in rows])
+
+
+class SignRule:
+    """Leave when one half of the hidden state's first 16 coordinates outweighs the other: decided by the row's own
+    state, and mixed on random models whatever their calibration (random T5 decoders are near one-hot, so a confidence
+    threshold or an argmax rule would send every token the same way)."""
+
+    needs_logits = True
+
+    def never_exits(self):
+        return False
+
+    def new_step(self, batch, device):
+        return {}
+
+    def __call__(self, state, rows, logits, hidden, prev):
+        return hidden[:, :8].sum(-1) > hidden[:, 8:16].sum(-1)
+
+
+@pytest.fixture(scope="module")
+def setups():
+    out = {}
+    for family in ("blip2-opt", "blip2-t5", "llava-llama"):
+        bb = build_tiny(family, SIZE, seed=0)
+        torch.manual_seed(1)
+        exits = build_exits(bb.lm, ExitSpec("transformer", list(EXIT_LAYERS)))
+        out[family] = (bb, exits)
+    return out
+
+
+def _inputs(bb, family, batch, seed=0):
+    pixels, ids, mask, extra = tiny_batch(family, SIZE, batch, seed=seed)
+    return bb.prepare(pixels, ids, mask, **extra)
+
+
+def _hook_counts(modules):
+    calls = {name: [] for name in modules}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: calls[name].append(args[0].shape[1]))
+        for name, m in modules.items()
+    ]
+    return calls, handles
+
+
+# --- which layers run -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["propagate", "copy"])
+def test_exited_token_runs_exactly_its_layers(setups, policy):
+    bb, exits = setups["blip2-opt"]
+    modules = {f"L{i + 1}": layer for i, layer in enumerate(bb.lm.layers)}
+    modules.update({f"E{layer}": e.layer for layer, e in zip(EXIT_LAYERS, exits.exits)})
+    # prefill (step 0) decides nothing here; decode steps 1..3 exit at exit 0 (layer 2), exit 1 (layer 4), final
+    plan = [[None], [0], [1], [None]]
+    calls, handles = _hook_counts(modules)
+    try:
+        res = generate_from_inputs(bb.lm, exits, _inputs(bb, "blip2-opt", 1), criterion=Scripted(plan),
+                                   policy=SkipPolicy(policy), max_new_tokens=4, min_new_tokens=4)
+    finally:
+        for h in handles:
+            h.remove()
+    assert res.exit_layers == [[6, 2, 4, 6]]
+    prompt = res.records[0].layers[0].item() / 6  # prefill ran every layer once over the whole prompt
+    # per module, the query lengths it saw, in call order: prefill (whole prompt), then one call per decode step
+    expected_layers = {1: 4, 2: 4, 3: 3, 4: 3, 5: 2, 6: 2}  # calls = prefill + the decode steps that reached it
+    for layer, n_calls in expected_layers.items():
+        assert calls[f"L{layer}"] == [prompt] + [1] * (n_calls - 1), layer
+    assert calls["E2"] == [prompt, 1, 1, 1]  # every step reaches layer 2 and checks its exit
+    assert calls["E4"] == [prompt, 1, 1]  # step 1 left at layer 2: exit 4 is not checked for it
+    assert res.records[1].layers.item() == 2 and res.records[2].layers.item() == 4
+    assert res.records[1].exit_layers.item() == 1 and res.records[2].exit_layers.item() == 2
+    filled = res.records[1].kv_projections if policy == "propagate" else res.records[1].kv_copies
+    assert filled.item() == 4 + 1  # layers 3..6 and exit 4's transformer got the policy's fill
+
+
+def test_catch_up_runs_skipped_layers_with_the_next_deep_token(setups):
+    bb, exits = setups["blip2-opt"]
+    modules = {f"L{i + 1}": layer for i, layer in enumerate(bb.lm.layers)}
+    plan = [[None], [0], [None], [None]]  # step 1 exits at layer 2; step 2 goes deep and carries step 1's token
+    calls, handles = _hook_counts(modules)
+    try:
+        res = generate_from_inputs(bb.lm, exits, _inputs(bb, "blip2-opt", 1), criterion=Scripted(plan),
+                                   policy=SkipPolicy("catch_up"), max_new_tokens=3, min_new_tokens=3)
+    finally:
+        for h in handles:
+            h.remove()
+    prompt = calls["L1"][0]
+    assert calls["L1"] == [prompt, 1, 1] and calls["L2"] == [prompt, 1, 1]
+    for layer in (3, 4, 5, 6):  # not run at step 1; run for two tokens at step 2
+        assert calls[f"L{layer}"] == [prompt, 2], layer
+    assert res.records[2].layers.item() == 2 + 4 * 2
+
+
+# --- what skipped layers' caches hold ----------------------------------------------------------------------------
+
+
+def _full_depth_cache(bb, lm_inputs, generated):
+    """The caches a full-depth forward over prompt + generated[:-1] leaves (what catch-up must reproduce)."""
+    lm = bb.lm
+    emb = lm.embed_tokens(generated[:, :-1]) if hasattr(lm, "embed_tokens") else None
+    embeds = torch.cat([lm_inputs.inputs_embeds, emb], dim=1)
+    mask = torch.cat([lm_inputs.attention_mask, torch.ones_like(generated[:, :-1])], dim=1)
+    cache = DynamicCache(config=lm.config)
+    h = lm.embed(None, embeds, None, mask, 0)
+    ctx = lm.context(h, mask, cache, 0, None)
+    states = [h]
+    for layer in lm.layers:
+        h = lm.run_layer(layer, h, ctx, cache)
+        states.append(h)
+    return cache, states, mask, ctx
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_catch_up_cache_equals_full_depth_forward_after_flush(setups, batch):
+    bb, exits = setups["blip2-opt"]
+    lm_inputs = _inputs(bb, "blip2-opt", batch, seed=3)
+    plan = [[None] * batch, [0] * batch, [1, 0][:batch], [None] * batch, [0] * batch, [1] * batch]
+    with torch.no_grad():
+        res = generate_from_inputs(bb.lm, exits, lm_inputs, criterion=Scripted(plan), policy=SkipPolicy("catch_up"),
+                                   max_new_tokens=6, min_new_tokens=6)
+        assert res.engine.pending, "the plan ends on exiting tokens, so some layers are still pending"
+        res.engine.flush(res.cache)
+        ref, states, mask, ctx = _full_depth_cache(bb, lm_inputs, res.sequences)
+    real = mask.bool()[:, None, :, None]  # padded positions hold K/V nobody attends to (and positions differ there)
+    for i in range(bb.lm.num_layers):
+        for ours, theirs in ((res.cache.layers[i].keys, ref.layers[i].keys), (res.cache.layers[i].values,
+                                                                              ref.layers[i].values)):
+            torch.testing.assert_close(ours * real, theirs * real, atol=1e-4, rtol=0)
+    with torch.no_grad():  # each exit transformer's cache holds its K/V of the full-depth h_i at every position
+        for slot, (layer, exit_) in enumerate(zip(EXIT_LAYERS, exits.exits)):
+            own = DynamicCache()
+            exit_.state(bb.lm, states[layer], ctx, own)
+            ours = res.engine.exit_cache.layers[slot].keys * real
+            torch.testing.assert_close(ours, own.layers[slot].keys * real, atol=1e-4, rtol=0)
+
+
+def _rope(x, positions, theta):
+    """RoPE written out from its definition, independent of transformers' implementation."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    ang = positions.float()[..., None] * inv  # (..., hd/2)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+@pytest.mark.parametrize("family", ["blip2-opt", "llava-llama"])
+def test_propagated_entries_are_skipped_layers_projections_of_the_exit_state(setups, family):
+    bb, exits = setups[family]
+    lm = bb.lm
+    lm_inputs = _inputs(bb, family, 1, seed=5)
+    steps = 4
+    plan = [[None]] + [[0]] * steps  # every decode step leaves at layer 2
+    with torch.no_grad():
+        res = generate_from_inputs(lm, exits, lm_inputs, criterion=Scripted(plan), policy=SkipPolicy("propagate"),
+                                   max_new_tokens=steps, min_new_tokens=steps)
+        _, states, mask, _ = _full_depth_cache(bb, lm_inputs, res.sequences)  # layers 1-2 ran for real
+    prompt_len = lm_inputs.inputs_embeds.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for t in range(1, steps):  # generated token t was fed at step t+1... tokens fed: generated[:-1]
+        pos = prompt_len + t - 1
+        h2 = states[2][:, pos]  # (1, D): the exited state of that token
+        for j in range(3, lm.num_layers + 1):
+            layer = lm.layers[j - 1]
+            if family == "blip2-opt":
+                ln = layer.self_attn_layer_norm
+                x = F.layer_norm(h2, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+                k = F.linear(x, layer.self_attn.k_proj.weight, layer.self_attn.k_proj.bias)
+                v = F.linear(x, layer.self_attn.v_proj.weight, layer.self_attn.v_proj.bias)
+            else:
+                w, eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+                x = h2 * torch.rsqrt(h2.pow(2).mean(-1, keepdim=True) + eps) * w
+                k = F.linear(x, layer.self_attn.k_proj.weight)
+                v = F.linear(x, layer.self_attn.v_proj.weight)
+            hd = res.cache.layers[j - 1].keys.shape[-1]
+            k, v = k.view(1, -1, hd), v.view(1, -1, hd)  # (1, H, hd)
+            if family == "llava-llama":
+                k = _rope(k, positions[:, pos], lm.config.rope_parameters["rope_theta"])
+            torch.testing.assert_close(res.cache.layers[j - 1].keys[:, :, pos], k, atol=1e-5, rtol=0)
+            torch.testing.assert_close(res.cache.layers[j - 1].values[:, :, pos], v, atol=1e-5, rtol=0)
+
+
+def test_exit_transformers_never_change_the_backbone_cache(setups):
+    bb, exits = setups["blip2-opt"]
+    lm_inputs = _inputs(bb, "blip2-opt", 2)
+    checked_never_taken = Scripted([[None, None]])  # every exit is evaluated, no token leaves
+    with torch.no_grad():
+        with_exits = generate_from_inputs(bb.lm, exits, lm_inputs, criterion=checked_never_taken, max_new_tokens=4)
+        without = generate_from_inputs(bb.lm, None, lm_inputs, max_new_tokens=4)
+    assert with_exits.records[1].exit_layers.sum() == 2 * len(EXIT_LAYERS)  # the exits did run
+    assert len(with_exits.engine.exit_cache.layers) == len(EXIT_LAYERS)  # in their own cache
+    for ours, ref in zip(with_exits.cache.layers, without.cache.layers):
+        assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+    seeded_from = [layer + 1 for layer in EXIT_LAYERS]
+    for slot, (exit_, src) in enumerate(zip(exits.exits, seeded_from)):
+        assert exit_.layer.self_attn.layer_idx == slot != bb.lm.layers[src - 1].self_attn.layer_idx
+
+
+# --- batching, beams, and alpha = 1 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["blip2-opt", "blip2-t5", "llava-llama"])
+@pytest.mark.parametrize("policy", ["propagate", "copy", "catch_up"])
+def test_batched_decoding_equals_one_sequence_at_a_time(setups, family, policy):
+    bb, exits = setups[family]
+    pixels, ids, mask, extra = tiny_batch(family, SIZE, 3, seed=7)
+    kwargs = dict(criterion=SignRule(), policy=SkipPolicy(policy), max_new_tokens=6)
+    with torch.no_grad():
+        batched = generate_from_inputs(bb.lm, exits, bb.prepare(pixels, ids, mask, **extra), **kwargs)
+        for r in range(3):
+            keep = mask[r].bool() if not family.startswith("blip2") else torch.ones_like(mask[r]).bool()
+            row_ids, row_mask = ids[r : r + 1, keep], mask[r : r + 1, keep]
+            row_extra = {k: v[r : r + 1] for k, v in extra.items()}
+            single = generate_from_inputs(bb.lm, exits, bb.prepare(pixels[r : r + 1], row_ids, row_mask, **row_extra),
+                                          **kwargs)
+            n = len(single.trace[0])
+            assert batched.sequences[r, :n].tolist() == single.sequences[0, :n].tolist()
+            assert batched.exit_layers[r] == single.exit_layers[0]
+    layers_seen = {layer for seq in batched.exit_layers for layer in seq}
+    assert len(layers_seen) > 1, "the rule should give a mix of exits for this test to mean anything"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_alpha_one_equals_hf_generate_and_checks_no_exit(family, num_beams):
+    bb = build_tiny(family, SIZE, seed=0)
+    exits = build_exits(bb.lm, ExitSpec("transformer", list(EXIT_LAYERS)))
+    pixels, ids, mask, extra = tiny_batch(family, SIZE, 3, seed=2)
+    calls, handles = _hook_counts({f"E{i}": e.layer for i, e in enumerate(exits.exits)})
+    try:
+        with torch.no_grad():
+            ref = bb.hf_generate(pixels, ids, mask, max_new_tokens=5, num_beams=num_beams, do_sample=False, **extra)
+            ours = generate_from_inputs(bb.lm, exits, bb.prepare(pixels, ids, mask, **extra),
+                                        criterion=Confidence(1.0), max_new_tokens=5, num_beams=num_beams)
+    finally:
+        for h in handles:
+            h.remove()
+    prompt_len = 1 if bb.lm.is_encoder_decoder else ids.shape[1]
+    assert torch.equal(ref[:, prompt_len:], ours.sequences)
+    assert all(not c for c in calls.values())
+    assert all(layer == SIZE.lm_layers for seq in ours.exit_layers for layer in seq)
+
+
+def test_beam_search_records_the_exit_layer_of_the_returned_beams(setups):
+    bb, exits = setups["blip2-opt"]
+    plan = [[None] * 3] + [[0, 1, None]] * 6  # beam rows 0/1/2 leave at layer 2 / layer 4 / the final layer
+    with torch.no_grad():
+        res = generate_from_inputs(bb.lm, exits, _inputs(bb, "blip2-opt", 1), criterion=Scripted(plan),
+                                   max_new_tokens=5, num_beams=3)
+    expected = {0: 2, 1: 4, 2: 6}
+    for step, row in res.trace[0][1:]:
+        assert res.exit_layers[0][step] == expected[row]
+    assert math.isfinite(res.seconds)
