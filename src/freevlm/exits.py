@@ -18,9 +18,14 @@ scores whether a feature comes from the final layer (real, h_N) or from an exit 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from freevlm.backbones.base import LanguageModel, LayerContext
@@ -184,3 +189,84 @@ def build_exits(lm: LanguageModel, spec: ExitSpec) -> ExitStack:
     else:
         raise ValueError(f"unknown exit kind {spec.kind!r}; expected transformer, linear or frozen-head")
     return ExitStack(spec, exits)
+
+
+# --- exit-only checkpoints ----------------------------------------------------------------------------------------
+
+EXITS_WEIGHTS, EXITS_CONFIG, DISCRIMINATORS_WEIGHTS = "exits.safetensors", "exits.json", "discriminators.safetensors"
+
+
+def backbone_fingerprint(lm: LanguageModel) -> str:
+    """A short hash of the frozen pieces exits depend on (LM head, final norm, last layer): exits trained on one
+    backbone are meaningless on another, even one of the same architecture."""
+    h = hashlib.sha256()
+    tensors = [lm.lm_head.weight, *list(lm.layers[-1].parameters())[:1]]
+    norm = getattr(lm, "norm", None) or getattr(getattr(lm, "decoder", None), "final_layer_norm", None)
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        tensors.append(norm.weight)
+    for t in tensors:
+        flat = t.detach().float().flatten()
+        h.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def exit_metadata(lm: LanguageModel, exits: ExitStack, backbone_name: str) -> dict:
+    return {
+        "format": "freevlm-exits/1",
+        "backbone": backbone_name,
+        "lm_type": lm.config.model_type,
+        "num_layers": lm.num_layers,
+        "hidden_size": lm.hidden_size,
+        "vocab_size": lm.vocab_size,
+        "exit_layers": list(exits.spec.layers),
+        "kind": exits.spec.kind,
+        "seed_layer": exits.spec.seed_layer,
+        "fingerprint": backbone_fingerprint(lm),
+    }
+
+
+def save_exits(folder, lm: LanguageModel, exits: ExitStack, backbone_name: str, discriminators=None) -> None:
+    """exits.safetensors (+ discriminators.safetensors) and exits.json into `folder`, written then renamed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pending = [(EXITS_WEIGHTS, exits), (DISCRIMINATORS_WEIGHTS, discriminators)]
+    for name, module in pending:
+        if module is None:
+            continue
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        tmp = folder / f".{name}.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, folder / name)
+    tmp = folder / f".{EXITS_CONFIG}.tmp"
+    tmp.write_text(json.dumps(exit_metadata(lm, exits, backbone_name), indent=2))
+    os.replace(tmp, folder / EXITS_CONFIG)
+
+
+def load_exits(folder, lm: LanguageModel, expected_layers: list[int] | None = None) -> ExitStack:
+    """Exits saved by `save_exits`, refused with a one-line error if they belong to another backbone or layer set."""
+    folder = Path(folder)
+    config_file = folder / EXITS_CONFIG
+    if not config_file.is_file():
+        raise FreeVLMError(f"not an exit checkpoint (no {EXITS_CONFIG}): {folder}")
+    meta = json.loads(config_file.read_text())
+    for key, have in (("lm_type", lm.config.model_type), ("num_layers", lm.num_layers),
+                      ("hidden_size", lm.hidden_size), ("vocab_size", lm.vocab_size)):
+        if meta.get(key) != have:
+            raise FreeVLMError(
+                f"exits in {folder} were trained for a backbone with {key}={meta.get(key)!r}, this one has {have!r}"
+            )
+    if meta.get("fingerprint") != backbone_fingerprint(lm):
+        raise FreeVLMError(
+            f"exits in {folder} were trained on backbone {meta.get('backbone')!r}, whose frozen head/layers differ "
+            "from this backbone's"
+        )
+    if expected_layers is not None and list(expected_layers) != meta["exit_layers"]:
+        raise FreeVLMError(f"exits in {folder} sit at layers {meta['exit_layers']}, not at {list(expected_layers)}")
+    exits = build_exits(lm, ExitSpec(meta["kind"], list(meta["exit_layers"]), meta.get("seed_layer", "next")))
+    state = load_file(str(folder / EXITS_WEIGHTS))
+    missing, unexpected = exits.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FreeVLMError(f"exit weights in {folder} do not match their config: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    device = next(iter(lm.layers.parameters())).device
+    return exits.to(device).eval()

@@ -27,9 +27,18 @@ def image_features(model: Blip2ForConditionalGeneration, pixel_values: torch.Ten
     return model.get_image_features(pixel_values, return_dict=True).pooler_output  # (B, Q, D)
 
 
+def parameter_groups(model) -> dict[str, list]:
+    return {
+        "vision": list(model.vision_model.parameters()),
+        "qformer": [model.query_tokens, *model.qformer.parameters()],
+        "projection": list(model.language_projection.parameters()),
+        "lm": list(model.language_model.parameters()),
+    }
+
+
 def wrap(model: Blip2ForConditionalGeneration, processor: Blip2Processor | None = None, name: str = "") -> VLMBackbone:
     lm = language_model_adapter(model.language_model)
-    return VLMBackbone("blip2", model.eval(), processor, lm, image_features, name)
+    return VLMBackbone("blip2", model.eval(), processor, lm, image_features, parameter_groups, name)
 
 
 def from_config(config: Blip2Config, processor: Blip2Processor | None = None, name: str = "") -> VLMBackbone:

@@ -50,12 +50,13 @@ class VLMBackbone:
     `instructblip.py`, `llava.py`) and in where the LM sits inside the model (resolved once, into `lm`).
     """
 
-    def __init__(self, family: str, model, processor, lm, image_features, name: str = ""):
+    def __init__(self, family: str, model, processor, lm, image_features, parameter_groups, name: str = ""):
         self.family = family  # "blip2" / "instructblip" / "llava"
         self.model = model  # the transformers model (Blip2ForConditionalGeneration, ...)
         self.processor = processor  # the transformers processor (images + text -> model inputs), or None
         self.lm = lm  # DecoderOnlyLM / EncoderDecoderLM
         self._image_features = image_features  # (model, pixel_values, **extra) -> (B, Q, D) or (B*Q, D)
+        self._parameter_groups = parameter_groups  # model -> {"vision"|"qformer"|"projection"|"lm": [params]}
         self.name = name or f"{family}-{lm.config.model_type}"
 
     def __repr__(self) -> str:
@@ -68,6 +69,15 @@ class VLMBackbone:
 
     def image_features(self, pixel_values: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         return self._image_features(self.model, pixel_values, **extra)
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The model's parameters by part: "vision", "qformer" (absent for LLaVA), "projection", "lm"."""
+        return self._parameter_groups(self.model)
+
+    def image_prompt(self, prompt: str) -> str:
+        """The text a prompt becomes before the processor: LLaVA's processor expands an `<image>` marker in the
+        text, the BLIP-2 family's processors prepend the query-token placeholders themselves."""
+        return f"<image> {prompt}" if self.family == "llava" else prompt
 
     def prepare(self, pixel_values, input_ids, attention_mask=None, **extra):
         features = self.image_features(pixel_values, **extra)

@@ -13,6 +13,7 @@ from transformers import (
     InstructBlipProcessor,
 )
 
+from freevlm.backbones.blip2 import parameter_groups
 from freevlm.backbones.common import VLMBackbone
 from freevlm.backbones.lm import language_model_adapter
 
@@ -28,7 +29,7 @@ def image_features(model, pixel_values, qformer_input_ids=None, qformer_attentio
 
 def wrap(model: InstructBlipForConditionalGeneration, processor=None, name: str = "") -> VLMBackbone:
     lm = language_model_adapter(model.language_model)
-    return VLMBackbone("instructblip", model.eval(), processor, lm, image_features, name)
+    return VLMBackbone("instructblip", model.eval(), processor, lm, image_features, parameter_groups, name)
 
 
 def from_config(config: InstructBlipConfig, processor=None, name: str = "") -> VLMBackbone:

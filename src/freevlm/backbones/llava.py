@@ -31,9 +31,17 @@ def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Ten
     return torch.cat(list(out.pooler_output), dim=0)  # (B*patches, D)
 
 
+def parameter_groups(model) -> dict[str, list]:
+    return {
+        "vision": list(model.model.vision_tower.parameters()),
+        "projection": list(model.model.multi_modal_projector.parameters()),
+        "lm": [*model.model.language_model.parameters(), *model.lm_head.parameters()],
+    }
+
+
 def wrap(model: LlavaForConditionalGeneration, processor: LlavaProcessor | None = None, name: str = "") -> VLMBackbone:
     lm = language_model_adapter(model.model.language_model, lm_head=model.lm_head)
-    return VLMBackbone("llava", model.eval(), processor, lm, image_features, name)
+    return VLMBackbone("llava", model.eval(), processor, lm, image_features, parameter_groups, name)
 
 
 def from_config(config: LlavaConfig, processor: LlavaProcessor | None = None, name: str = "") -> VLMBackbone:

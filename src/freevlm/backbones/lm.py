@@ -166,6 +166,11 @@ class DecoderOnlyLM:
     def new_cache(self) -> Cache:
         return DynamicCache()  # config-less: grows one slot per layer index written, so exits can own any slots
 
+    def modules(self) -> list[nn.Module]:
+        parts = [self.embed_tokens, self.layers, self.norm, self.lm_head, self.embed_positions, self.rotary_emb,
+                 self.project_in, self.project_out]
+        return [m for m in parts if m is not None]
+
 
 class EncoderDecoderLM:
     """A T5 / FlanT5 LM whose decoder blocks run one at a time; the encoder runs whole."""
@@ -245,6 +250,9 @@ class EncoderDecoderLM:
 
     def new_cache(self) -> Cache:
         return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+    def modules(self) -> list[nn.Module]:
+        return [self.lm]
 
 
 # The paper's exit placements (Table 10), for the LM sizes it used. Other depths scale these placements

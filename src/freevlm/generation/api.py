@@ -1,0 +1,75 @@
+"""The Python API: a backbone plus its exits, and `generate(images, prompts)`.
+
+    >>> vlm = EarlyExitVLM.from_pretrained("path/to/blip2-opt-2.7b", exits="runs/free/exits")
+    >>> out = vlm.generate(images, ["a photo of"] * len(images), threshold=0.8, num_beams=5)
+    >>> out.texts, out.sequences, out.exit_layers   # per-token exit layers (N = the final layer)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from freevlm.backbones import load_backbone
+from freevlm.data.images import load_image
+from freevlm.exits import ExitStack, load_exits
+from freevlm.generation.criteria import make_criterion
+from freevlm.generation.decode import GenerationResult, generate_from_inputs
+from freevlm.generation.kv import SkipPolicy
+from freevlm.train.batches import encode_prompts
+
+
+@dataclass
+class DecodeOptions:
+    criterion: str = "confidence"  # confidence | entropy | patience | similarity
+    threshold: float = 0.8  # alpha for confidence (the paper's default), or the criterion's one setting
+    kv_policy: str = "propagate"  # what skipped layers get: propagate | copy | catch_up (see generation/kv.py)
+    propagate_from: str = "hidden"  # propagate only: the exited backbone state ("hidden") or the exit's output
+    use_exits: bool = True  # False: full-depth decoding through the same engine (the reference path)
+    max_new_tokens: int = 30
+    num_beams: int = 1  # Table 10 uses 5
+
+
+class EarlyExitVLM:
+    def __init__(self, backbone, exits: ExitStack | None = None):
+        self.backbone = backbone
+        self.exits = exits
+
+    @classmethod
+    def from_pretrained(cls, backbone: str | Path, exits: str | Path | None = None, *, device: str | None = None,
+                        dtype: torch.dtype | None = None) -> EarlyExitVLM:
+        bb = load_backbone(backbone, dtype=dtype, device=device)
+        return cls(bb, load_exits(exits, bb.lm) if exits is not None else None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, images, prompts: list[str], options: DecodeOptions | None = None, *, pixel_noise: float = 0.0,
+                 noise_seed: int = 0, tokenizer_decode: bool = True, **overrides) -> GenerationResult:
+        """Generate for a batch of images (PIL images or paths) and prompts; `overrides` set DecodeOptions fields
+        or go to transformers' `generate` (length_penalty, do_sample, ...)."""
+        opts = options or DecodeOptions()
+        fields = set(DecodeOptions.__dataclass_fields__)
+        opts = DecodeOptions(**{**opts.__dict__, **{k: v for k, v in overrides.items() if k in fields}})
+        hf_kwargs = {k: v for k, v in overrides.items() if k not in fields}
+        pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        enc = encode_prompts(self.backbone, pil, prompts, padding_side="left")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        pixels = enc.pop("pixel_values").to(self.backbone.model.dtype)
+        if pixel_noise:
+            g = torch.Generator(device="cpu").manual_seed(noise_seed)
+            pixels = pixels + pixel_noise * torch.randn(pixels.shape, generator=g).to(pixels)
+        ids, mask = enc.pop("input_ids"), enc.pop("attention_mask")
+        lm_inputs = self.backbone.prepare(pixels, ids, mask, **enc)
+        criterion = make_criterion(opts.criterion, opts.threshold) if (opts.use_exits and self.exits) else None
+        tokenizer = self.backbone.processor.tokenizer if tokenizer_decode else None
+        return generate_from_inputs(
+            self.backbone.lm, self.exits if opts.use_exits else None, lm_inputs, criterion=criterion,
+            policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
+            max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams, **hf_kwargs,
+        )

@@ -1,0 +1,233 @@
+"""The training loop every recipe shares: accelerate, seeded batches, progress bars, JSON-lines metrics, and
+atomic, resumable checkpoints.
+
+A recipe supplies a `step(batch) -> dict[str, float]` that runs its own forward/backward/optimizer updates through the
+`Accelerator` (FREE's alternating GAN updates need two optimizers), and the loop owns everything else:
+
+- batches: a global batch of `batch_size` examples per step, split across processes (`split_batches=True`), in an
+  order fixed by the seed and the epoch, so 1 process and N processes see the same global batches;
+- checkpoints: `accelerator.save_state` (models, optimizers, schedulers, RNG states) plus the data position, written
+  into a temporary folder and renamed into place, so a crash never leaves a half-written checkpoint;
+- resume: the newest complete checkpoint is loaded and the epoch's first batches are skipped, so a resumed run
+  ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from freevlm.errors import FreeVLMError
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # "adam" (§4 names Adam) or "adamw" (Table 10 gives AdamW betas); see docs/training.md
+    lr: float = 1e-5  # §4: 1e-5 for the fine-tune; stage 2's lr is "kept the same"
+    betas: tuple[float, float] = (0.9, 0.999)  # Table 10
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up (Table 10: 500 for exit training)
+    decay_every_epochs: int = 0  # step decay: lr *= decay_factor every this many epochs (§4: 3); 0 = none
+    decay_factor: float = 0.5  # §4: "decays by 0.5 every 3 epochs"
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 1
+    batch_size: int = 16  # global batch (§4: 16), split across processes
+    seed: int = 0
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends only
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); for tests and smoke runs
+    progress: bool = True  # tqdm bars
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise FreeVLMError("nothing to train: every parameter of the selected parts is frozen")
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(cfg.name)
+    if cls is None:
+        raise FreeVLMError(f"unknown optimizer {cfg.name!r}; expected adam or adamw")
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int):
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.decay_every_epochs:
+            warm *= cfg.decay_factor ** (step // (cfg.decay_every_epochs * max(1, steps_per_epoch)))
+        return warm
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_accelerator(cpu: bool | None = None) -> Accelerator:
+    """One Accelerator for every recipe: global batches split over processes, seed-determined shuffling."""
+    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    config = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True)
+    return Accelerator(cpu=cpu, dataloader_config=config)
+
+
+class RunDir:
+    """A run's folder: its config, metrics, checkpoints and outputs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_file = self.path / "run_config.json"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+
+    def latest(self) -> Path | None:
+        if not self.checkpoints.is_dir():
+            return None
+        done = sorted(p for p in self.checkpoints.iterdir() if p.name.startswith("step-") and (p / "DONE").exists())
+        return done[-1] if done else None
+
+
+# Settings that change when a run is interrupted and resumed, but not what it computes.
+_NOT_RUN_IDENTITY = ("max_steps", "progress")
+
+
+def _identity(config: dict) -> dict:
+    if isinstance(config, dict):
+        return {k: _identity(v) for k, v in config.items() if k not in _NOT_RUN_IDENTITY}
+    return config
+
+
+def open_run(path: str | Path, config: dict, resume: bool, accelerator: Accelerator) -> RunDir:
+    """The run folder for `config`, created if new. Never mixes two runs: a folder holding another configuration,
+    or checkpoints of this one without `resume`, or unrelated files, is refused with a one-line error."""
+    run = RunDir(path)
+    if accelerator.is_main_process:
+        wanted = _identity(json.loads(json.dumps(config)))
+        if run.config_file.exists():
+            if _identity(json.loads(run.config_file.read_text())) != wanted:
+                raise FreeVLMError(f"{run.path} holds a run with a different configuration; choose another --out")
+            if not resume and run.latest() is not None:
+                raise FreeVLMError(f"{run.path} already holds checkpoints of this run; pass --resume or another --out")
+        elif run.path.exists() and any(run.path.iterdir()):
+            raise FreeVLMError(f"{run.path} exists and is not a freevlm run folder; choose another --out")
+        else:
+            run.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run.config_file, json.dumps(config, indent=2, sort_keys=True))
+    accelerator.wait_for_everyone()
+    return run
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fit(
+    accelerator: Accelerator,
+    dataset: list,
+    collate: Callable,
+    step: Callable[[object], dict[str, float]],
+    loop: LoopConfig,
+    run: RunDir,
+    stage: str,
+    schedulers: list | None = None,
+    resume: bool = False,
+) -> dict[str, float]:
+    """Train for `loop.epochs` over `dataset`; returns the mean of each logged value over the last epoch."""
+    set_seed(loop.seed)
+    loader = DataLoader(dataset, batch_size=loop.batch_size, shuffle=True, collate_fn=collate, drop_last=False,
+                        generator=torch.Generator().manual_seed(loop.seed))
+    loader = accelerator.prepare(loader)
+    steps_per_epoch = len(loader)
+    start_epoch, skip = 0, 0
+    global_step = 0
+    latest = run.latest() if resume else None
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        position = json.loads((latest / "position.json").read_text())
+        start_epoch, skip, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
+        if skip >= steps_per_epoch:
+            start_epoch, skip = start_epoch + 1, 0
+    means: dict[str, float] = {}
+    for epoch in range(start_epoch, loop.epochs):
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        sums: dict[str, float] = {}
+        count = 0
+        bar = tqdm(batches, total=steps_per_epoch - skip, desc=f"{stage} epoch {epoch + 1}/{loop.epochs}",
+                   disable=not (loop.progress and accelerator.is_main_process), leave=False)
+        for in_epoch, batch in enumerate(bar, start=skip + 1):
+            logs = step(batch)
+            for sch in schedulers or []:
+                sch.step()
+            global_step += 1
+            count += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+            if accelerator.is_main_process:
+                row = {"stage": stage, "epoch": epoch, "step": global_step, "time": time.time(), **logs}
+                if schedulers:
+                    row["lr"] = schedulers[0].get_last_lr()[0]
+                with run.metrics_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            at_end = in_epoch == steps_per_epoch
+            if (loop.checkpoint_every and global_step % loop.checkpoint_every == 0) or at_end:
+                save_checkpoint(accelerator, run, epoch, in_epoch, global_step, loop.keep_checkpoints)
+            if loop.max_steps and global_step >= loop.max_steps:
+                return {k: v / max(count, 1) for k, v in sums.items()}
+        skip = 0
+        means = {k: v / max(count, 1) for k, v in sums.items()}
+    return means
+
+
+def save_checkpoint(accelerator, run: RunDir, epoch: int, in_epoch: int, global_step: int, keep: int) -> Path:
+    final = run.checkpoints / f"step-{global_step:08d}"
+    tmp = run.checkpoints / f".tmp-step-{global_step:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        position = {"epoch": epoch, "step_in_epoch": in_epoch, "global_step": global_step}
+        (tmp / "position.json").write_text(json.dumps(position))
+        (tmp / "DONE").write_text("")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(p for p in run.checkpoints.iterdir() if p.name.startswith("step-"))
+        for old in done[:-keep] if keep else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def config_dict(*configs) -> dict:
+    """Merge dataclass configs into one JSON-able dict (for run_config.json)."""
+    out: dict = {}
+    for c in configs:
+        out.update(asdict(c) if hasattr(c, "__dataclass_fields__") else dict(c))
+    return json.loads(json.dumps(out, default=str))
+
+
+def global_count(accelerator: Accelerator, local: torch.Tensor) -> torch.Tensor:
+    """The number of loss positions summed over processes, divided by the world size.
+
+    Each process divides its loss sum by this, so that DDP's gradient *averaging* gives the gradient of the global
+    per-position mean, whatever the split of positions across processes.
+    """
+    total = accelerator.reduce(local.detach().float().clone(), reduction="sum")
+    return (total / accelerator.num_processes).clamp(min=1.0 / accelerator.num_processes)
+
+

@@ -1,0 +1,128 @@
+"""Stage 1 (§3.2): fine-tune the backbone with token cross-entropy on the labelled data (semi-supervised only).
+
+Which parts train is a config choice. The default follows BLIP-2 fine-tuning as the paper's parameter counts show it
+(1.1–1.2B trainable: Q-Former, projection and vision encoder train, the LM stays frozen); `train_parts` can drop the
+vision encoder or add the LM. The same recipe, with every part trainable, is the embedded default's pretraining
+(standing in for BLIP-2's pretraining, which a random tiny VLM needs before any variant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from freevlm.errors import FreeVLMError
+from freevlm.losses import token_cross_entropy
+from freevlm.train.batches import IGNORE, Batch, Collator
+from freevlm.train.forward import teacher_forced
+from freevlm.train.loop import (
+    LoopConfig,
+    OptimConfig,
+    config_dict,
+    fit,
+    global_count,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    open_run,
+)
+
+PARTS = ("vision", "qformer", "projection", "lm")
+
+
+@dataclass
+class Stage1Config:
+    train_parts: tuple[str, ...] = ("vision", "qformer", "projection")  # BLIP-2 practice; add "lm" to tune the LM
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(name="adam", lr=1e-5, decay_every_epochs=3, decay_factor=0.5)
+    )  # §4: Adam, 1e-5, halved every 3 epochs
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=10, batch_size=16))  # §4: 10 epochs, batch 16
+    max_target_tokens: int = 32  # longest caption/answer kept (tokens)
+
+
+def count_targets(batch: Batch, encoder_decoder: bool) -> torch.Tensor:
+    labels = batch.labels if encoder_decoder else batch.labels[:, 1:]
+    return (labels != IGNORE).sum()
+
+
+class CaptionLoss(nn.Module):
+    """The backbone's CE loss as a module, so DDP wraps (and syncs) the backbone's trainable parameters."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.model = backbone.model
+        self.__dict__["backbone"] = backbone
+
+    def forward(self, batch: Batch, normalizer: torch.Tensor) -> torch.Tensor:
+        tf = teacher_forced(self.backbone, batch, keep=set(), logits=True)
+        return token_cross_entropy(tf.logits, tf.targets, normalizer)
+
+
+def select_trainable(backbone, parts) -> list[nn.Parameter]:
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise FreeVLMError(f"unknown backbone parts {sorted(unknown)}; expected some of {', '.join(PARTS)}")
+    groups = backbone.parameter_groups()
+    backbone.model.requires_grad_(False)
+    params = [p for part in parts for p in groups.get(part, [])]
+    for p in params:
+        p.requires_grad_(True)
+    backbone.model.train()
+    if "lm" not in parts:  # a frozen LM also keeps its dropout off, as in BLIP-2's fine-tuning
+        for m in backbone.lm.modules():
+            m.eval()
+    return params
+
+
+def train_backbone(backbone, examples, cfg: Stage1Config, out: str | Path, *, resume: bool = False,
+                   stage: str = "stage1", accelerator=None):
+    """Fine-tune `backbone` in place on (image, prompt, target) examples; save it under out/backbone."""
+    if any(e.target is None for e in examples):
+        raise FreeVLMError("stage 1 needs labelled examples (every example must have a target)")
+    accelerator = accelerator or make_accelerator()
+    run = open_run(out, config_dict({"stage": stage}, cfg), resume, accelerator)
+    set_seed(cfg.loop.seed)  # new modules (exits, discriminators) start from the same weights on every rank and rerun
+    backbone.model.to(accelerator.device)
+    params = select_trainable(backbone, cfg.train_parts)
+    optimizer = make_optimizer(params, cfg.optim)
+    steps_per_epoch = -(-len(examples) // cfg.loop.batch_size)
+    scheduler = make_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    module, optimizer, scheduler = accelerator.prepare(CaptionLoss(backbone), optimizer, scheduler)
+    encoder_decoder = backbone.lm.is_encoder_decoder
+
+    def step(batch: Batch) -> dict[str, float]:
+        local = count_targets(batch, encoder_decoder)
+        norm = global_count(accelerator, local)
+        loss = module(batch, norm)
+        accelerator.backward(loss)
+        if cfg.optim.grad_clip:
+            accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item() * float(norm) / max(int(local), 1)}
+
+    collate = Collator(backbone, train=True, max_target_tokens=cfg.max_target_tokens)
+    means = fit(accelerator, examples, collate, step, cfg.loop, run, stage, [scheduler], resume)
+    backbone.model.eval()
+    backbone.model.requires_grad_(False)
+    if accelerator.is_main_process:
+        save_backbone(backbone, Path(out) / "backbone")
+    accelerator.wait_for_everyone()
+    return means
+
+
+def save_backbone(backbone, folder: Path) -> None:
+    """A transformers checkpoint folder (model + processor) that `load_backbone` reads back."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    backbone.model.save_pretrained(tmp)
+    if backbone.processor is not None:
+        backbone.processor.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)

@@ -1,0 +1,210 @@
+"""Stage 2 (§3.3–3.4): train exits on a frozen backbone.
+
+FREE's exits are trained adversarially: a discriminator D_i per exit learns to tell the final layer's hidden state
+h_N (real) from the exit transformer's output E_i(h_i) (fake), and the exit transformer learns to fool it, alongside a
+task loss that keeps it from collapsing:
+
+- `semi`    : L_i = CE_i + L_gen_i on labelled data (3 epochs)                                   [§3.3]
+- `kd`      : L_i = KL(p_i || p_N) + L_gen_i, no labels; positions are the backbone's own greedy captions [§3.4]
+- `capfilt` : pseudo-labels (10 sampled captions per image, ranked, top 2 kept), then as `semi` [§3.4]
+
+Updates alternate as in the original GAN: each step first updates every D_i on L_fc, then the exits on L. The same
+loop trains the baselines' exits (DeeBERT, PABEE, LeeBERT: `task` = "ce" / "pabee" / "leebert", no adversary),
+and the paper's ablations are switches: `adversarial_weight=0` (no adversarial term), `task="none"` (no CE / no KD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from freevlm.errors import FreeVLMError
+from freevlm.exits import Discriminator, ExitSpec, ExitStack, build_exits, save_exits
+from freevlm.losses import (
+    IGNORE,
+    discriminator_loss,
+    exit_kl,
+    generator_loss,
+    mutual_distillation,
+    pabee_weights,
+    token_cross_entropy,
+)
+from freevlm.train.batches import Batch, Collator
+from freevlm.train.forward import TeacherForced, teacher_forced
+from freevlm.train.loop import (
+    LoopConfig,
+    OptimConfig,
+    config_dict,
+    fit,
+    global_count,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    open_run,
+)
+
+TASKS = ("ce", "kd", "none", "pabee", "leebert", "leeblip")
+
+
+@dataclass
+class ExitTrainConfig:
+    exit_kind: str = "transformer"  # "transformer" (FREE) or "linear" (DeeBERT/PABEE/LeeBERT heads)
+    exit_layers: list[int] | None = None  # None = the paper's placement scaled to this LM's depth
+    seed_layer: str = "next"  # which LM layer seeds each exit transformer (see exits.seed_layer)
+    task: str = "ce"  # per-exit task loss: ce | kd | none | pabee | leebert | leeblip
+    adversarial_weight: float = 1.0  # weight of L_gen (0 = the "no adversarial" ablation; baselines use 0)
+    kl_direction: str = "exit_to_final"  # the paper's KL(p_i || p_N); "final_to_exit" is the usual KD direction
+    distill_weight: float = 1.0  # leeblip/leebert: weight of the distillation term next to CE
+    discriminator_hidden: int = 3072  # §4: one hidden layer of 3072, LeakyReLU
+    discriminator_lr: float | None = None  # None = the exits' learning rate
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-5, warmup_steps=500))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=3, batch_size=16))  # §4: 3 epochs
+    max_target_tokens: int = 32
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise FreeVLMError(f"unknown exit task loss {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.adversarial_weight and self.exit_kind != "transformer":
+            raise FreeVLMError("the adversarial term needs exit transformers (exit_kind='transformer')")
+
+
+class ExitLosses(nn.Module):
+    """The generator side, as one module for DDP: exits (+ LeeBERT's learned weights) and their task losses."""
+
+    def __init__(self, backbone, exits: ExitStack, cfg: ExitTrainConfig):
+        super().__init__()
+        self.exits = exits
+        self.cfg = cfg
+        self.__dict__["backbone"] = backbone
+        if cfg.task == "leebert":  # learned weights of each exit as a teacher (softmax over exits)
+            self.teacher_logits = nn.Parameter(torch.zeros(len(exits.exits)))
+
+    def forward(self, tf: TeacherForced, normalizer) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        lm = self.backbone.lm
+        mask = tf.targets != IGNORE
+        states, logits = [], []
+        for layer, exit_ in zip(self.exits.layers, self.exits.exits):
+            state = exit_.state(lm, tf.states[layer], tf.ctx, None)
+            states.append(state)
+            logits.append(exit_.logits(lm, state) if self.cfg.task != "none" else None)
+        task, logs = self._task_loss(logits, tf, mask, normalizer)
+        return states, task, logs
+
+    def _task_loss(self, logits, tf, mask, normalizer):
+        cfg, zero = self.cfg, tf.final.new_zeros(())
+        if cfg.task == "none":
+            return zero, {}
+        if cfg.task == "kd":
+            losses = [exit_kl(lg, tf.logits, mask, cfg.kl_direction, normalizer) for lg in logits]
+            return sum(losses), {"kd": sum(x.item() for x in losses) / len(losses)}
+        ce = [token_cross_entropy(lg, tf.targets, normalizer) for lg in logits]
+        if cfg.task == "pabee":
+            w = pabee_weights(len(ce)).to(ce[0].device)
+            return sum(wi * c for wi, c in zip(w, ce)), {"ce": sum(c.item() for c in ce) / len(ce)}
+        total = sum(ce)
+        logs = {"ce": total.item() / len(ce)}
+        if cfg.task == "leeblip":  # the paper's LeeBLIP: hard labels + distillation from the final layer
+            kd = sum(exit_kl(lg, tf.logits, mask, "final_to_exit", normalizer) for lg in logits)
+            total = total + cfg.distill_weight * kd
+            logs["kd"] = kd.item() / len(ce)
+        elif cfg.task == "leebert":  # LeeBERT: mutual distillation between exits with learned teacher weights
+            w = torch.softmax(self.teacher_logits, dim=0)
+            kd = mutual_distillation(logits, mask, w, normalizer)
+            total = total + cfg.distill_weight * kd
+            logs["kd"] = kd.item()
+        return total, logs
+
+
+class Discriminators(nn.Module):
+    def __init__(self, hidden_size: int, count: int, inner: int):
+        super().__init__()
+        self.nets = nn.ModuleList(Discriminator(hidden_size, inner) for _ in range(count))
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [net(f) for net, f in zip(self.nets, features)]
+
+
+def needs_final_logits(cfg: ExitTrainConfig) -> bool:
+    return cfg.task in ("kd", "leeblip")
+
+
+def train_exits(backbone, examples, cfg: ExitTrainConfig, out: str | Path, *, resume: bool = False,
+                stage: str = "stage2", accelerator=None, exits: ExitStack | None = None,
+                save_discriminators: bool = False) -> tuple[ExitStack, dict]:
+    """Train exits on a frozen `backbone`; save them (exit-only checkpoint) under out/exits."""
+    if cfg.task in ("ce", "pabee", "leebert", "leeblip") and any(e.target is None for e in examples):
+        raise FreeVLMError(f"task loss {cfg.task!r} needs a target for every example (use kd, or pseudo-labels)")
+    accelerator = accelerator or make_accelerator()
+    run = open_run(out, config_dict({"stage": stage}, cfg), resume, accelerator)
+    set_seed(cfg.loop.seed)  # new modules (exits, discriminators) start from the same weights on every rank and rerun
+    lm = backbone.lm
+    backbone.model.to(accelerator.device).eval().requires_grad_(False)
+    layers = cfg.exit_layers or backbone.default_exit_layers()
+    if exits is None:
+        exits = build_exits(lm, ExitSpec(cfg.exit_kind, list(layers), cfg.seed_layer))
+    exits.to(accelerator.device).train()
+    generator = ExitLosses(backbone, exits, cfg)
+    opt_g = make_optimizer(generator.parameters(), cfg.optim)
+    steps_per_epoch = -(-len(examples) // cfg.loop.batch_size)
+    sched_g = make_scheduler(opt_g, cfg.optim, steps_per_epoch)
+    adversarial = cfg.adversarial_weight > 0
+    objects = [generator, opt_g, sched_g]
+    if adversarial:
+        discs = Discriminators(lm.hidden_size, len(exits.exits), cfg.discriminator_hidden).to(accelerator.device)
+        d_optim = OptimConfig(**{**cfg.optim.__dict__, "lr": cfg.discriminator_lr or cfg.optim.lr})
+        opt_d = make_optimizer(discs.parameters(), d_optim)
+        sched_d = make_scheduler(opt_d, d_optim, steps_per_epoch)
+        objects += [discs, opt_d, sched_d]
+    prepared = accelerator.prepare(*objects)
+    generator, opt_g, sched_g = prepared[:3]
+    if adversarial:
+        discs, opt_d, sched_d = prepared[3:]
+    keep = set(exits.layers)
+    final_logits = needs_final_logits(cfg)
+
+    def step(batch: Batch) -> dict[str, float]:
+        with torch.no_grad():
+            tf = teacher_forced(backbone, batch, keep=keep, logits=final_logits)
+        mask = tf.targets != IGNORE
+        local = mask.sum()
+        norm = global_count(accelerator, local)
+        states, task, logs = generator(tf, norm)
+        scale = float(norm) / max(int(local), 1)  # converts normalised sums to this process's per-token means
+        if adversarial:
+            real = [tf.final] * len(states)
+            fake = [s.detach() for s in states]
+            d_scores = discs([torch.cat([r, f]) for r, f in zip(real, fake)])
+            d_loss = sum(
+                discriminator_loss(sc[: len(r)], sc[len(r) :], mask, norm) for sc, r in zip(d_scores, real)
+            )
+            opt_d.zero_grad(set_to_none=True)
+            accelerator.backward(d_loss)
+            opt_d.step()
+            sched_d.step()
+            g_adv = sum(generator_loss(sc, mask, norm) for sc in discs(states))
+            logs["disc"] = d_loss.item() * scale / len(states)
+            logs["gen"] = g_adv.item() * scale / len(states)
+            loss = task + cfg.adversarial_weight * g_adv
+        else:
+            loss = task
+        opt_g.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.optim.grad_clip:
+            accelerator.clip_grad_norm_(generator.parameters(), cfg.optim.grad_clip)
+        opt_g.step()
+        logs = {k: (v * scale if k in ("ce", "kd") else v) for k, v in logs.items()}
+        logs["loss"] = loss.item() * scale
+        return logs
+
+    collate = Collator(backbone, train=True, max_target_tokens=cfg.max_target_tokens)
+    means = fit(accelerator, examples, collate, step, cfg.loop, run, stage, [sched_g], resume)
+    exits = accelerator.unwrap_model(generator).exits.eval()
+    if accelerator.is_main_process:
+        discs_out = accelerator.unwrap_model(discs) if (adversarial and save_discriminators) else None
+        save_exits(Path(out) / "exits", lm, exits, backbone.name, discs_out)
+    accelerator.wait_for_everyone()
+    return exits, means

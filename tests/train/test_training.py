@@ -1,0 +1,118 @@
+"""Training runs: losses fall, resumed runs equal uninterrupted ones, 2 DDP processes equal 1 process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from freevlm.errors import FreeVLMError
+from freevlm.losses import token_cross_entropy
+from freevlm.train.batches import Collator
+from freevlm.train.forward import teacher_forced
+from freevlm.train.loop import LoopConfig, OptimConfig
+from freevlm.train.stage1 import Stage1Config, train_backbone
+from freevlm.train.stage2 import ExitTrainConfig, train_exits
+from tests.train.conftest import colour_task
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _final_loss(backbone, batch):
+    with torch.no_grad():
+        tf = teacher_forced(backbone, batch, keep=set(), logits=True)
+        return token_cross_entropy(tf.logits, tf.targets).item()
+
+
+def _exit_loss(backbone, exits, batch):
+    with torch.no_grad():
+        tf = teacher_forced(backbone, batch, keep=set(exits.layers))
+        losses = []
+        for layer, e in zip(exits.layers, exits.exits):
+            logits = e.logits(backbone.lm, e.state(backbone.lm, tf.states[layer], tf.ctx, None))
+            losses.append(token_cross_entropy(logits, tf.targets).item())
+    return sum(losses) / len(losses)
+
+
+def test_stage1_lowers_the_loss_on_a_fixed_batch(tmp_path):
+    backbone, examples = colour_task(tmp_path / "data")
+    batch = Collator(backbone)(examples)
+    before = _final_loss(backbone, batch)
+    cfg = Stage1Config(train_parts=("vision", "qformer", "projection", "lm"), optim=OptimConfig(name="adam", lr=3e-3),
+                       loop=LoopConfig(epochs=6, batch_size=4, progress=False))
+    train_backbone(backbone, examples, cfg, tmp_path / "run")
+    assert _final_loss(backbone, batch) < 0.75 * before
+    assert (tmp_path / "run" / "backbone" / "config.json").is_file()
+
+
+def test_stage2_lowers_the_exit_loss_on_a_fixed_batch(tmp_path):
+    backbone, examples = colour_task(tmp_path / "data")
+    batch = Collator(backbone)(examples)
+    cfg = ExitTrainConfig(exit_layers=[2, 4], optim=OptimConfig(lr=3e-3, warmup_steps=1),
+                          loop=LoopConfig(epochs=4, batch_size=4, progress=False))
+    from freevlm.exits import ExitSpec, build_exits
+
+    fresh = build_exits(backbone.lm, ExitSpec("transformer", [2, 4]))
+    before = _exit_loss(backbone, fresh, batch)
+    exits, _ = train_exits(backbone, examples, cfg, tmp_path / "run")
+    assert _exit_loss(backbone, exits, batch) < before
+
+
+def _stage2(tmp_path, name, max_steps=0, resume=False):
+    backbone, examples = colour_task(tmp_path / "data")
+    cfg = ExitTrainConfig(exit_layers=[2, 4], optim=OptimConfig(lr=1e-3, warmup_steps=2),
+                          loop=LoopConfig(epochs=2, batch_size=3, checkpoint_every=1, max_steps=max_steps,
+                                          progress=False))
+    exits, _ = train_exits(backbone, examples, cfg, tmp_path / name, resume=resume, save_discriminators=True)
+    return exits
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    straight = _stage2(tmp_path, "straight")
+    _stage2(tmp_path, "interrupted", max_steps=2)  # 3 steps per epoch: stops mid-epoch after checkpoint 2
+    assert sorted(p.name for p in (tmp_path / "interrupted" / "checkpoints").iterdir()) == [
+        "step-00000001", "step-00000002"]
+    with pytest.raises(FreeVLMError, match="--resume"):
+        _stage2(tmp_path, "interrupted")  # never silently restarts over an existing run
+    resumed = _stage2(tmp_path, "interrupted", resume=True)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    d1 = load_file(tmp_path / "straight" / "exits" / "discriminators.safetensors")
+    d2 = load_file(tmp_path / "interrupted" / "exits" / "discriminators.safetensors")
+    for k in d1:
+        torch.testing.assert_close(d1[k], d2[k], atol=1e-6, rtol=0)
+
+
+def test_a_run_folder_with_another_configuration_is_refused(tmp_path):
+    _stage2(tmp_path, "run", max_steps=1)
+    backbone, examples = colour_task(tmp_path / "data")
+    other = ExitTrainConfig(exit_layers=[1, 3], loop=LoopConfig(epochs=1, batch_size=3, progress=False))
+    with pytest.raises(FreeVLMError, match="different configuration"):
+        train_exits(backbone, examples, other, tmp_path / "run", resume=True)
+
+
+def _torchrun(out: Path, nproc: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + nproc + os.getpid() % 1000), str(ROOT / "tests" / "train" / "ddp_worker.py"), str(out),
+           str(nproc)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_ddp_processes_give_the_weights_of_one_process(tmp_path):
+    _torchrun(tmp_path / "one", 1)
+    _torchrun(tmp_path / "two", 2)
+    one = load_file(tmp_path / "one" / "run" / "exits" / "exits.safetensors")
+    two = load_file(tmp_path / "two" / "run" / "exits" / "exits.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4, msg=k)
+    backbone, _ = colour_task(tmp_path / "ref")  # training moved the exits away from their seed layers
+    seed_layer = backbone.lm.layers[2].state_dict()  # exit 0 sits after layer 2 and is seeded from layer 3
+    assert any(not torch.equal(one[f"exits.0.layer.{k}"], v) for k, v in seed_layer.items())
