@@ -132,4 +132,11 @@ def build_tiny(family: str, size: TinySize | None = None, processor=None, seed: 
         torch.manual_seed(seed)
     config = tiny_config(family, size)
     module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava}[family.split("-")[0]]
-    return module.from_config(config, processor, name=f"tiny-{family}")
+    backbone = module.from_config(config, processor, name=f"tiny-{family}")
+    query_tokens = getattr(backbone.model, "query_tokens", None)
+    if query_tokens is not None:
+        # transformers initialises the Q-Former queries to zeros (it expects pretrained weights); identical queries
+        # stay identical under training, so a model trained from scratch starts them as LAVIS does: N(0, 0.02).
+        with torch.no_grad():
+            query_tokens.normal_(0.0, 0.02)
+    return backbone

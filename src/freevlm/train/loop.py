@@ -15,6 +15,7 @@ A recipe supplies a `step(batch) -> dict[str, float]` that runs its own forward/
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +30,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from freevlm.errors import FreeVLMError
+
+# LMs with a tied head (OPT) are saved with the tie removed; accelerate warns about it at every checkpoint.
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 @dataclass

@@ -60,6 +60,8 @@ class ExitTrainConfig:
     kl_direction: str = "exit_to_final"  # the paper's KL(p_i || p_N); "final_to_exit" is the usual KD direction
     distill_weight: float = 1.0  # leeblip/leebert: weight of the distillation term next to CE
     discriminator_hidden: int = 3072  # §4: one hidden layer of 3072, LeakyReLU
+    discriminator_features: str = "normed"  # what D_i compares: "normed" (after the shared frozen final norm, the
+    # representation the classifier C_N reads) or "raw" (pre-norm h_N vs E_i(h_i)); see docs/design.md
     discriminator_lr: float | None = None  # None = the exits' learning rate
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-5, warmup_steps=500))
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=3, batch_size=16))  # §4: 3 epochs
@@ -68,6 +70,8 @@ class ExitTrainConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise FreeVLMError(f"unknown exit task loss {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.discriminator_features not in ("normed", "raw"):
+            raise FreeVLMError(f"discriminator_features must be 'normed' or 'raw', got {self.discriminator_features!r}")
         if self.adversarial_weight and self.exit_kind != "transformer":
             raise FreeVLMError("the adversarial term needs exit transformers (exit_kind='transformer')")
 
@@ -175,17 +179,18 @@ def train_exits(backbone, examples, cfg: ExitTrainConfig, out: str | Path, *, re
         states, task, logs = generator(tf, norm)
         scale = float(norm) / max(int(local), 1)  # converts normalised sums to this process's per-token means
         if adversarial:
-            real = [tf.final] * len(states)
-            fake = [s.detach() for s in states]
-            d_scores = discs([torch.cat([r, f]) for r, f in zip(real, fake)])
-            d_loss = sum(
-                discriminator_loss(sc[: len(r)], sc[len(r) :], mask, norm) for sc, r in zip(d_scores, real)
-            )
+            # D_i only sees the positions that carry a loss: (n, D) features, real first, then fake
+            feats = lm.final_norm if cfg.discriminator_features == "normed" else (lambda x: x)
+            real = feats(tf.final[mask])
+            fakes = [feats(s[mask]) for s in states]
+            ones = torch.ones(len(real), dtype=torch.bool, device=real.device)
+            d_scores = discs([torch.cat([real, f.detach()]) for f in fakes])
+            d_loss = sum(discriminator_loss(sc[: len(real)], sc[len(real) :], ones, norm) for sc in d_scores)
             opt_d.zero_grad(set_to_none=True)
             accelerator.backward(d_loss)
             opt_d.step()
             sched_d.step()
-            g_adv = sum(generator_loss(sc, mask, norm) for sc in discs(states))
+            g_adv = sum(generator_loss(sc, ones, norm) for sc in discs(fakes))
             logs["disc"] = d_loss.item() * scale / len(states)
             logs["gen"] = g_adv.item() * scale / len(states)
             loss = task + cfg.adversarial_weight * g_adv
@@ -208,3 +213,32 @@ def train_exits(backbone, examples, cfg: ExitTrainConfig, out: str | Path, *, re
         save_exits(Path(out) / "exits", lm, exits, backbone.name, discs_out)
     accelerator.wait_for_everyone()
     return exits, means
+
+
+# Every exit-training recipe of the paper and its baselines, as (exit kind, task loss, adversarial weight, targets).
+# targets: "labels" = the dataset's labels; "greedy" = the backbone's own greedy outputs (KD positions, no labels);
+# "capfilt" = CapFilt pseudo-labels. §4 trains semi-supervised exits for 3 epochs and unsupervised ones for 5.
+VARIANTS = {
+    "semi": ("transformer", "ce", 1.0, "labels"),  # FREE, semi-supervised (§3.3)
+    "kd": ("transformer", "kd", 1.0, "greedy"),  # FREE, unsupervised knowledge distillation (§3.4)
+    "capfilt": ("transformer", "ce", 1.0, "capfilt"),  # FREE, unsupervised CapFilt pseudo-labels (§3.4)
+    "no-adversarial": ("transformer", "ce", 0.0, "labels"),  # ablation (Fig. 4a)
+    "no-ce": ("transformer", "none", 1.0, "labels"),  # ablation: adversarial term only, semi-supervised setting
+    "no-kd": ("transformer", "none", 1.0, "greedy"),  # ablation: adversarial term only, unsupervised setting
+    "deebert": ("linear", "ce", 0.0, "labels"),  # DeeBLIP: own linear head per exit, CE
+    "pabee": ("linear", "pabee", 0.0, "labels"),  # PABEE-BLIP: PABEE's depth-weighted CE
+    "leeblip": ("linear", "leeblip", 0.0, "labels"),  # LeeBLIP as §4 describes it: CE + KD from the final layer
+    "leebert": ("linear", "leebert", 0.0, "labels"),  # original LeeBERT: CE + mutual distillation, learned weights
+}
+UNSUPERVISED_EPOCHS, SEMI_EPOCHS = 5, 3
+
+
+def variant_config(name: str, **overrides) -> ExitTrainConfig:
+    """The ExitTrainConfig of a named variant; `overrides` set any other field."""
+    if name not in VARIANTS:
+        raise FreeVLMError(f"unknown exit-training variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    kind, task, adversarial, targets = VARIANTS[name]
+    cfg = ExitTrainConfig(exit_kind=kind, task=task, adversarial_weight=adversarial, **overrides)
+    if "loop" not in overrides:
+        cfg.loop.epochs = UNSUPERVISED_EPOCHS if targets == "greedy" else SEMI_EPOCHS
+    return cfg

@@ -1,0 +1,109 @@
+"""The embedded default: synthetic data + a tiny BLIP-2-architecture VLM, pretrained here in a few CPU minutes.
+
+Nothing is downloaded. The data is `freevlm.data.synthetic` (coloured shapes, captions, VQA). The model is a real
+`Blip2ForConditionalGeneration` at toy size: a 3-layer ViT on 64x64 images, a 2-layer Q-Former with 8 queries, and a
+12-layer OPT LM (hidden 128) with a word-level vocabulary, so the LM head costs a small fraction of one layer
+(`describe_default` prints both counts). Since the model starts random and the unsupervised variants skip stage 1,
+a seeded pretraining on the synthetic *train* split (all parts trainable, captions + VQA) stands in for BLIP-2's
+pretraining before any variant; it is cached on disk per (data, model, seed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import Blip2Processor, BlipImageProcessorPil
+
+from freevlm.backbones import load_backbone
+from freevlm.backbones.tiny import TinySize, build_tiny
+from freevlm.data.synthetic import (
+    SyntheticConfig,
+    corpus_text,
+    load_synthetic_captions,
+    load_synthetic_vqa,
+    write_synthetic,
+)
+from freevlm.data.tokenizer import build_word_tokenizer
+from freevlm.eval.efficiency import count_parameters
+from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, caption_examples, vqa_examples
+from freevlm.train.loop import LoopConfig, OptimConfig
+from freevlm.train.pretrain import WarmupConfig, init_qformer_for_scratch, representation_warmup
+from freevlm.train.stage1 import Stage1Config, train_backbone
+
+PROMPT_WORDS = " ".join([CAPTION_PROMPT, VQA_TEMPLATE.format(""), "Q: A:"])
+
+
+@dataclass
+class DefaultConfig:
+    data: SyntheticConfig = field(default_factory=SyntheticConfig)
+    model: TinySize = field(default_factory=lambda: TinySize(
+        lm_layers=12, lm_hidden=128, lm_heads=4, lm_ffn=512, vision_hidden=96, vision_layers=3, qformer_layers=2,
+        image_size=64, patch_size=8, num_query_tokens=8, max_positions=128,
+    ))
+    pretrain: Stage1Config = field(default_factory=lambda: Stage1Config(
+        train_parts=("vision", "qformer", "projection", "lm"),
+        optim=OptimConfig(name="adamw", lr=2e-3, warmup_steps=30, weight_decay=0.01),
+        loop=LoopConfig(epochs=1, batch_size=64),
+    ))
+    pretrain_vqa: bool = True  # add the train split's VQA questions to pretraining (Table 2/3 need VQA)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)  # BLIP-2 stage-1 stand-in: Q-Former grounding
+
+
+def default_tokenizer(data: SyntheticConfig):
+    return build_word_tokenizer(corpus_text(data), extra_words=PROMPT_WORDS.split())
+
+
+def build_default_model(cfg: DefaultConfig, seed: int):
+    """The random (untrained) default VLM with its processor."""
+    tok = default_tokenizer(cfg.data)
+    size = TinySize(**{**asdict(cfg.model), "vocab_size": len(tok)})
+    image_processor = BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
+    processor = Blip2Processor(image_processor, tok, num_query_tokens=size.num_query_tokens)
+    return build_tiny("blip2-opt", size, processor=processor, seed=seed)
+
+
+def describe_default(backbone) -> dict:
+    lm = backbone.lm
+    return {
+        "total_parameters": count_parameters(backbone.model),
+        "lm_layer_parameters": count_parameters(lm.layers[0]),
+        "lm_head_parameters": count_parameters(lm.lm_head),
+        "lm_layers": lm.num_layers,
+        "vocabulary": lm.vocab_size,
+        "head_cost_in_layers": count_parameters(lm.lm_head) / count_parameters(lm.layers[0]),
+    }
+
+
+def prepare_data(root: str | Path, cfg: DefaultConfig) -> Path:
+    return write_synthetic(cfg.data, Path(root)).root
+
+
+def pretrained_default(root: str | Path, cfg: DefaultConfig | None = None, seed: int = 0, progress: bool = True):
+    """(data root, pretrained backbone) of the embedded default; trains once, then loads from root/pretrain-s{seed}."""
+    cfg = cfg or DefaultConfig()
+    root = Path(root)
+    data_root = prepare_data(root / "data", cfg)
+    out = root / f"pretrain-s{seed}"
+    done = out / "backbone" / "config.json"
+    identity = {"data": asdict(cfg.data), "model": asdict(cfg.model), "pretrain": asdict(cfg.pretrain),
+                "pretrain_vqa": cfg.pretrain_vqa, "warmup": asdict(cfg.warmup), "seed": seed}
+    stamp = out / "identity.json"
+    if done.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(identity)):
+        return data_root, load_backbone(out / "backbone")
+    backbone = build_default_model(cfg, seed)
+    captions = load_synthetic_captions(data_root, "train")
+    init_qformer_for_scratch(backbone.model, seed=seed)
+    warmup = cfg.warmup
+    warmup.seed, warmup.progress = seed, progress
+    representation_warmup(backbone, caption_examples(captions, every_caption=False), warmup)
+    examples = caption_examples(captions)
+    if cfg.pretrain_vqa:
+        examples += vqa_examples(load_synthetic_vqa(data_root, "train"))
+    pre = cfg.pretrain
+    pre.loop.seed = seed
+    pre.loop.progress = progress
+    train_backbone(backbone, examples, pre, out, stage="pretrain", resume=True)
+    stamp.write_text(json.dumps(identity, indent=2))
+    return data_root, backbone

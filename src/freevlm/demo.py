@@ -1,0 +1,118 @@
+"""`freevlm demo`: the whole method once, on the embedded default, in a few CPU minutes.
+
+setup -> fit -> validate, as the paper's protocol (§4) lays it out:
+1. synthetic data + tiny BLIP-2-architecture VLM, pretrained (cached);
+2. stage 1: fine-tune the backbone on 80% of the validation split (captions);
+3. stage 2: FREE exits (semi-supervised: CE + adversarial) on the same 80%;
+4. choose alpha on the other 20% (the development split);
+5. report on the test split: quality with and without exits, the three speedups, exit fractions, and wall-clock
+   tokens/s of early-exit decoding vs full-depth decoding vs transformers' generate, measured side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from freevlm.data.splits import split_by_image, split_record
+from freevlm.data.synthetic import load_synthetic_captions
+from freevlm.default import DefaultConfig, describe_default, pretrained_default
+from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, select_threshold, speed_comparison
+from freevlm.eval.report import markdown_table
+from freevlm.generation.api import DecodeOptions, EarlyExitVLM
+from freevlm.train.batches import CAPTION_PROMPT, Example, caption_examples
+from freevlm.train.loop import LoopConfig, OptimConfig
+from freevlm.train.stage1 import Stage1Config, train_backbone
+from freevlm.train.stage2 import ExitTrainConfig, train_exits
+
+
+def demo_stage1() -> Stage1Config:
+    # The paper's 10 epochs at 1e-5 suit a pretrained 3.8B model; the tiny default gets a few epochs at 1e-4.
+    return Stage1Config(optim=OptimConfig(name="adam", lr=1e-4, decay_every_epochs=3),
+                        loop=LoopConfig(epochs=2, batch_size=32))
+
+
+def demo_stage2(exit_layers=None) -> ExitTrainConfig:
+    # Scaled for a ~200-step run on a 128-wide LM: Table 10's 500 warm-up steps -> 20; lr 1e-5 -> 1e-3 for the exits
+    # and 1e-4 for the discriminators (at 1e-3 they oscillate); discriminator hidden 3072 -> 512, since 3072 on a
+    # 128-wide model would cost about two LM layers per position and dominate the run.
+    return ExitTrainConfig(exit_layers=exit_layers, optim=OptimConfig(name="adamw", lr=1e-3, warmup_steps=20),
+                           discriminator_lr=1e-4, discriminator_hidden=512, loop=LoopConfig(epochs=3, batch_size=32))
+
+
+def system_info() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, progress: bool = True) -> dict:
+    out = Path(out)
+    start = time.perf_counter()
+    cfg = DefaultConfig()
+    print("[1/5] embedded default: synthetic data + tiny BLIP-2 (OPT LM), pretraining (cached after the first run)")
+    data_root, backbone = pretrained_default(out, cfg, seed=seed, progress=progress)
+    info = describe_default(backbone)
+    print(f"      LM: {info['lm_layers']} layers x {info['lm_layer_parameters']:,} params; LM head "
+          f"{info['lm_head_parameters']:,} params (= {info['head_cost_in_layers']:.2f} layers); vocabulary "
+          f"{info['vocabulary']}")
+    val = load_synthetic_captions(data_root, "val")
+    train, dev = split_by_image(val, seed)
+    test = load_synthetic_captions(data_root, "test")
+    print(f"      data: {len(train)} train / {len(dev)} dev images (80/20 of val), {len(test)} test images")
+
+    print("[2/5] stage 1: fine-tune the backbone (Q-Former, projection, vision; LM frozen) on the 80%")
+    s1 = demo_stage1()
+    s1.loop.seed, s1.loop.progress = seed, progress
+    train_backbone(backbone, caption_examples(train), s1, out / f"stage1-s{seed}", resume=True)
+
+    print("[3/5] stage 2: FREE exits (exit transformer + frozen head, CE + adversarial) on the 80%")
+    s2 = demo_stage2()
+    s2.loop.seed, s2.loop.progress = seed, progress
+    exits, _ = train_exits(backbone, caption_examples(train), s2, out / f"free-s{seed}", resume=True)
+    vlm = EarlyExitVLM(backbone, exits)
+
+    print(f"[4/5] choose alpha on the dev split from {list(PAPER_THRESHOLDS)} (fast in-process CIDEr)")
+    sweep = {a: evaluate_captions(vlm, dev, DecodeOptions(threshold=a), official=False, progress=progress)
+             for a in PAPER_THRESHOLDS}
+    alpha = select_threshold(sweep, "CIDEr")
+
+    print(f"[5/5] test split: full depth vs FREE at alpha={alpha}; wall-clock on {speed_images} images, batch 1")
+    full = evaluate_captions(vlm, test, DecodeOptions(use_exits=False), progress=progress)
+    free = evaluate_captions(vlm, test, DecodeOptions(threshold=alpha), progress=progress)
+    speed_examples = [Example(s.image_id, s.image_path, CAPTION_PROMPT, None) for s in test[:speed_images]]
+    wall = speed_comparison(vlm, speed_examples, DecodeOptions(threshold=alpha), repeats=3, batch_size=1)
+
+    quality_rows = []
+    for name, r in (("BLIP-2-arch tiny (full depth)", full), (f"FREE, alpha={alpha}", free)):
+        m = r.metrics
+        quality_rows.append([name, 100 * m["BLEU-4"], 100 * m["METEOR"], 100 * m["ROUGE-L"], 100 * m["CIDEr"],
+                             r.speed["parameter_speedup"], r.speed["compute_speedup"]])
+    print("\nQuality on the synthetic test split (x100, as the paper prints):")
+    print(markdown_table(["model", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "param speedup", "compute speedup"],
+                         quality_rows))
+    print("\nDev-split sweep (alpha -> in-process CIDEr x100, speedups):")
+    print(markdown_table(["alpha", "CIDEr", "param speedup", "compute speedup"],
+                         [[a, 100 * r.metrics["CIDEr"], r.speed["parameter_speedup"], r.speed["compute_speedup"]]
+                          for a, r in sweep.items()]))
+    print("\nFraction of test tokens leaving at each exit (last column: the final layer):")
+    print(markdown_table([f"layer {k}" for k in free.exit_fractions], [list(free.exit_fractions.values())]))
+    print("\nWall-clock, batch 1, median of 3 after a warm-up (tokens/s):")
+    print(markdown_table(["path", "tokens/s", "tokens"],
+                         [[k, v["tokens_per_second"], v["tokens"]] for k, v in wall.items() if k != "ratios"]))
+    r = wall["ratios"]
+    print(f"early exit / full depth = {r['early_exit_vs_full_depth']:.2f}x, early exit / HF generate = "
+          f"{r['early_exit_vs_hf_generate']:.2f}x (measured here, {system_info()['processor']}, "
+          f"{torch.get_num_threads()} threads)")
+    report = {"alpha": alpha, "model": info, "split": split_record(train, dev, seed, 0.8), "seed": seed,
+              "full_depth": full.to_json(), "free": free.to_json(),
+              "sweep": {str(a): r.to_json() for a, r in sweep.items()}, "wall_clock": wall, "system": system_info(),
+              "config": {"default": asdict(cfg), "stage1": asdict(s1), "stage2": asdict(s2)},
+              "seconds": time.perf_counter() - start}
+    (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"\ndone in {report['seconds'] / 60:.1f} min; report: {out / 'demo_report.json'}")
+    return report
