@@ -50,10 +50,13 @@ def system_info() -> dict:
             "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
-def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, progress: bool = True) -> dict:
+def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, progress: bool = True,
+         config: DefaultConfig | None = None, stage1: Stage1Config | None = None,
+         stage2: ExitTrainConfig | None = None) -> dict:
+    """Run the demo; `config`, `stage1`, `stage2` override the embedded default's settings (tests use tiny ones)."""
     out = Path(out)
     start = time.perf_counter()
-    cfg = DefaultConfig()
+    cfg = config or DefaultConfig()
     print("[1/5] embedded default: synthetic data + tiny BLIP-2 (OPT LM), pretraining (cached after the first run)")
     data_root, backbone = pretrained_default(out, cfg, seed=seed, progress=progress)
     info = describe_default(backbone)
@@ -66,12 +69,12 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, p
     print(f"      data: {len(train)} train / {len(dev)} dev images (80/20 of val), {len(test)} test images")
 
     print("[2/5] stage 1: fine-tune the backbone (Q-Former, projection, vision; LM frozen) on the 80%")
-    s1 = demo_stage1()
+    s1 = stage1 or demo_stage1()
     s1.loop.seed, s1.loop.progress = seed, progress
     train_backbone(backbone, caption_examples(train), s1, out / f"stage1-s{seed}", resume=True)
 
     print("[3/5] stage 2: FREE exits (exit transformer + frozen head, CE + adversarial) on the 80%")
-    s2 = demo_stage2()
+    s2 = stage2 or demo_stage2()
     s2.loop.seed, s2.loop.progress = seed, progress
     exits, _ = train_exits(backbone, caption_examples(train), s2, out / f"free-s{seed}", resume=True)
     vlm = EarlyExitVLM(backbone, exits)

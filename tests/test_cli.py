@@ -1,0 +1,39 @@
+"""The command line: every command documents itself, and bad input ends in a one-line error with status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from freevlm.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: freevlm {command}")
+    assert "--" in out
+
+
+def test_missing_checkpoint_folder_is_a_one_line_error(tmp_path, capsys):
+    code = main(["evaluate", "--backbone", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == f"error: checkpoint folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_out_of_range_threshold_is_refused(tmp_path, capsys):
+    from freevlm.generation.criteria import Confidence
+
+    with pytest.raises(Exception, match=r"alpha must lie in \(0, 1\], got 1.5"):
+        Confidence(1.5)
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "freevlm.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "train-exits" in proc.stdout

@@ -1,0 +1,60 @@
+"""The embedded default: its tokenizer and model sizes, and (slow) the whole demo pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from freevlm.backbones.tiny import TinySize
+from freevlm.data.synthetic import SyntheticConfig, corpus_text
+from freevlm.default import DefaultConfig, build_default_model, default_tokenizer, describe_default
+from freevlm.train.loop import LoopConfig, OptimConfig
+from freevlm.train.pretrain import WarmupConfig
+from freevlm.train.stage1 import Stage1Config
+from freevlm.train.stage2 import ExitTrainConfig
+
+
+def test_default_model_is_a_12_layer_blip2_opt_with_a_cheap_head():
+    backbone = build_default_model(DefaultConfig(), seed=0)
+    info = describe_default(backbone)
+    assert backbone.family == "blip2" and backbone.lm.config.model_type == "opt"
+    assert info["lm_layers"] >= 12
+    assert info["head_cost_in_layers"] <= 2.0
+    assert info["lm_layer_parameters"] == 198_272  # 4*128*128 + 2*128*512 + biases + 2 layer norms
+    tok = default_tokenizer(SyntheticConfig())
+    assert len(tok) == backbone.lm.vocab_size
+    words = set(corpus_text(SyntheticConfig()))
+    assert all(tok.convert_tokens_to_ids(w) != tok.unk_token_id for w in words)
+    assert tok.decode(tok("a large red circle")["input_ids"], skip_special_tokens=True) == "a large red circle"
+
+
+def tiny_default() -> DefaultConfig:
+    return DefaultConfig(
+        data=SyntheticConfig(n_train=64, n_val=40, n_test=12, n_nocaps=4, n_dialogs=4, captions_per_image=2),
+        model=TinySize(lm_layers=6, lm_hidden=32, lm_ffn=64, vision_hidden=32, vision_layers=1, qformer_layers=1,
+                       image_size=64, patch_size=16, num_query_tokens=4),
+        pretrain=Stage1Config(train_parts=("vision", "qformer", "projection", "lm"),
+                              optim=OptimConfig(lr=2e-3), loop=LoopConfig(epochs=1, batch_size=32)),
+        warmup=WarmupConfig(steps=5, batch_size=32),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.java
+def test_demo_pipeline_end_to_end(tmp_path):
+    from freevlm.demo import demo
+
+    report = demo(tmp_path, config=tiny_default(), speed_images=2, progress=False,
+                  stage1=Stage1Config(loop=LoopConfig(epochs=1, batch_size=16)),
+                  stage2=ExitTrainConfig(exit_layers=[2, 4], discriminator_hidden=64,
+                                         optim=OptimConfig(lr=1e-3, warmup_steps=2),
+                                         loop=LoopConfig(epochs=1, batch_size=16)))
+    saved = json.loads((tmp_path / "demo_report.json").read_text())
+    assert saved["alpha"] == report["alpha"] in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert set(saved["free"]["metrics"]) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    fractions = saved["free"]["exit_fractions"]
+    assert set(fractions) == {"2", "4", "6"} and abs(sum(fractions.values()) - 1) < 1e-9
+    assert saved["full_depth"]["speed"]["parameter_speedup"] == 1.0
+    assert set(saved["wall_clock"]) == {"early_exit", "full_depth", "hf_generate", "ratios"}
+    assert (tmp_path / "free-s0" / "exits" / "exits.json").is_file()
