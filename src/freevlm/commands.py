@@ -227,7 +227,7 @@ def generate(
         def run(use):
             return lambda: sum(len(t) for t in vlm.generate(ids["image"], ids["prompts"], opts, use_exits=use).trace)
 
-        runs = {"early_exit": run(exits is not None), "full_depth": run(False)}
+        runs = {"early_exit": [run(exits is not None)], "full_depth": [run(False)]}
         timing = measure_throughput(runs, repeats=3)
         print(markdown_table(["path", "tokens/s"], [[k, v["tokens_per_second"]] for k, v in timing.items()]))
 

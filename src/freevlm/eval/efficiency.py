@@ -106,23 +106,40 @@ def exit_fractions(exit_layers: list[int], layers: list[int], num_layers: int) -
     return {layer: counts.get(layer, 0) / total for layer in [*layers, num_layers]}
 
 
-def measure_throughput(runs: dict[str, Callable[[], int]], repeats: int = 3, warmup: int = 1) -> dict[str, dict]:
-    """Time each callable (which decodes and returns the number of tokens it generated), interleaved so that all
-    paths see the same machine state; report the median tokens/s over `repeats` after `warmup` untimed calls."""
+def measure_throughput(runs: dict[str, list[Callable[[], int]]], repeats: int = 3, warmup: int = 1) -> dict[str, dict]:
+    """Time several decoding paths side by side. `runs[name]` is a list of work items (e.g. one per image), each a
+    callable that decodes and returns the number of tokens it generated. Paths are interleaved item by item, so
+    that drifts of the machine's speed hit every path alike; each repeat's total time per path is recorded and the
+    median over `repeats` (after `warmup` untimed passes) gives tokens/s."""
+    names = list(runs)
     for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
+        for name in names:
+            for fn in runs[name]:
+                fn()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     tokens: dict[str, int] = {}
     for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            n = fn()
-            samples[name].append(time.perf_counter() - start)
-            tokens[name] = n
+        spent = dict.fromkeys(names, 0.0)
+        counted = dict.fromkeys(names, 0)
+        for i in range(max(len(v) for v in runs.values())):
+            for name in names:
+                if i < len(runs[name]):
+                    start = time.perf_counter()
+                    counted[name] += runs[name][i]()
+                    spent[name] += time.perf_counter() - start
+        for name in names:
+            seconds[name].append(spent[name])
+            tokens[name] = counted[name]
     out = {}
-    for name, secs in samples.items():
+    for name, secs in seconds.items():
         med = statistics.median(secs)
         out[name] = {"tokens": tokens[name], "median_seconds": med, "tokens_per_second": tokens[name] / med,
                      "seconds": secs}
     return out
+
+
+def trainable_parameters_per_exit(exits) -> int:
+    """Parameters one exit trains (transformer: a layer; linear: a vocabulary classifier; frozen head: 0)."""
+    if exits is None or not len(exits.exits):
+        return 0
+    return sum(p.numel() for p in exits.exits[0].parameters())

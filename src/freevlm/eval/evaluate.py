@@ -14,6 +14,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from freevlm.data.images import load_image
 from freevlm.data.records import CaptionSample, DialogSample, VQASample
 from freevlm.eval.captioning import caption_metrics, fast_caption_metrics
 from freevlm.eval.efficiency import CostModel, exit_fractions, measure_throughput, parameter_speedup
@@ -22,7 +23,7 @@ from freevlm.eval.vqa import aggregate_vqa, gqa_accuracy, vizwiz_answerability, 
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.generation.criteria import make_criterion
 from freevlm.losses import IGNORE
-from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Collator, Example
+from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Collator, Example, encode_prompts
 from freevlm.train.forward import teacher_forced
 
 PAPER_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # §4: alpha is chosen from this set on the development split
@@ -205,35 +206,26 @@ def speed_comparison(vlm, examples: list[Example], options: DecodeOptions, *, re
     bb = vlm.backbone
     batches = list(_chunks(examples, batch_size))
 
-    def run_vlm(use_exits: bool):
-        def fn():
-            n = 0
-            for chunk in batches:
-                res = vlm.generate([e.image_path for e in chunk], [e.prompt for e in chunk], options,
-                                   use_exits=use_exits, tokenizer_decode=False)
-                n += sum(len(t) for t in res.trace)
-            return n
-        return fn
+    def vlm_item(chunk, use_exits: bool):
+        images, prompts = [e.image_path for e in chunk], [e.prompt for e in chunk]
+        return lambda: sum(len(t) for t in vlm.generate(images, prompts, options, use_exits=use_exits,
+                                                        tokenizer_decode=False).trace)
 
-    from freevlm.data.images import load_image
-    from freevlm.train.batches import encode_prompts
-
-    encoded = [encode_prompts(bb, [load_image(e.image_path) for e in chunk], [e.prompt for e in chunk])
-               for chunk in batches]
-
-    def run_hf():
-        n = 0
+    def hf_item(chunk):
+        enc = encode_prompts(bb, [load_image(e.image_path) for e in chunk], [e.prompt for e in chunk])
+        enc = {k: v.to(vlm.device) for k, v in enc.items()}
         eos = bb.lm.config.eos_token_id
-        for enc in encoded:
-            enc = {k: v.to(vlm.device) for k, v in enc.items()}
+
+        def fn():
             out = bb.hf_generate(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams,
                                  do_sample=False, **enc)
             gen = out[:, 1:] if bb.lm.is_encoder_decoder else out[:, enc["input_ids"].shape[1]:]
-            for row in gen.tolist():
-                n += next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
-        return n
+            return sum(next((i + 1 for i, t in enumerate(row) if t == eos), len(row)) for row in gen.tolist())
 
-    runs = {"early_exit": run_vlm(True), "full_depth": run_vlm(False), "hf_generate": run_hf}
+        return fn
+
+    runs = {"early_exit": [vlm_item(c, True) for c in batches], "full_depth": [vlm_item(c, False) for c in batches],
+            "hf_generate": [hf_item(c) for c in batches]}
     with torch.no_grad():
         result = measure_throughput(runs, repeats=repeats)
     ee, fd, hf = (result[k]["tokens_per_second"] for k in ("early_exit", "full_depth", "hf_generate"))

@@ -67,6 +67,7 @@ class ExitEngine:
         self.exits = exits
         self.criterion = criterion
         self.policy = policy
+        self._exit_positions = torch.tensor(exits.layers if exits is not None else [], dtype=torch.long)
         self.reset()
 
     def reset(self) -> None:
@@ -144,26 +145,52 @@ class ExitEngine:
 
     def _decide(self, exit_, layer, state, hidden, prev, rows, crit_state, rec, out):
         """Ask the criterion about `rows` (whose last-position states are given); returns the leaving mask."""
-        needs_logits = self.criterion.needs_logits
-        logits = exit_.logits(self.lm, state) if needs_logits else None
-        if needs_logits:
-            rec.heads[rows] += 1
+        logits = exit_.logits(self.lm, state) if self.criterion.needs_logits else None
         go = self.criterion(crit_state, rows, logits, hidden, prev)
         if go.any():
             leaving = rows[go]
-            if logits is None:
-                logits_go = exit_.logits(self.lm, state[go])
-                rec.heads[leaving] += 1
-            else:
-                logits_go = logits[go]
+            logits_go = exit_.logits(self.lm, state[go]) if logits is None else logits[go]
             out[leaving] = logits_go.to(out.dtype)
             rec.exit_layer[leaving] = layer
         return go
 
-    def _final(self, hidden_last, rows, rec, out):
+    def _final(self, hidden_last, rows, out):
         if rows.numel():
             out[rows] = self.lm.head(self.lm.final_norm(hidden_last)).to(out.dtype)
-            rec.heads[rows] += 1
+
+    def _account(self, rec: StepRecord, layer_tokens: int | None = None, exit_tokens: int | None = None) -> None:
+        """Fill the step's work counts from each row's exit layer, once per step (not inside the layer loop).
+
+        Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one
+        in all for criteria that decide without logits) plus the final head; under propagate/copy a row runs layers
+        1..exit layer and its skipped slots (deeper layers, deeper exit transformers) are filled by the policy.
+        The prefill and catch-up steps run the same layers for every row: `layer_tokens`/`exit_tokens` give them.
+        """
+        n = self.lm.num_layers
+        exit_layer = rec.exit_layer
+        reached_final = (exit_layer == n).to(rec.heads.dtype)
+        if self.checking:
+            positions = self._exit_positions.to(exit_layer.device)
+            checked = torch.searchsorted(positions, exit_layer, right=True).to(rec.heads.dtype)
+            rec.heads += (checked if self.criterion.needs_logits else (1 - reached_final)) + reached_final
+        else:
+            checked = torch.zeros_like(rec.heads)
+            rec.heads += 1
+        with_cache = self.checking and self.exits.uses_cache
+        if layer_tokens is not None:
+            rec.layers += layer_tokens
+            rec.exit_layers += exit_tokens or 0
+            return
+        rec.layers += exit_layer.to(rec.layers.dtype)
+        if with_cache:
+            rec.exit_layers += checked
+        skipped = (n - exit_layer).to(rec.layers.dtype)
+        if with_cache:
+            skipped = skipped + (len(self.exits.layers) - checked)
+        if self.policy.name == "propagate":
+            rec.kv_projections += skipped
+        else:
+            rec.kv_copies += skipped
 
     # ----------------------------------------------------------------------------------------------------------
     def _step_together(self, h0, mask, position_ids, cache, encoder, rec, prefill):
@@ -176,19 +203,20 @@ class ExitEngine:
         hidden, pos = h0, position_ids
         memo: dict = {}
         stop = n
+        layer_tokens = exit_tokens = 0
         for layer in range(1, n + 1):
             if not prefill:
                 hidden, pos = self._join(hidden, pos, layer - 1)
             ctx = self._context(hidden, pos, layer - 1, cache, memo)
             prev = hidden
             hidden = lm.run_layer(lm.layers[layer - 1], hidden, ctx, cache)
-            rec.layers += hidden.shape[1]
+            layer_tokens += hidden.shape[1]
             exit_ = self.exits.at(layer) if checking else None
             if exit_ is None:
                 continue
             state = exit_.state(lm, hidden, ctx, self.exit_cache)
             if exit_.uses_cache:
-                rec.exit_layers += hidden.shape[1]
+                exit_tokens += hidden.shape[1]
             if active.numel():
                 go = self._decide(
                     exit_, layer, state[active, -1], hidden[active, -1], prev[active, -1], active, crit_state, rec, out
@@ -197,7 +225,8 @@ class ExitEngine:
             if not active.numel() and not prefill:
                 stop = layer
                 break
-        self._final(hidden[active, -1], active, rec, out)
+        self._final(hidden[active, -1], active, out)
+        self._account(rec, layer_tokens, exit_tokens)
         if stop < n:  # catch-up: the whole group waits after `stop` for the next token that goes deep
             kept = [p for p in self.pending if p.depth >= stop]
             pos_cols = [None] * hidden.shape[1] if pos is None else [pos[:, k : k + 1] for k in range(pos.shape[1])]
@@ -217,29 +246,25 @@ class ExitEngine:
         active = torch.arange(b, device=h0.device)
         hidden = h0  # (A, 1, D): the active rows only
         exited = _Exited()
-        memo: dict = {}
+        ctx = self._context(h0, position_ids, 0, cache, {})  # every layer holds the same tokens: one context
         for layer in range(1, n + 1):
-            ctx = self._context(h0, position_ids, layer - 1, cache, memo)  # full-batch context
             if active.numel() == b:
                 sub_ctx, layer_cache = ctx, cache
             else:
                 sub_ctx = ctx.select_rows(active)
-                fill = self._fill(lm.layers[layer - 1], layer - 1, cache, ctx, exited, rec, b, exit_slot=None)
+                fill = self._fill(lm.layers[layer - 1], layer - 1, cache, ctx, exited, b, exit_slot=None)
                 layer_cache = rows_view(cache, active, fill)
             prev = hidden
             hidden = lm.run_layer(lm.layers[layer - 1], hidden, sub_ctx, layer_cache)
-            rec.layers[active] += 1
             exit_ = self.exits.at(layer) if checking else None
             if exit_ is None:
                 continue
             exit_cache = self.exit_cache
             slot = getattr(exit_, "slot", -1)
             if exit_.uses_cache and active.numel() < b:
-                fill = self._fill(exit_.layer, slot, self.exit_cache, ctx, exited, rec, b, exit_slot=slot)
+                fill = self._fill(exit_.layer, slot, self.exit_cache, ctx, exited, b, exit_slot=slot)
                 exit_cache = rows_view(self.exit_cache, active, fill)
             state = exit_.state(lm, hidden, sub_ctx, exit_cache)
-            if exit_.uses_cache:
-                rec.exit_layers[active] += 1
             go = self._decide(exit_, layer, state[:, -1], hidden[:, -1], prev[:, -1], active, crit_state, rec, out)
             if go.any():
                 source = state if self.policy.source == "exit" else hidden
@@ -250,21 +275,20 @@ class ExitEngine:
                 keep = ~go
                 active, hidden = active[keep], hidden[keep]
             if not active.numel():
-                self._fill_rest(layer, cache, ctx, exited, rec, b)
+                self._fill_rest(layer, cache, ctx, exited, b)
                 break
-        self._final(hidden[:, -1], active, rec, out)
+        self._final(hidden[:, -1], active, out)
+        self._account(rec)
         return out
 
-    def _fill(self, layer_module, slot, cache, ctx, exited: _Exited, rec, batch, exit_slot):
+    def _fill(self, layer_module, slot, cache, ctx, exited: _Exited, batch, exit_slot):
         """Full-batch (K, V) for cache slot `slot` whose exited rows hold the policy's fill (others: zeros)."""
         keys = values = None
         for rows, state, exit_layer, src_slot in zip(exited.rows, exited.states, exited.layers, exited.slots):
             if self.policy.name == "propagate":
                 k, v = self.lm.kv_projection(layer_module, state, ctx.select_rows(rows))
-                rec.kv_projections[rows] += 1
             else:  # copy: the K/V that the exit layer (for exit slots: the exit's own transformer) stored
                 k, v = last_kv(cache, exit_layer - 1 if exit_slot is None else src_slot, rows)
-                rec.kv_copies[rows] += 1
             if keys is None:
                 keys = k.new_zeros((batch, *k.shape[1:]))
                 values = v.new_zeros((batch, *v.shape[1:]))
@@ -272,14 +296,14 @@ class ExitEngine:
             values = values.index_copy(0, rows, v.to(values.dtype))
         return keys, values
 
-    def _fill_rest(self, stop, cache, ctx, exited, rec, batch):
+    def _fill_rest(self, stop, cache, ctx, exited, batch):
         """Every row has exited by layer `stop`: fill all deeper slots (backbone and exit caches) for all rows."""
         lm = self.lm
         for layer in range(stop + 1, lm.num_layers + 1):
-            keys, values = self._fill(lm.layers[layer - 1], layer - 1, cache, ctx, exited, rec, batch, exit_slot=None)
+            keys, values = self._fill(lm.layers[layer - 1], layer - 1, cache, ctx, exited, batch, exit_slot=None)
             append_kv(cache, layer - 1, keys, values)
             exit_ = self.exits.at(layer)
             if exit_ is not None and exit_.uses_cache and self.exit_cache is not None:
                 slot = exit_.slot
-                keys, values = self._fill(exit_.layer, slot, self.exit_cache, ctx, exited, rec, batch, exit_slot=slot)
+                keys, values = self._fill(exit_.layer, slot, self.exit_cache, ctx, exited, batch, exit_slot=slot)
                 append_kv(self.exit_cache, slot, keys, values)
