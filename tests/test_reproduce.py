@@ -56,3 +56,18 @@ def test_quick_reproduce_writes_a_report(tmp_path):
     for png in ("per_layer.png", "exit_histogram.png", "speedup_vs_quality_param.png"):
         assert (folder / png).stat().st_size > 1000
     assert "src tree: `" in text
+
+
+@pytest.mark.slow
+@pytest.mark.java
+def test_quick_full_reproduce_covers_vqa_visdial_and_other_backbones(tmp_path):
+    from freevlm.reproduce import reproduce
+
+    cfg = quick_config()
+    cfg.per_layer = cfg.unsupervised = False
+    cfg.noise_sigmas = (0.0,)
+    cfg.visdial_dialogs = 1
+    folder = reproduce(tmp_path, full=True, progress=False, config=cfg)
+    text = (folder / "README.md").read_text()
+    for heading in ("Table 2", "Table 3", "VisDial MRR", "Table 5", "Table 7", "Table 8"):
+        assert heading in text

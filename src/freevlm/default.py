@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import Blip2Processor, BlipImageProcessorPil
+from transformers import Blip2Processor, BlipImageProcessorPil, InstructBlipProcessor
 
 from freevlm.backbones import load_backbone
 from freevlm.backbones.tiny import TinySize, build_tiny
@@ -37,6 +37,7 @@ PROMPT_WORDS = " ".join([CAPTION_PROMPT, VQA_TEMPLATE.format(""), "Q: A:"])
 
 @dataclass
 class DefaultConfig:
+    family: str = "blip2-opt"  # the architecture (backbones.tiny.FAMILIES); Q-Former families only
     data: SyntheticConfig = field(default_factory=SyntheticConfig)
     model: TinySize = field(default_factory=lambda: TinySize(
         lm_layers=12, lm_hidden=128, lm_heads=4, lm_ffn=512, vision_hidden=96, vision_layers=3, qformer_layers=2,
@@ -60,8 +61,13 @@ def build_default_model(cfg: DefaultConfig, seed: int):
     tok = default_tokenizer(cfg.data)
     size = TinySize(**{**asdict(cfg.model), "vocab_size": len(tok)})
     image_processor = BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
-    processor = Blip2Processor(image_processor, tok, num_query_tokens=size.num_query_tokens)
-    return build_tiny("blip2-opt", size, processor=processor, seed=seed)
+    if cfg.family.startswith("instructblip"):
+        processor = InstructBlipProcessor(image_processor, tok, tok, num_query_tokens=size.num_query_tokens)
+    elif cfg.family.startswith(("blip2", "minigpt4")):
+        processor = Blip2Processor(image_processor, tok, num_query_tokens=size.num_query_tokens)
+    else:
+        raise ValueError(f"the embedded default supports Q-Former families, not {cfg.family!r}")
+    return build_tiny(cfg.family, size, processor=processor, seed=seed)
 
 
 def describe_default(backbone) -> dict:
@@ -85,10 +91,12 @@ def pretrained_default(root: str | Path, cfg: DefaultConfig | None = None, seed:
     cfg = cfg or DefaultConfig()
     root = Path(root)
     data_root = prepare_data(root / "data", cfg)
-    out = root / f"pretrain-s{seed}"
+    name = f"pretrain-s{seed}" if cfg.family == "blip2-opt" else f"pretrain-{cfg.family}-s{seed}"
+    out = root / name
     done = out / "backbone" / "config.json"
-    identity = {"data": asdict(cfg.data), "model": asdict(cfg.model), "pretrain": asdict(cfg.pretrain),
-                "pretrain_vqa": cfg.pretrain_vqa, "warmup": asdict(cfg.warmup), "seed": seed}
+    identity = {"family": cfg.family, "data": asdict(cfg.data), "model": asdict(cfg.model),
+                "pretrain": asdict(cfg.pretrain), "pretrain_vqa": cfg.pretrain_vqa, "warmup": asdict(cfg.warmup),
+                "seed": seed}
     stamp = out / "identity.json"
     if done.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(identity)):
         return data_root, load_backbone(out / "backbone")

@@ -264,10 +264,11 @@ def test_batched_decoding_equals_one_sequence_at_a_time(setups, family, policy):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_alpha_one_equals_hf_generate_and_checks_no_exit(family, num_beams):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_alpha_one_equals_hf_generate_and_checks_no_exit(family, num_beams, batch):
     bb = build_tiny(family, SIZE, seed=0)
     exits = build_exits(bb.lm, ExitSpec("transformer", list(EXIT_LAYERS)))
-    pixels, ids, mask, extra = tiny_batch(family, SIZE, 3, seed=2)
+    pixels, ids, mask, extra = tiny_batch(family, SIZE, batch, seed=2)
     calls, handles = _hook_counts({f"E{i}": e.layer for i, e in enumerate(exits.exits)})
     try:
         with torch.no_grad():

@@ -76,7 +76,8 @@ def representation_warmup(backbone, examples: list[Example], cfg: WarmupConfig) 
         vision = model.vision_model(batch.pixel_values).last_hidden_state
         queries = model.query_tokens.expand(len(chunk), -1, -1)
         ones = torch.ones(vision.shape[:2], dtype=torch.long)
-        out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=ones)
+        text = {"input_ids": None} if backbone.family == "instructblip" else {}  # InstructBLIP's takes an instruction
+        out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=ones, **text)
         logits = readout(out.last_hidden_state).amax(dim=1)  # (B, V): a word is present if some query says so
         target = _bag_of_words(tokenizer, [e.target for e in chunk], vocab)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
