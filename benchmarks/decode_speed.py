@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from freevlm.data.splits import split_by_image
 from freevlm.data.synthetic import load_synthetic_captions
 from freevlm.default import DefaultConfig, pretrained_default
-from freevlm.demo import demo_stage1, demo_stage2
+from freevlm.demo import demo_stage1, demo_stage2, system_info
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, speed_comparison
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
@@ -97,8 +96,8 @@ def main() -> None:
     sparse, _ = train_exits(backbone, caption_examples(train), sparse_cfg, out / "free-sparse-s0", resume=True)
     test = load_synthetic_captions(data_root, "test")
     timed = [Example(s.image_id, s.image_path, CAPTION_PROMPT, None) for s in test[: args.speed_images]]
-    results = {"machine": {"processor": platform.processor() or platform.machine(), "python":
-                           platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}}
+    results = {"machine": system_info()}
+    print(f"machine: {results['machine']}")
     for name, ex in (("paper placement " + str(exits.layers), exits), ("sparse placement [3, 6, 9]", sparse)):
         vlm = EarlyExitVLM(backbone, ex)
         rows = []

@@ -12,6 +12,7 @@ setup -> fit -> validate, as the paper's protocol (§4) lays it out:
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -46,8 +47,18 @@ def demo_stage2(exit_layers=None) -> ExitTrainConfig:
 
 
 def system_info() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    """The machine a measurement ran on: CPU model, core count, torch threads, GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "python": platform.python_version(), "torch": torch.__version__}
 
 
 def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, progress: bool = True,
@@ -109,7 +120,7 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, p
                          [[k, v["tokens_per_second"], v["tokens"]] for k, v in wall.items() if k != "ratios"]))
     r = wall["ratios"]
     print(f"early exit / full depth = {r['early_exit_vs_full_depth']:.2f}x, early exit / HF generate = "
-          f"{r['early_exit_vs_hf_generate']:.2f}x (measured here, {system_info()['processor']}, "
+          f"{r['early_exit_vs_hf_generate']:.2f}x (measured here: {system_info()['cpu']}, "
           f"{torch.get_num_threads()} threads)")
     report = {"alpha": alpha, "model": info, "split": split_record(train, dev, seed, 0.8), "seed": seed,
               "full_depth": full.to_json(), "free": free.to_json(),

@@ -373,7 +373,7 @@ class SeedRun:
         return {"top2": top / max(total, 1), "random2": rnd / max(total, 1), "images": total}
 
 
-def _tree_hash() -> dict:
+def tree_state() -> dict:
     def git(*args):
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
@@ -389,6 +389,7 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: boo
               progress: bool = True, config: ReproduceConfig | None = None) -> Path:
     out = Path(out)
     start = time.perf_counter()
+    provenance = tree_state()  # the code that runs is the code at launch, whatever happens to the tree meanwhile
     cfg = config or (quick_config() if quick else ReproduceConfig(seeds=seeds))
     if full:
         cfg.ablations = ("no-adversarial", "no-ce", "no-kd")
@@ -416,7 +417,8 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: boo
                                   task=task).run_light() for task in tasks}
         per_seed.append(result)
     report_dir = out / "report"
-    write_report(report_dir, cfg, per_seed, model_info, time.perf_counter() - start, quick=quick, full=full)
+    write_report(report_dir, cfg, per_seed, model_info, time.perf_counter() - start, quick=quick, full=full,
+                 provenance=provenance)
     print(f"report: {report_dir / 'README.md'}")
     return report_dir
 
@@ -429,18 +431,19 @@ def _ms(values, scale=1.0, digits=1):
 
 
 def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: dict, seconds: float, quick: bool,
-                 full: bool) -> None:
+                 full: bool, provenance: dict | None = None) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(runs, indent=2, default=str))
     n_seeds = len(runs)
     lines = [f"# FREE on the embedded default: reproduction report ({'quick' if quick else 'default'} mode)", ""]
-    provenance = _tree_hash()
+    provenance = provenance or tree_state()
     lines += [
         f"- src tree: `{provenance['src_tree']}` (commit `{provenance['commit'][:12]}`"
         f"{', **dirty**: uncommitted changes in src' if provenance['dirty'] else ', clean'})",
-        f"- machine: {json.dumps(system_info())}; wall time {seconds / 60:.1f} min",
+        f"- machine: {json.dumps(system_info())}; wall time {seconds / 60:.1f} min "
+        f"(including the backbone's pretraining unless it was cached)",
         f"- software: torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
         f"accelerate {__import__('accelerate').__version__}, python {platform.python_version()}",
         f"- seeds: {n_seeds} (split, stage 1, exit initialisation and data order; the pretrained backbone is shared)",

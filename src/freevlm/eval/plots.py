@@ -22,8 +22,12 @@ def plot_sweep(curves: dict[str, dict], path: str | Path, speedup: str = "comput
         for s, x, y in zip(settings, xs, ys):
             ax.annotate(f"{s:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     metric = next(iter(next(iter(curves.values())).values()))["quality_metric"]
-    ax.set_xlabel(speedup.replace("_", " ") + " (x)")
-    ax.set_ylabel(metric)
+    _finish(fig, ax, path, speedup.replace("_", " ") + " (x)", metric, title)
+
+
+def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -38,14 +42,7 @@ def plot_layers(curves: dict[str, dict[int, float]], path: str | Path, ylabel: s
     for name, per_layer in curves.items():
         layers = sorted(per_layer)
         ax.plot(layers, [per_layer[i] for i in layers], marker="o", label=name)
-    ax.set_xlabel("LM layer")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, "LM layer", ylabel, title)
 
 
 def plot_exit_histogram(fractions: dict[int, float], path: str | Path, title: str) -> None:
