@@ -57,4 +57,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert set(fractions) == {"2", "4", "6"} and abs(sum(fractions.values()) - 1) < 1e-9
     assert saved["full_depth"]["speed"]["parameter_speedup"] == 1.0
     assert set(saved["wall_clock"]) == {"early_exit", "full_depth", "hf_generate", "ratios"}
+    assert saved["free_at_table10_alpha"]["speed"]["parameter_speedup"] >= 1.0  # alpha 0.8 is always shown too
+    assert set(saved["wall_clock_at_table10_alpha"]) == set(saved["wall_clock"])
     assert (tmp_path / "free-s0" / "exits" / "exits.json").is_file()

@@ -639,16 +639,22 @@ def claims(runs: list[dict], cfg: ReproduceConfig) -> list[str]:
         return vals, sum(bool(v) for v in vals)
 
     n = len(runs)
-    # 1. FREE vs baselines at equal speedup: FREE's dev curve interpolated at the baseline's chosen speedup
+    # 1. FREE vs baselines at equal speedup: FREE's dev curve interpolated at the baseline's chosen speedup. The
+    # paper compares at equal parameter speedup, which does not charge FREE's exit checks (a whole layer each, where
+    # a linear head costs only the head); the compute speedup charges both, so the claim is checked both ways.
     for base in [b for b in cfg.methods if b != "FREE"]:
-        def better(r, base=base):
-            curve = sorted((v["parameter_speedup"], v["quality"]) for v in r["curves"]["FREE"].values())
-            target = r["curves"][base][r["methods"][base]["setting"]]
-            x, q = target["parameter_speedup"], target["quality"]
-            return _interp(curve, x) >= q
-        _, wins = per_seed(better)
-        out.append(f"- **FREE vs {base} at equal parameter speedup** (dev curves): FREE is at least as good in "
-                   f"{wins}/{n} seeds → {'holds' if wins * 2 > n else 'does not hold'} here.")
+        wins = {}
+        for speedup in ("parameter_speedup", "compute_speedup"):
+            def better(r, base=base, speedup=speedup):
+                curve = sorted((v[speedup], v["quality"]) for v in r["curves"]["FREE"].values())
+                target = r["curves"][base][r["methods"][base]["setting"]]
+                return _interp(curve, target[speedup]) >= target["quality"]
+            wins[speedup] = per_seed(better)[1]
+        verdict = {k: "holds" if v * 2 > n else "does not hold" for k, v in wins.items()}
+        out.append(f"- **FREE vs {base} at equal speedup** (dev curves): FREE is at least as good in "
+                   f"{wins['parameter_speedup']}/{n} seeds at equal parameter speedup (the paper's measure) → "
+                   f"{verdict['parameter_speedup']} here; at equal compute speedup in {wins['compute_speedup']}/{n} "
+                   f"→ {verdict['compute_speedup']}.")
     # 2. adversarial term
     if "no-adversarial" in cfg.ablations:
         diffs = [100 * (r["methods"]["FREE"]["metrics"]["CIDEr"] - r["methods"]["no-adversarial"]["metrics"]["CIDEr"])
