@@ -67,10 +67,10 @@ class ReproduceConfig:
     seeds: int = 3
     methods: tuple[str, ...] = ("FREE", *BASELINES)
     ablations: tuple[str, ...] = ("no-adversarial",)  # --full adds no-ce and no-kd
-    dev_images: int = 60  # development images for choosing each method's setting (and Fig. 3)
+    dev_images: int = 40  # development images for choosing each method's setting (and Fig. 3)
     test_images: int = 120  # test images scored per table row
     nocaps_images: int = 40  # per domain
-    speed_images: int = 6  # images timed at batch 1 for the wall-clock column
+    speed_images: int = 4  # images timed at batch 1 for the wall-clock column (3 paths x 4 passes each)
     noise_sigmas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     per_layer: bool = True  # Fig. 3
     unsupervised: bool = True  # Table 9: KD vs CapFilt
