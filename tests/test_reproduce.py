@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from freevlm.reproduce import _interp, claims, quick_config
+from freevlm.reproduce import _interp, _verdict, claims, quick_config
 
 
 def test_interpolating_a_speedup_quality_curve():
@@ -47,6 +47,31 @@ def test_claims_are_judged_from_the_numbers_whichever_way_they_go():
     assert "FREE − no-adversarial): -10.0 ± 0.0 → does not hold" in text
     assert "observed in 0/3 seeds → does not hold" in text
     assert "FREE drops less in 0/3 seeds → does not hold" in text
+
+
+def test_a_difference_within_its_spread_over_seeds_is_inconclusive():
+    assert _verdict([1.0, 2.0, 3.0]) == "holds"  # mean 2 > std 1
+    assert _verdict([-1.0, -2.0, -3.0]) == "does not hold"
+    assert _verdict([0.5, -0.1, 0.2]).startswith("inconclusive")  # mean 0.2 < std 0.3
+
+
+def test_capfilt_vs_kd_is_judged_at_the_table10_alpha():
+    cfg = quick_config()
+    cfg.methods, cfg.ablations, cfg.noise_sigmas, cfg.per_layer = ("FREE",), (), (0.0,), False
+
+    def run(cap_cider, cap_speed):
+        row = {"metrics": {"CIDEr": 2.0}, "speed": {"parameter_speedup": 1.0}}  # the dev choice: alpha 1 for both
+        fixed = {"KD": (2.0, 1.2), "CapFilt": (cap_cider, cap_speed)}
+        r = {"curves": {"FREE": {}}, "methods": {},
+             "unsupervised": {k: {**row, "at_table10_alpha": {"metrics": {"CIDEr": c}, "speed": {
+                 "parameter_speedup": sp}}} for k, (c, sp) in fixed.items()}}
+        return r
+
+    text = "\n".join(claims([run(2.1, 1.3), run(2.2, 1.4), run(2.3, 1.3)], cfg))
+    assert "test CIDEr difference 20.0 ± 10.0 → holds; parameter-speedup difference 0.13 ± 0.06 → holds" in text
+    assert "overall → holds here" in text
+    text = "\n".join(claims([run(2.1, 1.1), run(2.2, 1.1), run(2.3, 1.1)], cfg))
+    assert "difference -0.10 ± 0.00 → does not hold; overall → holds in part here" in text
 
 
 @pytest.mark.slow

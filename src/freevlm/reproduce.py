@@ -57,6 +57,8 @@ from freevlm.train.pseudo import capfilt_targets, greedy_targets
 from freevlm.train.stage1 import Stage1Config, train_backbone
 from freevlm.train.stage2 import ExitTrainConfig, train_exits, variant_config
 
+TABLE10_ALPHA = DecodeOptions().threshold  # 0.8, the threshold the paper's Table 10 lists
+
 
 @dataclass
 class ReproduceConfig:
@@ -354,7 +356,10 @@ class SeedRun:
                 r = evaluate_captions(vlm, samples, DecodeOptions(threshold=chosen), official=False,
                                       progress=self.progress)
                 nocaps[domain] = {"CIDEr": r.metrics["CIDEr"], "speed": r.speed}
-            out[name] = {**row, "setting": chosen, "nocaps": nocaps}
+            # The dev choice is often alpha = 1 (no exit) for both, which would make the comparison vacuous: score
+            # both at Table 10's alpha as well.
+            fixed = self.test_row(vlm, DecodeOptions(threshold=TABLE10_ALPHA), wall=False, official=False)
+            out[name] = {**row, "setting": chosen, "nocaps": nocaps, "at_table10_alpha": fixed}
         return out
 
     def capfilt_precision(self, ranked: dict) -> dict:
@@ -477,6 +482,9 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
                      "/".join(str(r["methods"][name]["setting"]) for r in runs),
                      f"{runs[0]['methods'][name]['trainable_per_exit']:,}"])
     lines += ["## Table 4 — captioning, semi-supervised (synthetic test split; SPICE: real data only)", "",
+              "Each method at the setting that is best on dev (§4: 'the best-performing threshold'; ties to the "
+              "faster one). A setting of 1.0 means no token exits, so the row equals the backbone; the dev curves "
+              "under Fig. 4b show every setting.", "",
               markdown_table(["model", "B@4", "CIDEr", "METEOR", "ROUGE-L", "param", "compute", "wall",
                               "setting (per seed)", "trained params / exit"], rows), ""]
     # Table 1
@@ -569,7 +577,13 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
         rows = []
         for name in ("KD", "CapFilt"):
             p = ["unsupervised", name]
-            rows.append([name, *[col(p + ["nocaps", d, "CIDEr"]) for d in doms], col(p + ["metrics", "CIDEr"]),
+            chosen = "/".join(str(r["unsupervised"][name]["setting"]) for r in runs)
+            rows.append([f"{name}, α chosen on dev ({chosen})", *[col(p + ["nocaps", d, "CIDEr"]) for d in doms],
+                         col(p + ["metrics", "CIDEr"]), col(p + ["speed", "parameter_speedup"], 1, 2),
+                         col(p + ["speed", "compute_speedup"], 1, 2)])
+        for name in ("KD", "CapFilt"):
+            p = ["unsupervised", name, "at_table10_alpha"]
+            rows.append([f"{name}, α = {TABLE10_ALPHA} (Table 10)", "-", "-", "-", col(p + ["metrics", "CIDEr"]),
                          col(p + ["speed", "parameter_speedup"], 1, 2), col(p + ["speed", "compute_speedup"], 1, 2)])
         prec = [r["unsupervised"]["capfilt_top2_precision"] for r in runs]
         lines += ["## Table 9 — unsupervised exits: knowledge distillation vs CapFilt pseudo-labels", "",
@@ -660,7 +674,7 @@ def claims(runs: list[dict], cfg: ReproduceConfig) -> list[str]:
         diffs = [100 * (r["methods"]["FREE"]["metrics"]["CIDEr"] - r["methods"]["no-adversarial"]["metrics"]["CIDEr"])
                  for r in runs]
         out.append(f"- **The adversarial term helps** (test CIDEr, FREE − no-adversarial): {_ms(diffs)} → "
-                   f"{'holds' if statistics.mean(diffs) > 0 else 'does not hold'} here.")
+                   f"{_verdict(diffs)} here.")
     # 3. mid-crisis
     if "per_layer" in runs[0]:
         def dip(r):
@@ -683,14 +697,30 @@ def claims(runs: list[dict], cfg: ReproduceConfig) -> list[str]:
                    f"{'holds' if robust * 2 > n else 'does not hold'} here.")
     # 5. CapFilt vs KD
     if "unsupervised" in runs[0]:
-        c = [(r["unsupervised"]["CapFilt"]["metrics"]["CIDEr"] - r["unsupervised"]["KD"]["metrics"]["CIDEr"]) * 100
-             for r in runs]
-        sp = [r["unsupervised"]["CapFilt"]["speed"]["parameter_speedup"] - r["unsupervised"]["KD"]["speed"][
-              "parameter_speedup"] for r in runs]
-        verdict = "holds" if statistics.mean(c) > 0 and statistics.mean(sp) > 0 else "does not hold"
-        out.append(f"- **CapFilt beats KD** (test CIDEr difference {_ms(c)}, parameter-speedup difference "
-                   f"{_ms(sp, 1, 2)}) → {verdict} here (the paper: better quality and higher speedup).")
+        def diff(r, metric):
+            cap, kd = (r["unsupervised"][k]["at_table10_alpha"] for k in ("CapFilt", "KD"))
+            return (cap["metrics"]["CIDEr"] - kd["metrics"]["CIDEr"]) * 100 if metric == "CIDEr" else \
+                cap["speed"]["parameter_speedup"] - kd["speed"]["parameter_speedup"]
+        c, sp = [diff(r, "CIDEr") for r in runs], [diff(r, "speed") for r in runs]
+        verdicts = {_verdict(c), _verdict(sp)}
+        verdict = verdicts.pop() if len(verdicts) == 1 else "holds in part"
+        out.append(f"- **CapFilt beats KD** (the paper: better quality and higher speedup; compared at α = "
+                   f"{TABLE10_ALPHA}, since the dev choice is often α = 1 for both): test CIDEr difference {_ms(c)} "
+                   f"→ {_verdict(c)}; parameter-speedup difference {_ms(sp, 1, 2)} → {_verdict(sp)}; overall → "
+                   f"{verdict} here.")
     return out
+
+
+def _verdict(diffs: list[float]) -> str:
+    """A claim that a difference is positive, judged against its spread over seeds: it holds when the mean exceeds
+    one standard deviation, fails when the mean is below minus one, and is inconclusive in between."""
+    mean = statistics.mean(diffs)
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    if mean > spread:
+        return "holds"
+    if mean < -spread:
+        return "does not hold"
+    return "inconclusive (the mean difference is within one standard deviation over seeds)"
 
 
 def _interp(curve: list[tuple[float, float]], x: float) -> float:
