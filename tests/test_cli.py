@@ -37,3 +37,28 @@ def test_out_of_range_threshold_is_refused(tmp_path, capsys):
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "freevlm.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "train-exits" in proc.stdout
+
+
+def test_reproduce_refuses_an_unknown_method_before_any_work(tmp_path, capsys):
+    code = main(["reproduce", "--quick", "--out", str(tmp_path / "r"), "--methods", "LeeBERT", "DeeBRT"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown method 'DeeBRT' for --methods; choose from DeeBLIP, "
+                                               "PABEE-BLIP, LeeBLIP, LeeBERT, MuE")
+    assert not (tmp_path / "r").exists()
+
+
+def test_reproduce_runs_the_methods_it_is_given(tmp_path, monkeypatch):
+    import freevlm.reproduce as rep
+
+    seen = []
+
+    def stop(cfg, out, full, progress):
+        seen.append(cfg.methods)
+        raise rep.FreeVLMError("stopped before training")
+
+    monkeypatch.setattr(rep, "_run_seeds", stop)
+    assert main(["reproduce", "--quick", "--out", str(tmp_path), "--methods", "LeeBERT", "FREE", "LeeBERT"]) == 2
+    assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 2
+    assert seen == [("FREE", "LeeBERT"), ("FREE", "DeeBLIP", "MuE")]
+    # the default run compares FREE with every baseline, the original LeeBERT included
+    assert rep.ReproduceConfig().methods == ("FREE", "DeeBLIP", "PABEE-BLIP", "LeeBLIP", "LeeBERT", "MuE")

@@ -79,10 +79,14 @@ def test_capfilt_vs_kd_is_judged_at_the_table10_alpha():
 def test_quick_reproduce_writes_a_report(tmp_path):
     from freevlm.reproduce import reproduce
 
-    folder = reproduce(tmp_path, quick=True, progress=False)
+    folder = reproduce(tmp_path, quick=True, progress=False, methods=["DeeBLIP", "LeeBERT", "MuE"])
     text = (folder / "README.md").read_text()
     for heading in ("Table 4", "Table 1", "Table 6", "Table 11", "Fig. 4b", "Fig. 3", "Table 9", "claims"):
         assert heading in text
+    table4 = text.split("## Table 4")[1].split("## ")[0]
+    rows = [line.split("|")[1].strip() for line in table4.splitlines() if line.startswith("|")]
+    assert rows[2:] == ["backbone (full depth)", "FREE", "DeeBLIP", "LeeBERT", "MuE", "no-adversarial"]
+    assert "**FREE vs LeeBERT at equal speedup**" in text
     for png in ("per_layer.png", "exit_histogram.png", "speedup_vs_quality_param.png"):
         assert (folder / png).stat().st_size > 1000
     assert "src tree: `" in text

@@ -334,16 +334,17 @@ def sweep(
 
 
 def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: bool = False, seeds: int = 3,
-              progress: bool = True) -> None:
+              methods: list[str] | None = None, progress: bool = True) -> None:
     """Reproduce the paper's tables and figures on the embedded default; write a Markdown + PNG report folder.
 
     out: report and run folder
     quick: a few-minute version (1 seed, smaller evaluation sets), as CI runs it
     full: also the other backbones and the full sweeps
     seeds: seeds per experiment (spread is reported as mean ± std)
+    methods: methods compared with FREE (default: DeeBLIP PABEE-BLIP LeeBLIP LeeBERT MuE; --quick: DeeBLIP MuE)
     progress: show progress bars
     """
     from freevlm.reproduce import reproduce as run
 
-    run(out, quick=quick, full=full, seeds=seeds, progress=progress)
+    run(out, quick=quick, full=full, seeds=seeds, progress=progress, methods=methods)
 

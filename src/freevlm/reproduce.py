@@ -41,7 +41,9 @@ from freevlm.data.synthetic import (
     load_synthetic_vqa,
 )
 from freevlm.default import DefaultConfig, describe_default, pretrained_default
-from freevlm.demo import demo_stage1, demo_stage2, system_info
+from freevlm.demo import DEFAULT_ALPHA, demo_stage1, demo_stage2, system_info
+from freevlm.errors import FreeVLMError
+from freevlm.eval.captioning import shared_meteor
 from freevlm.eval.efficiency import trainable_parameters_per_exit
 from freevlm.eval.evaluate import evaluate_captions, evaluate_visdial, evaluate_vqa, speed_comparison
 from freevlm.eval.plots import plot_exit_histogram, plot_layers, plot_sweep
@@ -55,9 +57,9 @@ from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.pretrain import WarmupConfig
 from freevlm.train.pseudo import capfilt_targets, greedy_targets
 from freevlm.train.stage1 import Stage1Config, train_backbone
-from freevlm.train.stage2 import ExitTrainConfig, train_exits, variant_config
+from freevlm.train.stage2 import ExitTrainConfig, train_exits, train_exits_together, variant_config
 
-TABLE10_ALPHA = DecodeOptions().threshold  # 0.8, the threshold the paper's Table 10 lists
+PER_LAYER = "per-layer-linear"  # Fig. 3's linear head after every layer
 
 
 @dataclass
@@ -72,7 +74,8 @@ class ReproduceConfig:
     dev_images: int = 40  # development images for choosing each method's setting (and Fig. 3)
     test_images: int = 120  # test images scored per table row
     nocaps_images: int = 40  # per domain
-    speed_images: int = 4  # images timed at batch 1 for the wall-clock column (3 paths x 4 passes each)
+    speed_images: int = 4  # images timed at batch 1 for the wall-clock column (2 paths x 4 passes each)
+    eval_batch_size: int = 128  # images per generate call when scoring (results do not depend on it)
     noise_sigmas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     per_layer: bool = True  # Fig. 3
     unsupervised: bool = True  # Table 9: KD vs CapFilt
@@ -124,6 +127,7 @@ class Task:
         return [Example(s.question_id, s.image_path, VQA_TEMPLATE.format(s.question), None) for s in samples]
 
     def evaluate(self, vlm, samples, opts, official: bool = False, progress: bool = False, **kw):
+        """Decode and score `samples`; `kw` goes to the evaluator (batch_size, pixel_noise, ...)."""
         if self.name == "caption":
             return evaluate_captions(vlm, samples, opts, official=official, progress=progress, **kw)
         return evaluate_vqa(vlm, samples, replace(opts, max_new_tokens=5), progress=progress, **kw)
@@ -165,13 +169,30 @@ class SeedRun:
         train_backbone(bb, self.task.examples(self.train), s1, self.out / "stage1", resume=True)
         return bb
 
-    def exits_for(self, bb, variant: str, examples, name: str, exit_layers=None):
+    def captions(self, vlm, samples, opts, **kw):
+        """In-process caption metrics (BLEU-4, CIDEr) for the tables that score many cells."""
+        return evaluate_captions(vlm, samples, opts, official=False, progress=self.progress,
+                                 batch_size=self.cfg.eval_batch_size, **kw)
+
+    def _exit_cfg(self, variant: str, exit_layers=None) -> ExitTrainConfig:
         base = self.cfg.stage2
-        cfg = variant_config(variant, exit_layers=exit_layers or base.exit_layers, seed_layer=base.seed_layer,
-                             discriminator_hidden=base.discriminator_hidden, discriminator_lr=base.discriminator_lr,
-                             optim=base.optim, loop=self._loop(base.loop))
-        exits, _ = train_exits(bb, examples, cfg, self.out / name, resume=True)
+        return variant_config(variant, exit_layers=exit_layers or base.exit_layers, seed_layer=base.seed_layer,
+                              discriminator_hidden=base.discriminator_hidden, discriminator_lr=base.discriminator_lr,
+                              optim=base.optim, loop=self._loop(base.loop),
+                              cache_image_features=base.cache_image_features)
+
+    def exits_for(self, bb, variant: str, examples, name: str, exit_layers=None):
+        exits, _ = train_exits(bb, examples, self._exit_cfg(variant, exit_layers), self.out / name, resume=True)
         return exits
+
+    def linear_sets(self, bb, names, examples, extra: dict | None = None) -> dict:
+        """The linear-head methods' exits (and `extra`: name -> (variant, exit layers)), trained in one pass over the
+        data: the same weights as training each alone, one shared backbone forward (`train_exits_together`)."""
+        cfgs = {name: self._exit_cfg(METHODS[name].variant) for name in names}
+        cfgs.update({name: self._exit_cfg(variant, layers) for name, (variant, layers) in (extra or {}).items()})
+        if not cfgs:
+            return {}
+        return train_exits_together(bb, examples, cfgs, self.out / f"{self.task.name}-linear", resume=True)
 
     def choose(self, vlm, method) -> tuple[float, dict]:
         """The method's dev-split curve (setting -> quality and speedups) and the best setting (§4); ties go to the
@@ -179,32 +200,37 @@ class SeedRun:
         curve = {}
         for setting in method.settings:
             opts = DecodeOptions(criterion=method.criterion, threshold=setting, kv_policy=method.kv_policy)
-            r = self.task.evaluate(vlm, self.dev, opts, progress=self.progress)
+            r = self.task.evaluate(vlm, self.dev, opts, progress=self.progress, batch_size=self.cfg.eval_batch_size)
             curve[setting] = {"quality_metric": f"{self.task.metric} (dev)", "quality": self.task.quality(r),
                               **r.speed}
         best = max(v["quality"] for v in curve.values())
         return min(s for s, v in curve.items() if v["quality"] >= best), curve
 
     def test_row(self, vlm, opts, wall: bool = True, official: bool = True) -> dict:
-        r = self.task.evaluate(vlm, self.test, opts, official=official, progress=self.progress)
+        r = self.task.evaluate(vlm, self.test, opts, official=official, progress=self.progress,
+                               batch_size=self.cfg.eval_batch_size)
         row = {"metrics": r.metrics, "speed": r.speed, "exit_fractions": {str(k): v for k, v in
                                                                           r.exit_fractions.items()}}
         if wall:
             w = speed_comparison(vlm, self.task.prompts(self.test[: self.cfg.speed_images]), opts, repeats=3,
-                                 batch_size=1)
+                                 batch_size=1, hf_generate=False)  # vs HF generate: demo, BENCHMARKS
             row["wall_clock_vs_full_depth"] = w["ratios"]["early_exit_vs_full_depth"]
-            row["wall_clock_vs_hf_generate"] = w["ratios"]["early_exit_vs_hf_generate"]
         return row
 
-    def methods(self, bb, names, examples=None, free_variant: str = "semi") -> dict:
-        """Train (or build) each method's exits, choose its setting on dev, score it on test."""
-        res, trained = {"methods": {}, "curves": {}}, {}
+    def methods(self, bb, names, examples=None, free_variant: str = "semi", extra_linear: dict | None = None):
+        """Train (or build) each method's exits, choose its setting on dev, score it on test. `extra_linear`: more
+        linear exit sets to train alongside the linear-head baselines (returned in `trained`, not evaluated)."""
+        res = {"methods": {}, "curves": {}}
         examples = examples if examples is not None else self.task.examples(self.train)
+        linear = [n for n in names if n in METHODS and METHODS[n].exit_kind == "linear"]
+        trained = self.linear_sets(bb, linear, examples, extra_linear)
         for name in names:
             method = METHODS.get(name) or replace(METHODS["FREE"], name=name, variant=name)
             if name == "FREE":
                 method = replace(method, variant=free_variant)
-            if method.variant is None:
+            if name in trained:
+                exits = trained[name]
+            elif method.variant is None:
                 layers = self.cfg.stage2.exit_layers or bb.default_exit_layers()
                 exits = build_exits(bb.lm, ExitSpec(method.exit_kind, list(layers)))
             else:
@@ -224,7 +250,9 @@ class SeedRun:
         bb = self.finetuned()
         full = EarlyExitVLM(bb)
         res["backbone"] = self.test_row(full, DecodeOptions(use_exits=False), wall=False)
-        found, trained = self.methods(bb, (*cfg.methods, *cfg.ablations))
+        layers = list(range(1, bb.lm.num_layers))  # Fig. 3's vanilla early exit: a DeeBLIP head after every layer
+        found, trained = self.methods(bb, (*cfg.methods, *cfg.ablations),
+                                      extra_linear={PER_LAYER: ("deebert", layers)} if cfg.per_layer else None)
         res.update(found)
         res["exit_quality"] = {name: self.exit_quality(bb, trained[name]) for name in ("FREE", "no-adversarial")
                                if name in trained}
@@ -232,14 +260,13 @@ class SeedRun:
         free_opts = DecodeOptions(threshold=res["methods"]["FREE"]["setting"])
         res["noise"] = {}
         for sigma in cfg.noise_sigmas:
-            a = evaluate_captions(full, self.test, DecodeOptions(use_exits=False), pixel_noise=sigma,
-                                  noise_seed=self.seed, official=False, progress=self.progress)
-            b = evaluate_captions(free, self.test, free_opts, pixel_noise=sigma, noise_seed=self.seed,
-                                  official=False, progress=self.progress)
+            a = self.captions(full, self.test, DecodeOptions(use_exits=False), pixel_noise=sigma,
+                              noise_seed=self.seed)
+            b = self.captions(free, self.test, free_opts, pixel_noise=sigma, noise_seed=self.seed)
             res["noise"][str(sigma)] = {"backbone": a.metrics, "FREE": b.metrics, "FREE_speed": b.speed}
         res["nocaps"] = self.nocaps(bb, full, trained)
         if cfg.per_layer:
-            res["per_layer"] = self.per_layer(bb)
+            res["per_layer"] = self.per_layer(bb, trained[PER_LAYER])
             res["per_layer"]["FREE exits"] = {k: v["CIDEr"] for k, v in res["exit_quality"]["FREE"].items()}
             res["per_layer"]["FREE exits"][bb.lm.num_layers] = res["per_layer"]["frozen head"][bb.lm.num_layers]
         if cfg.unsupervised:
@@ -289,7 +316,7 @@ class SeedRun:
         for domain in ("in-domain", "near-domain", "out-domain"):
             samples = load_synthetic_nocaps(self.data_root, domain)[: self.cfg.nocaps_images]
             for name, (vlm, opts) in rows.items():
-                r = evaluate_captions(vlm, samples, opts, official=False, progress=self.progress)
+                r = self.captions(vlm, samples, opts)
                 out.setdefault(name, {})[domain] = {"CIDEr": r.metrics["CIDEr"], "speed": r.speed}
         return out
 
@@ -306,27 +333,23 @@ class SeedRun:
         for layer, exit_ in zip(exits.layers, exits.exits):
             pred = exit_.logits(bb.lm, exit_.state(bb.lm, tf.states[layer], tf.ctx, None)).argmax(-1)
             agreement = float(((pred == final) & mask).sum() / mask.sum())
-            r = evaluate_captions(EarlyExitVLM(bb, _forced(exits, layer)), self.dev, DecodeOptions(threshold=1e-9),
-                                  official=False, progress=self.progress)
+            r = self.captions(EarlyExitVLM(bb, _forced(exits, layer)), self.dev, DecodeOptions(threshold=1e-9))
             out[layer] = {"agreement": agreement, "CIDEr": 100 * r.metrics["CIDEr"]}
         return out
 
-    def per_layer(self, bb) -> dict:
+    def per_layer(self, bb, linear: ExitStack) -> dict:
         """Fig. 3: CIDEr on the dev split when every token leaves at one layer (FREE's curve: `exit_quality`)."""
         n = bb.lm.num_layers
         layers = list(range(1, n))
         frozen = build_exits(bb.lm, ExitSpec("frozen-head", layers))
-        linear = self.exits_for(bb, "deebert", caption_examples(self.train), "per-layer-linear", exit_layers=layers)
         force = DecodeOptions(threshold=1e-9)
         curves = {}
         for name, stack in (("frozen head", frozen), ("linear head per layer (vanilla EE)", linear)):
             curves[name] = {}
             for layer in layers:
-                r = evaluate_captions(EarlyExitVLM(bb, _forced(stack, layer)), self.dev, force, official=False,
-                                      progress=self.progress)
+                r = self.captions(EarlyExitVLM(bb, _forced(stack, layer)), self.dev, force)
                 curves[name][layer] = 100 * r.metrics["CIDEr"]
-        full = evaluate_captions(EarlyExitVLM(bb), self.dev, DecodeOptions(use_exits=False), official=False,
-                                 progress=self.progress)
+        full = self.captions(EarlyExitVLM(bb), self.dev, DecodeOptions(use_exits=False))
         for curve in curves.values():
             curve[n] = 100 * full.metrics["CIDEr"]
         return curves
@@ -353,12 +376,11 @@ class SeedRun:
             nocaps = {}
             for domain in ("in-domain", "near-domain", "out-domain"):
                 samples = load_synthetic_nocaps(self.data_root, domain)[: self.cfg.nocaps_images]
-                r = evaluate_captions(vlm, samples, DecodeOptions(threshold=chosen), official=False,
-                                      progress=self.progress)
+                r = self.captions(vlm, samples, DecodeOptions(threshold=chosen))
                 nocaps[domain] = {"CIDEr": r.metrics["CIDEr"], "speed": r.speed}
             # The dev choice is often alpha = 1 (no exit) for both, which would make the comparison vacuous: score
             # both at Table 10's alpha as well.
-            fixed = self.test_row(vlm, DecodeOptions(threshold=TABLE10_ALPHA), wall=False, official=False)
+            fixed = self.test_row(vlm, DecodeOptions(threshold=DEFAULT_ALPHA), wall=False, official=False)
             out[name] = {**row, "setting": chosen, "nocaps": nocaps, "at_table10_alpha": fixed}
         return out
 
@@ -391,13 +413,32 @@ def tree_state() -> dict:
 
 
 def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: bool = False, seeds: int = 3,
-              progress: bool = True, config: ReproduceConfig | None = None) -> Path:
+              progress: bool = True, config: ReproduceConfig | None = None,
+              methods: list[str] | tuple[str, ...] | None = None) -> Path:
+    """Run the experiments and write `out/report`. `methods`: the methods compared with FREE (FREE is always run);
+    None keeps the configuration's (by default every baseline)."""
     out = Path(out)
     start = time.perf_counter()
     provenance = tree_state()  # the code that runs is the code at launch, whatever happens to the tree meanwhile
     cfg = config or (quick_config() if quick else ReproduceConfig(seeds=seeds))
+    if methods is not None:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise FreeVLMError(f"unknown method {', '.join(map(repr, unknown))} for --methods; choose from "
+                               f"{', '.join(m for m in METHODS if m != 'FREE')}")
+        cfg.methods = ("FREE", *dict.fromkeys(m for m in methods if m != "FREE"))
     if full:
         cfg.ablations = ("no-adversarial", "no-ce", "no-kd")
+    with shared_meteor():  # one METEOR JVM for every official score of the run
+        per_seed, model_info = _run_seeds(cfg, out, full, progress)
+    report_dir = out / "report"
+    write_report(report_dir, cfg, per_seed, model_info, time.perf_counter() - start, quick=quick, full=full,
+                 provenance=provenance)
+    print(f"report: {report_dir / 'README.md'}")
+    return report_dir
+
+
+def _run_seeds(cfg: ReproduceConfig, out: Path, full: bool, progress: bool) -> tuple[list[dict], dict]:
     data_root, backbone = pretrained_default(out, cfg.default, seed=0, progress=progress)
     pretrained = out / "pretrain-s0" / "backbone"
     model_info = describe_default(backbone)
@@ -421,11 +462,7 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: boo
                     task: SeedRun(cfg, seed, fam_path, data_root, out / f"seed-{seed}" / family / task, progress,
                                   task=task).run_light() for task in tasks}
         per_seed.append(result)
-    report_dir = out / "report"
-    write_report(report_dir, cfg, per_seed, model_info, time.perf_counter() - start, quick=quick, full=full,
-                 provenance=provenance)
-    print(f"report: {report_dir / 'README.md'}")
-    return report_dir
+    return per_seed, model_info
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -583,7 +620,7 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
                          col(p + ["speed", "compute_speedup"], 1, 2)])
         for name in ("KD", "CapFilt"):
             p = ["unsupervised", name, "at_table10_alpha"]
-            rows.append([f"{name}, α = {TABLE10_ALPHA} (Table 10)", "-", "-", "-", col(p + ["metrics", "CIDEr"]),
+            rows.append([f"{name}, α = {DEFAULT_ALPHA} (Table 10)", "-", "-", "-", col(p + ["metrics", "CIDEr"]),
                          col(p + ["speed", "parameter_speedup"], 1, 2), col(p + ["speed", "compute_speedup"], 1, 2)])
         prec = [r["unsupervised"]["capfilt_top2_precision"] for r in runs]
         lines += ["## Table 9 — unsupervised exits: knowledge distillation vs CapFilt pseudo-labels", "",
@@ -705,7 +742,7 @@ def claims(runs: list[dict], cfg: ReproduceConfig) -> list[str]:
         verdicts = {_verdict(c), _verdict(sp)}
         verdict = verdicts.pop() if len(verdicts) == 1 else "holds in part"
         out.append(f"- **CapFilt beats KD** (the paper: better quality and higher speedup; compared at α = "
-                   f"{TABLE10_ALPHA}, since the dev choice is often α = 1 for both): test CIDEr difference {_ms(c)} "
+                   f"{DEFAULT_ALPHA}, since the dev choice is often α = 1 for both): test CIDEr difference {_ms(c)} "
                    f"→ {_verdict(c)}; parameter-speedup difference {_ms(sp, 1, 2)} → {_verdict(sp)}; overall → "
                    f"{verdict} here.")
     return out

@@ -11,6 +11,7 @@ from freevlm.eval.captioning import (
     CAPTION_METRICS,
     caption_metrics,
     fast_caption_metrics,
+    shared_meteor,
     simple_tokenize,
     to_percent,
 )
@@ -83,6 +84,30 @@ def test_official_matches_hand_values_and_fast_path(monkeypatch):
     # Exactly one METEOR JVM per call, killed and reaped (returncode set => not a zombie).
     assert len(started) == 1
     assert started[0].meteor_p.returncode is not None
+
+
+@pytest.mark.java
+@pytest.mark.skipif(shutil.which("java") is None, reason="no java on PATH")
+def test_shared_meteor_keeps_one_jvm_for_every_call_in_the_block(monkeypatch):
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    alone = caption_metrics(HAND_PREDS, HAND_REFS)
+    started = []
+    original_init = Meteor.__init__
+
+    def spy_init(self):
+        original_init(self)
+        started.append(self)
+
+    monkeypatch.setattr(Meteor, "__init__", spy_init)
+    with shared_meteor():
+        first = caption_metrics(HAND_PREDS, HAND_REFS)
+        second = caption_metrics(HAND_PREDS, HAND_REFS)
+        assert len(started) == 1 and started[0].meteor_p.poll() is None  # still running between calls
+    assert first == second == alone  # the warm JVM scores exactly as a fresh one
+    assert started[0].meteor_p.returncode is not None  # closed and reaped when the block ends
+    caption_metrics(HAND_PREDS, HAND_REFS)
+    assert len(started) == 2 and started[1].meteor_p.returncode is not None  # outside: one per call again
 
 
 @pytest.mark.java

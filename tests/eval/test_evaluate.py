@@ -14,6 +14,7 @@ from freevlm.eval.evaluate import (
     evaluate_visdial,
     evaluate_vqa,
     select_threshold,
+    speed_comparison,
 )
 from freevlm.exits import ExitSpec, ExitStack, build_exits
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
@@ -75,6 +76,21 @@ def test_vqa_evaluation_scores_each_question(tmp_path, monkeypatch):
         expected = 1.0 if by_key[s.question_id]["prediction"] == "red" else 0.0
         assert by_key[s.question_id]["accuracy"] == expected
     assert abs(result.metrics["accuracy"] - sum(p["accuracy"] for p in result.predictions) / 3) < 1e-12
+
+
+def test_speed_comparison_times_each_path_on_the_same_examples(tmp_path):
+    backbone, examples = colour_task(tmp_path)
+    vlm = EarlyExitVLM(backbone, build_exits(backbone.lm, ExitSpec("frozen-head", [2, 4])))
+    prompts = [Example(e.key, e.image_path, e.prompt, None) for e in examples[:2]]
+    opts = DecodeOptions(threshold=1e-9, max_new_tokens=4)  # every token leaves at layer 2
+    both = speed_comparison(vlm, prompts, opts, repeats=1)
+    assert set(both["ratios"]) == {"early_exit_vs_full_depth", "early_exit_vs_hf_generate", "full_depth_vs_hf_generate"}
+    # the full-depth path is token-identical to transformers' generate: the same number of tokens is timed
+    assert both["full_depth"]["tokens"] == both["hf_generate"]["tokens"] > 0
+    ours = speed_comparison(vlm, prompts, opts, repeats=1, hf_generate=False)
+    assert "hf_generate" not in ours and set(ours["ratios"]) == {"early_exit_vs_full_depth"}
+    ratio = ours["early_exit"]["tokens_per_second"] / ours["full_depth"]["tokens_per_second"]
+    assert ours["ratios"]["early_exit_vs_full_depth"] == ratio
 
 
 def test_threshold_choice_prefers_the_fastest_of_the_best():

@@ -35,3 +35,32 @@ def test_teacher_forced_logits_match_hf_forward(any_backbone, tiny_size):
     if not any_backbone.lm.is_encoder_decoder:  # targets are the next positions' labels
         assert torch.equal(ours.targets[:, :-1], labels[:, 1:])
         assert (ours.targets[:, -1] == IGNORE).all()
+
+
+def test_frozen_image_features_are_computed_once_per_image_and_change_nothing(any_backbone, tiny_size, monkeypatch):
+    from freevlm.train.forward import FrozenImageFeatures
+
+    family = any_backbone.name.removeprefix("tiny-")
+    pixels, ids, mask, extra = tiny_batch(family, tiny_size, 3, seed=5)
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE))
+    if any_backbone.lm.is_encoder_decoder:
+        labels = torch.randint(5, tiny_size.vocab_size, (3, 4), generator=torch.Generator().manual_seed(1))
+    first = Batch(["a", "b", "c"], pixels, ids, mask, labels, extra)
+    # the second batch repeats image 2 in row 0 and brings a new image in row 1
+    pixels2 = torch.stack([pixels[2], torch.randn_like(pixels[0]), pixels[0]])
+    extra2 = {k: v[[2, 0, 0]] for k, v in extra.items()}  # rows 0 and 2 keep their images' own instructions
+    second = Batch(["c", "d", "a"], pixels2, ids[[2, 1, 0]], mask[[2, 1, 0]], labels[[2, 1, 0]], extra2)
+    calls = []
+    original = any_backbone.image_features
+    monkeypatch.setattr(any_backbone, "image_features", lambda px, **kw: calls.append(len(px)) or original(px, **kw))
+    cache = FrozenImageFeatures(any_backbone)
+    with torch.no_grad():
+        for batch in (first, second):
+            plain = teacher_forced(any_backbone, batch, logits=True)
+            cached = teacher_forced(any_backbone, batch, logits=True, image_features=cache(batch))
+            torch.testing.assert_close(cached.logits, plain.logits, atol=1e-5, rtol=0)
+    # plain runs: 3 + 3 rows; the cache: 3 rows, then only the new image of the second batch
+    assert calls == [3, 3, 3, 1] and len(cache.store) == 4
+    full = FrozenImageFeatures(any_backbone, max_bytes=0)  # nothing fits: every row is computed, none stored
+    full(first)
+    assert not full.store and calls[-1] == 3

@@ -88,6 +88,39 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(d1[k], d2[k], atol=1e-6, rtol=0)
 
 
+def test_caching_the_frozen_image_features_leaves_training_unchanged(tmp_path):
+    backbone, examples = colour_task(tmp_path / "data")
+    examples = examples + examples[:3]  # images repeat within an epoch, as with several captions per image
+    results = []
+    for cache in (True, False):
+        cfg = ExitTrainConfig(exit_layers=[2, 4], optim=OptimConfig(lr=1e-3, warmup_steps=2),
+                              cache_image_features=cache, loop=LoopConfig(epochs=2, batch_size=4, progress=False))
+        exits, _ = train_exits(backbone, examples, cfg, tmp_path / f"cache-{cache}")
+        results.append(exits.state_dict())
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_exit_sets_trained_together_equal_each_trained_alone(tmp_path):
+    from freevlm.train.stage2 import train_exits_together, variant_config
+
+    backbone, examples = colour_task(tmp_path / "data")
+    loop = LoopConfig(epochs=2, batch_size=3, progress=False)
+    optim = OptimConfig(lr=3e-3, warmup_steps=2, grad_clip=0.05)  # small enough that clipping acts
+    cfgs = {name: variant_config(variant, exit_layers=layers, loop=loop, optim=optim)
+            for name, variant, layers in (("DeeBLIP", "deebert", [2, 4]), ("PABEE-BLIP", "pabee", [2, 4]),
+                                          ("LeeBLIP", "leeblip", [2, 4]), ("LeeBERT", "leebert", [2, 4]),
+                                          ("per-layer", "deebert", [1, 2, 3, 4, 5]))}
+    together = train_exits_together(backbone, examples, cfgs, tmp_path / "together")
+    for name, cfg in cfgs.items():
+        alone, _ = train_exits(backbone, examples, cfg, tmp_path / name)
+        assert (tmp_path / "together" / name / "exits" / "exits.safetensors").exists()
+        for k, v in alone.state_dict().items():
+            torch.testing.assert_close(together[name].state_dict()[k], v, atol=1e-6, rtol=0, msg=f"{name} {k}")
+    with pytest.raises(FreeVLMError, match="adversarial term train alone"):
+        train_exits_together(backbone, examples, {"FREE": variant_config("semi")}, tmp_path / "free")
+
+
 def test_a_run_folder_with_another_configuration_is_refused(tmp_path):
     _stage2(tmp_path, "run", max_steps=1)
     backbone, examples = colour_task(tmp_path / "data")

@@ -125,9 +125,10 @@ class VisionLanguageBackbone(Protocol):
 
     def prepare(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        **extra: torch.Tensor,
+        image_features: torch.Tensor | None = None, **extra: torch.Tensor,
     ) -> LMInputs:
-        """Images + tokenised prompts (with image placeholders) -> the LM's input embeddings."""
+        """Images + tokenised prompts (with image placeholders) -> the LM's input embeddings. `image_features`:
+        the images' features when already computed (the vision side is then skipped)."""
         ...
 
     def default_exit_layers(self) -> list[int]: ...

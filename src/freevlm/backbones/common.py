@@ -79,8 +79,8 @@ class VLMBackbone:
         text, the BLIP-2 family's processors prepend the query-token placeholders themselves."""
         return f"<image> {prompt}" if self.family == "llava" else prompt
 
-    def prepare(self, pixel_values, input_ids, attention_mask=None, **extra):
-        features = self.image_features(pixel_values, **extra)
+    def prepare(self, pixel_values, input_ids, attention_mask=None, image_features=None, **extra):
+        features = self.image_features(pixel_values, **extra) if image_features is None else image_features
         embeds = self.model.get_input_embeddings()(input_ids)
         embeds = scatter_image_features(embeds, input_ids, self.image_token_id, features)
         if attention_mask is None:

@@ -12,6 +12,7 @@ from freevlm.baselines.method import Method
 
 METHODS = {m.name: m for m in (free.METHOD, deebert.METHOD, pabee.METHOD, leebert.LEEBLIP, leebert.METHOD,
                                mue.METHOD)}
-BASELINES = ("DeeBLIP", "PABEE-BLIP", "LeeBLIP", "MuE")
+# The paper's four baselines, and the original LeeBERT (learned mutual distillation) beside its LeeBLIP reading.
+BASELINES = ("DeeBLIP", "PABEE-BLIP", "LeeBLIP", "LeeBERT", "MuE")
 
 __all__ = ["BASELINES", "METHODS", "Method"]

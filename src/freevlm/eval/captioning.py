@@ -12,9 +12,10 @@ simple in-process tokenisation, for sweeps where starting a JVM per point is too
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,52 @@ def _close_meteor(meteor: Any) -> None:
         meteor.lock.release()
 
 
+_SHARED_METEOR: list = []  # inside `shared_meteor()`: [None] until the first call starts the JVM, then [Meteor]
+
+
+@contextlib.contextmanager
+def shared_meteor() -> Iterator[None]:
+    """Within this block every `caption_metrics` call reuses one METEOR JVM, closed when the block ends.
+
+    METEOR's start-up (~6 s on 2 CPU cores: it loads a paraphrase table) dwarfs scoring a few hundred captions (~0.1 s
+    on a warm JVM), so a run that scores many tables (`freevlm reproduce`) keeps one. Outside the block each call
+    starts and closes its own, so no JVM outlives a plain call.
+    """
+    if _SHARED_METEOR:  # nested: the outer block owns the JVM
+        yield
+        return
+    _SHARED_METEOR.append(None)
+    try:
+        yield
+    finally:
+        meteor = _SHARED_METEOR.pop()
+        if meteor is not None:
+            _close_meteor(meteor)
+
+
+def _start_meteor():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if _SHARED_METEOR and _SHARED_METEOR[0] is not None and _SHARED_METEOR[0].meteor_p.poll() is None:
+        return _SHARED_METEOR[0]
+    try:
+        meteor = Meteor()  # starts the JVM now; it loads while we tokenise and run the Python scorers
+    except OSError as e:
+        raise FreeVLMError(f"could not start METEOR's JVM ({e}); check `java -version`") from e
+    if _SHARED_METEOR:
+        _SHARED_METEOR[0] = meteor
+    return meteor
+
+
+def _release_meteor(meteor, failed: bool) -> None:
+    """Close a per-call JVM; keep a shared one unless it failed (the next call then starts a fresh one)."""
+    if _SHARED_METEOR and _SHARED_METEOR[0] is meteor:
+        if not failed:
+            return
+        _SHARED_METEOR[0] = None
+    _close_meteor(meteor)
+
+
 def caption_metrics(
     predictions: dict[str, str], references: dict[str, list[str]], *, spice: bool = False
 ) -> dict[str, float]:
@@ -166,8 +213,9 @@ def caption_metrics(
     through pycocoevalcap's PTBTokenizer as in COCOEvalCap. Note BLEU of a perfect prediction is 1 - O(1e-9), not
     exactly 1, because of pycocoevalcap's smoothing constants.
 
-    Needs Java. Starts one METEOR JVM (closed before returning) and two short PTB tokenizer JVMs; METEOR's start-up
-    (~8 s, it loads a paraphrase table) overlaps with tokenisation and the in-process scorers. SPICE needs the Stanford
+    Needs Java. Starts one METEOR JVM (closed before returning; inside `shared_meteor()` one is kept for every call)
+    and two short PTB tokenizer JVMs; METEOR's start-up (~6 s, it loads a paraphrase table) overlaps with
+    tokenisation and the in-process scorers. SPICE needs the Stanford
     CoreNLP jars already in pycocoevalcap's spice/lib: without them spice=True raises FreeVLMError, never downloads.
     """
     ids = _check_inputs(predictions, references)
@@ -178,13 +226,9 @@ def caption_metrics(
 
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
-    try:
-        meteor = Meteor()  # starts the JVM now; it loads while we tokenise and run the Python scorers
-    except OSError as e:
-        raise FreeVLMError(f"could not start METEOR's JVM ({e}); check `java -version`") from e
+    meteor, failed = _start_meteor(), True
     try:
         gts = _ptb_tokenize({i: list(references[i]) for i in ids})
         res = _ptb_tokenize({i: [predictions[i]] for i in ids})
@@ -195,8 +239,9 @@ def caption_metrics(
             out["METEOR"] = float(meteor.compute_score(gts, res)[0])
         except (ValueError, OSError) as e:  # the JVM died: an empty line where a score should be, or a broken pipe
             raise FreeVLMError(f"METEOR's JVM failed ({type(e).__name__}: {e}); check `java -version`") from e
+        failed = False
     finally:
-        _close_meteor(meteor)
+        _release_meteor(meteor, failed)
     out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if spice:

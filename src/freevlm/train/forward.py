@@ -7,6 +7,7 @@ that is the next token's label, for encoder-decoder LMs the decoder position's o
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,58 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return out.masked_fill(out == IGNORE, pad_id)
 
 
-def teacher_forced(backbone, batch: Batch, keep: set[int] | None = None, logits: bool = False) -> TeacherForced:
-    """Run the whole sequence through the LM; keep h_i for i in `keep` (all layers when None)."""
+class FrozenImageFeatures:
+    """The LM-input image features of a frozen backbone, computed once per distinct image and then reused.
+
+    Exit training (stage 2) never changes the vision encoder, Q-Former or projection, and runs the backbone in eval
+    mode, so an image's features are a function of its pixels (and of InstructBLIP's Q-Former instruction). Caption
+    data hold every image once per reference caption and once per epoch, so without a cache the vision side is
+    recomputed 10-15 times per image: about a tenth of an exit-training step on the embedded default, and more on a
+    real BLIP-2, whose ViT-g is the largest frozen part after the LM. transformers has no such cache, hence this one.
+
+    Rows are keyed by a hash of their own inputs (pixels and any extra vision inputs), so no ids are needed and a row
+    can only ever get its own image's features. Caching stops adding once `max_bytes` are held (a real BLIP-2 OPT
+    needs 32 x 2560 floats = 320 KB per image); rows beyond that are computed every time.
+    """
+
+    def __init__(self, backbone, max_bytes: float = 4e9):
+        self.backbone, self.max_bytes = backbone, max_bytes
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+
+    @staticmethod
+    def _key(batch: Batch, row: int) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for t in (batch.pixel_values, *(batch.extra[k] for k in sorted(batch.extra))):
+            h.update(t[row].detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """(B, Q, D) features of the batch's images, computing only the ones not seen before."""
+        keys = [self._key(batch, r) for r in range(len(batch.pixel_values))]
+        missing = [r for r, k in enumerate(keys) if k not in self.store]
+        fresh = {}
+        if missing:
+            idx = torch.tensor(missing, device=batch.pixel_values.device)
+            extra = {k: v[idx] for k, v in batch.extra.items()}
+            feats = self.backbone.image_features(batch.pixel_values[idx], **extra)
+            feats = feats.reshape(len(missing), -1, feats.shape[-1])  # LLaVA returns (B*patches, D)
+            for r, f in zip(missing, feats):
+                fresh[keys[r]] = f
+                if self.bytes + f.numel() * f.element_size() <= self.max_bytes:
+                    self.store[keys[r]] = f.clone()
+                    self.bytes += f.numel() * f.element_size()
+        return torch.stack([fresh[k] if k in fresh else self.store[k] for k in keys])
+
+
+def teacher_forced(backbone, batch: Batch, keep: set[int] | None = None, logits: bool = False,
+                   image_features: torch.Tensor | None = None) -> TeacherForced:
+    """Run the whole sequence through the LM; keep h_i for i in `keep` (all layers when None). `image_features`:
+    the batch's precomputed image features (a `FrozenImageFeatures` result), else the vision side runs."""
     lm = backbone.lm
-    inputs = backbone.prepare(batch.pixel_values, batch.input_ids, batch.attention_mask, **batch.extra)
+    inputs = backbone.prepare(batch.pixel_values, batch.input_ids, batch.attention_mask,
+                              image_features=image_features, **batch.extra)
     n = lm.num_layers
     keep = set(range(n + 1)) if keep is None else set(keep)
     if lm.is_encoder_decoder:

@@ -80,12 +80,13 @@ def capfilt_targets(backbone, examples: list[Example], *, num_candidates: int = 
         res = vlm.generate([e.image_path for e in chunk], [e.prompt for e in chunk], use_exits=False,
                            max_new_tokens=max_new_tokens, do_sample=True, top_p=top_p,
                            num_return_sequences=num_candidates)
-        for i, e in enumerate(chunk):
-            texts = res.texts[i * num_candidates : (i + 1) * num_candidates]
-            cands = [replace(e, target=t) for t in texts if t]
+        per_image = [[replace(e, target=t) for t in res.texts[i * num_candidates : (i + 1) * num_candidates] if t]
+                     for i, e in enumerate(chunk)]
+        flat = [c for cands in per_image for c in cands]
+        all_scores = scorer(backbone, flat).split([len(c) for c in per_image]) if flat else []  # one call per chunk
+        for e, cands, scores in zip(chunk, per_image, all_scores):
             if not cands:
                 continue
-            scores = scorer(backbone, cands)
             order = torch.argsort(scores, descending=True).tolist()
             ranked[e.key] = [(cands[j].target, float(scores[j])) for j in order]
             kept.extend(cands[j] for j in order[:keep])

@@ -34,7 +34,7 @@ from freevlm.losses import (
     token_cross_entropy,
 )
 from freevlm.train.batches import Batch, Collator
-from freevlm.train.forward import TeacherForced, teacher_forced
+from freevlm.train.forward import FrozenImageFeatures, TeacherForced, teacher_forced
 from freevlm.train.loop import (
     LoopConfig,
     OptimConfig,
@@ -66,6 +66,7 @@ class ExitTrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-5, warmup_steps=500))
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=3, batch_size=16))  # §4: 3 epochs
     max_target_tokens: int = 32
+    cache_image_features: bool = True  # compute each image's features once (the backbone is frozen); see forward.py
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -123,6 +124,17 @@ class ExitLosses(nn.Module):
         return total, logs
 
 
+class ExitSets(nn.Module):
+    """Several `ExitLosses` on the same teacher-forced batch, as one module for DDP (`train_exits_together`)."""
+
+    def __init__(self, sets: dict[str, ExitLosses]):
+        super().__init__()
+        self.sets = nn.ModuleDict(sets)
+
+    def forward(self, tf: TeacherForced, normalizer) -> dict[str, tuple[torch.Tensor, dict]]:
+        return {name: m(tf, normalizer)[1:] for name, m in self.sets.items()}
+
+
 class Discriminators(nn.Module):
     def __init__(self, hidden_size: int, count: int, inner: int):
         super().__init__()
@@ -170,9 +182,12 @@ def train_exits(backbone, examples, cfg: ExitTrainConfig, out: str | Path, *, re
     keep = set(exits.layers)
     final_logits = needs_final_logits(cfg)
 
+    features = FrozenImageFeatures(backbone) if cfg.cache_image_features else None
+
     def step(batch: Batch) -> dict[str, float]:
         with torch.no_grad():
-            tf = teacher_forced(backbone, batch, keep=keep, logits=final_logits)
+            tf = teacher_forced(backbone, batch, keep=keep, logits=final_logits,
+                                image_features=None if features is None else features(batch))
         mask = tf.targets != IGNORE
         local = mask.sum()
         norm = global_count(accelerator, local)
@@ -213,6 +228,73 @@ def train_exits(backbone, examples, cfg: ExitTrainConfig, out: str | Path, *, re
         save_exits(Path(out) / "exits", lm, exits, backbone.name, discs_out)
     accelerator.wait_for_everyone()
     return exits, means
+
+
+def train_exits_together(backbone, examples, cfgs: dict[str, ExitTrainConfig], out: str | Path, *,
+                         resume: bool = False, stage: str = "stage2", accelerator=None) -> dict[str, ExitStack]:
+    """Train several non-adversarial exit sets (e.g. every linear-head baseline) in one pass over the data.
+
+    Their backbone is frozen and their batches are the same (same examples, loop and seed), so the teacher-forced
+    forward, which is nearly all of a linear head's training cost, is run once per batch and shared. Each set keeps
+    its own loss, gradient clipping and (elementwise) Adam state, so it ends with the weights that training it alone
+    gives (tested). Saves each set under out/<name>/exits; returns {name: exits}.
+    """
+    first = next(iter(cfgs.values()))
+    for name, cfg in cfgs.items():
+        if cfg.adversarial_weight:
+            raise FreeVLMError(f"{name}: exits with an adversarial term train alone (train_exits)")
+        if (cfg.loop, cfg.optim, cfg.max_target_tokens) != (first.loop, first.optim, first.max_target_tokens):
+            raise FreeVLMError(f"{name}: exit sets trained together need the same loop, optimiser and target length")
+        if cfg.task in ("ce", "pabee", "leebert", "leeblip") and any(e.target is None for e in examples):
+            raise FreeVLMError(f"task loss {cfg.task!r} needs a target for every example (use kd, or pseudo-labels)")
+    accelerator = accelerator or make_accelerator()
+    run = open_run(out, {"stage": stage, "together": {k: config_dict(c) for k, c in cfgs.items()}}, resume,
+                   accelerator)
+    set_seed(first.loop.seed)
+    lm = backbone.lm
+    backbone.model.to(accelerator.device).eval().requires_grad_(False)
+    sets = {}
+    for name, cfg in cfgs.items():
+        layers = cfg.exit_layers or backbone.default_exit_layers()
+        exits = build_exits(lm, ExitSpec(cfg.exit_kind, list(layers), cfg.seed_layer)).to(accelerator.device).train()
+        sets[name] = ExitLosses(backbone, exits, cfg)
+    generator = ExitSets(sets)
+    optimizer = make_optimizer(generator.parameters(), first.optim)  # Adam(W) is elementwise: one = one per set
+    scheduler = make_scheduler(optimizer, first.optim, -(-len(examples) // first.loop.batch_size))
+    generator, optimizer, scheduler = accelerator.prepare(generator, optimizer, scheduler)
+    plain = accelerator.unwrap_model(generator).sets
+    keep = {layer for m in plain.values() for layer in m.exits.layers}
+    final_logits = any(needs_final_logits(c) for c in cfgs.values())
+    features = FrozenImageFeatures(backbone) if first.cache_image_features else None
+
+    def step(batch: Batch) -> dict[str, float]:
+        with torch.no_grad():
+            tf = teacher_forced(backbone, batch, keep=keep, logits=final_logits,
+                                image_features=None if features is None else features(batch))
+        local = (tf.targets != IGNORE).sum()
+        norm = global_count(accelerator, local)
+        scale = float(norm) / max(int(local), 1)
+        total, logs = 0.0, {}
+        for name, (task, member_logs) in generator(tf, norm).items():
+            total = total + task
+            logs.update({f"{name}/{k}": v * scale for k, v in member_logs.items()})
+            logs[f"{name}/loss"] = task.item() * scale
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(total)
+        if first.optim.grad_clip:
+            for name in cfgs:  # per set, as each would be clipped alone
+                accelerator.clip_grad_norm_(plain[name].parameters(), first.optim.grad_clip)
+        optimizer.step()
+        return logs
+
+    collate = Collator(backbone, train=True, max_target_tokens=first.max_target_tokens)
+    fit(accelerator, examples, collate, step, first.loop, run, stage, [scheduler], resume)
+    out_sets = {name: plain[name].exits.eval() for name in cfgs}
+    if accelerator.is_main_process:
+        for name, exits in out_sets.items():
+            save_exits(Path(out) / name / "exits", lm, exits, backbone.name)
+    accelerator.wait_for_everyone()
+    return out_sets
 
 
 # Every exit-training recipe of the paper and its baselines, as (exit kind, task loss, adversarial weight, targets).
