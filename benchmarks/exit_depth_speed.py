@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30, help="new tokens per image")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--kinds", nargs="+", default=["frozen-head", "linear", "transformer"])
+    parser.add_argument("--kv-policies", nargs="+", default=["propagate"], help="what skipped layers' caches get")
     parser.add_argument("--out", default="benchmarks/results/exit_depth_speed.json")
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.tiny
@@ -81,12 +83,14 @@ def main() -> None:
         pixels = (torch.rand(size.image_size, size.image_size, 3, generator=rng) * 255).byte().numpy()
         Image.fromarray(pixels).save(folder / f"{i}.png")
         images.append(folder / f"{i}.png")
-    forced = DecodeOptions(threshold=1e-9, max_new_tokens=args.tokens)
     never = DecodeOptions(threshold=1.0, max_new_tokens=args.tokens)
-    rows_spec = [(f"exit at layer {k}, {kind}", ExitSpec(kind, [k]), forced)
-                 for k in depths for kind in ("frozen-head", "linear", "transformer")]
-    rows_spec += [(f"checks only, {len(paper)} exits, {kind}", ExitSpec(kind, paper), never)
-                  for kind in ("frozen-head", "linear", "transformer")]
+    rows_spec = []
+    for policy in args.kv_policies:
+        forced = DecodeOptions(threshold=1e-9, max_new_tokens=args.tokens, kv_policy=policy)
+        suffix = "" if args.kv_policies == ["propagate"] else f", {policy}"
+        rows_spec += [(f"exit at layer {k}, {kind}{suffix}", ExitSpec(kind, [k]), forced)
+                      for k in depths for kind in args.kinds]
+    rows_spec += [(f"checks only, {len(paper)} exits, {kind}", ExitSpec(kind, paper), never) for kind in args.kinds]
     results = {"machine": system_info(), "size": size.__dict__, "dtype": str(dtype), "tables": {}}
     for batch in args.batch_sizes:
         examples = [Example(str(i), img, CAPTION_PROMPT, None) for i, img in enumerate(images[: batch * args.images])]

@@ -56,9 +56,9 @@ def test_fast_bleu4_matches_hand_computation():
     assert got["BLEU-4"] == pytest.approx(HAND_BLEU["BLEU-4"], abs=1e-8)
 
 
-@pytest.mark.java
-@pytest.mark.skipif(shutil.which("java") is None, reason="no java on PATH")
-def test_official_matches_hand_values_and_fast_path(monkeypatch):
+@pytest.fixture
+def meteor_jvms(monkeypatch) -> list:
+    """Every METEOR scorer (one JVM each) started while the test runs, in order."""
     from pycocoevalcap.meteor.meteor import Meteor
 
     started = []
@@ -69,7 +69,13 @@ def test_official_matches_hand_values_and_fast_path(monkeypatch):
         started.append(self)
 
     monkeypatch.setattr(Meteor, "__init__", spy_init)
+    return started
 
+
+@pytest.mark.java
+@pytest.mark.skipif(shutil.which("java") is None, reason="no java on PATH")
+def test_official_matches_hand_values_and_fast_path(meteor_jvms):
+    started = meteor_jvms
     got = caption_metrics(HAND_PREDS, HAND_REFS)
 
     assert set(got) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
@@ -88,18 +94,9 @@ def test_official_matches_hand_values_and_fast_path(monkeypatch):
 
 @pytest.mark.java
 @pytest.mark.skipif(shutil.which("java") is None, reason="no java on PATH")
-def test_shared_meteor_keeps_one_jvm_for_every_call_in_the_block(monkeypatch):
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    alone = caption_metrics(HAND_PREDS, HAND_REFS)
-    started = []
-    original_init = Meteor.__init__
-
-    def spy_init(self):
-        original_init(self)
-        started.append(self)
-
-    monkeypatch.setattr(Meteor, "__init__", spy_init)
+def test_shared_meteor_keeps_one_jvm_for_every_call_in_the_block(meteor_jvms):
+    started = meteor_jvms
+    alone, started[:] = caption_metrics(HAND_PREDS, HAND_REFS), []
     with shared_meteor():
         first = caption_metrics(HAND_PREDS, HAND_REFS)
         second = caption_metrics(HAND_PREDS, HAND_REFS)
