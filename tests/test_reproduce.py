@@ -90,6 +90,18 @@ def test_quick_reproduce_writes_a_report(tmp_path):
     for png in ("per_layer.png", "exit_histogram.png", "speedup_vs_quality_param.png"):
         assert (folder / png).stat().st_size > 1000
     assert "src tree: `" in text
+    assert_wall_column(text, ("Table 4", "Table 1", "Table 6", "Table 9"))
+
+
+def assert_wall_column(text: str, tables) -> None:
+    """Every row of each table carries a measured wall-clock speedup (a number, not '-')."""
+    for table in tables:
+        lines = [ln for ln in text.split(f"## {table} ")[1].split("\n## ")[0].splitlines() if ln.startswith("|")]
+        header = [c.strip() for c in lines[0].split("|")]
+        at = next(i for i, c in enumerate(header) if c.startswith("wall"))
+        for line in lines[2:]:
+            cell = line.split("|")[at].strip()
+            assert float(cell.split()[0]) > 0, (table, line)
 
 
 @pytest.mark.slow
@@ -105,3 +117,4 @@ def test_quick_full_reproduce_covers_vqa_visdial_and_other_backbones(tmp_path):
     text = (folder / "README.md").read_text()
     for heading in ("Table 2", "Table 3", "VisDial MRR", "Table 5", "Table 7", "Table 8"):
         assert heading in text
+    assert_wall_column(text, ("Table 2", "Table 3", "Table 5", "Table 7", "Table 8"))

@@ -212,10 +212,15 @@ class SeedRun:
         row = {"metrics": r.metrics, "speed": r.speed, "exit_fractions": {str(k): v for k, v in
                                                                           r.exit_fractions.items()}}
         if wall:
-            w = speed_comparison(vlm, self.task.prompts(self.test[: self.cfg.speed_images]), opts, repeats=3,
-                                 batch_size=1, hf_generate=False)  # vs HF generate: demo, BENCHMARKS
-            row["wall_clock_vs_full_depth"] = w["ratios"]["early_exit_vs_full_depth"]
+            row["wall_clock_vs_full_depth"] = self.wall(vlm, self.test, opts)
         return row
+
+    def wall(self, vlm, samples, opts, pixel_noise: float = 0.0) -> float:
+        """Measured tokens/s of early-exit vs full-depth decoding (batch 1) on the first `speed_images` samples;
+        transformers' `generate` is compared in the demo and BENCHMARKS.md."""
+        w = speed_comparison(vlm, self.task.prompts(samples[: self.cfg.speed_images]), opts, repeats=3,
+                             batch_size=1, hf_generate=False, pixel_noise=pixel_noise)
+        return w["ratios"]["early_exit_vs_full_depth"]
 
     def methods(self, bb, names, examples=None, free_variant: str = "semi", extra_linear: dict | None = None):
         """Train (or build) each method's exits, choose its setting on dev, score it on test. `extra_linear`: more
@@ -263,7 +268,8 @@ class SeedRun:
             a = self.captions(full, self.test, DecodeOptions(use_exits=False), pixel_noise=sigma,
                               noise_seed=self.seed)
             b = self.captions(free, self.test, free_opts, pixel_noise=sigma, noise_seed=self.seed)
-            res["noise"][str(sigma)] = {"backbone": a.metrics, "FREE": b.metrics, "FREE_speed": b.speed}
+            res["noise"][str(sigma)] = {"backbone": a.metrics, "FREE": b.metrics, "FREE_speed": b.speed,
+                                        "FREE_wall": self.wall(free, self.test, free_opts, pixel_noise=sigma)}
         res["nocaps"] = self.nocaps(bb, full, trained)
         if cfg.per_layer:
             res["per_layer"] = self.per_layer(bb, trained[PER_LAYER])
@@ -318,6 +324,8 @@ class SeedRun:
             for name, (vlm, opts) in rows.items():
                 r = self.captions(vlm, samples, opts)
                 out.setdefault(name, {})[domain] = {"CIDEr": r.metrics["CIDEr"], "speed": r.speed}
+                if domain == "out-domain" and name != "backbone":
+                    out[name][domain]["wall_clock_vs_full_depth"] = self.wall(vlm, samples, opts)
         return out
 
     @torch.no_grad()
@@ -372,7 +380,7 @@ class SeedRun:
             exits = self.exits_for(bb, variant, examples, f"unsup-{variant}")
             vlm = EarlyExitVLM(bb, exits)
             chosen, curve = self.choose(vlm, METHODS["FREE"])
-            row = self.test_row(vlm, DecodeOptions(threshold=chosen), wall=False, official=False)
+            row = self.test_row(vlm, DecodeOptions(threshold=chosen), official=False)
             nocaps = {}
             for domain in ("in-domain", "near-domain", "out-domain"):
                 samples = load_synthetic_nocaps(self.data_root, domain)[: self.cfg.nocaps_images]
@@ -380,7 +388,7 @@ class SeedRun:
                 nocaps[domain] = {"CIDEr": r.metrics["CIDEr"], "speed": r.speed}
             # The dev choice is often alpha = 1 (no exit) for both, which would make the comparison vacuous: score
             # both at Table 10's alpha as well.
-            fixed = self.test_row(vlm, DecodeOptions(threshold=DEFAULT_ALPHA), wall=False, official=False)
+            fixed = self.test_row(vlm, DecodeOptions(threshold=DEFAULT_ALPHA), official=False)
             out[name] = {**row, "setting": chosen, "nocaps": nocaps, "at_table10_alpha": fixed}
         return out
 
@@ -528,12 +536,15 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
     doms = ("in-domain", "near-domain", "out-domain")
     rows = []
     for name in ("backbone", *cfg.methods):
+        out_dom = ["nocaps", name, "out-domain"]
         rows.append([name, *[col(["nocaps", name, d, "CIDEr"]) for d in doms],
-                     col(["nocaps", name, "out-domain", "speed", "parameter_speedup"], 1, 2)])
+                     col(out_dom + ["speed", "parameter_speedup"], 1, 2),
+                     col(out_dom + ["speed", "compute_speedup"], 1, 2),
+                     "1.00" if name == "backbone" else col(out_dom + ["wall_clock_vs_full_depth"], 1, 2)])
     lines += ["## Table 1 — zero-shot transfer to held-out shapes/colours (NoCaps-style domains, CIDEr)", "",
               "near-domain: one object has one held-out attribute; out-domain: only held-out shapes and colours. "
               "In-process CIDEr; SPICE needs a download and is not reported.", "",
-              markdown_table(["model", *doms, "param speedup (out)"], rows), ""]
+              markdown_table(["model", *doms, "param (out)", "compute (out)", "wall (out)"], rows), ""]
     # Ablation
     if cfg.ablations:
         rows = [[name, col(["methods", name, "metrics", "BLEU-1"]), col(["methods", name, "metrics", "CIDEr"]),
@@ -561,11 +572,13 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
     for sigma in cfg.noise_sigmas:
         s = str(sigma)
         for who in ("backbone", "FREE"):
+            speeds = [col(["noise", s, "FREE_speed", "parameter_speedup"], 1, 2),
+                      col(["noise", s, "FREE_speed", "compute_speedup"], 1, 2), col(["noise", s, "FREE_wall"], 1, 2)]
             rows.append([f"σ={sigma}", who, col(["noise", s, who, "BLEU-4"]), col(["noise", s, who, "CIDEr"]),
-                         col(["noise", s, "FREE_speed", "parameter_speedup"], 1, 2) if who == "FREE" else "1.00"])
+                         *(speeds if who == "FREE" else ["1.00"] * 3)])
     lines += ["## Table 6 — Gaussian noise on the normalised pixel values", "",
               "In-process BLEU-4 and CIDEr (no METEOR: one JVM per cell would dominate the run).", "",
-              markdown_table(["noise", "model", "B@4", "CIDEr", "param speedup"], rows), ""]
+              markdown_table(["noise", "model", "B@4", "CIDEr", "param", "compute", "wall"], rows), ""]
     # Table 11
     layers = list(runs[0]["methods"]["FREE"]["exit_fractions"])
     rows = [[name, *[col(["methods", name, "exit_fractions", k], 1, 2) for k in layers]] for name in cfg.methods]
@@ -617,15 +630,16 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
             chosen = "/".join(str(r["unsupervised"][name]["setting"]) for r in runs)
             rows.append([f"{name}, α chosen on dev ({chosen})", *[col(p + ["nocaps", d, "CIDEr"]) for d in doms],
                          col(p + ["metrics", "CIDEr"]), col(p + ["speed", "parameter_speedup"], 1, 2),
-                         col(p + ["speed", "compute_speedup"], 1, 2)])
+                         col(p + ["speed", "compute_speedup"], 1, 2), col(p + ["wall_clock_vs_full_depth"], 1, 2)])
         for name in ("KD", "CapFilt"):
             p = ["unsupervised", name, "at_table10_alpha"]
             rows.append([f"{name}, α = {DEFAULT_ALPHA} (Table 10)", "-", "-", "-", col(p + ["metrics", "CIDEr"]),
-                         col(p + ["speed", "parameter_speedup"], 1, 2), col(p + ["speed", "compute_speedup"], 1, 2)])
+                         col(p + ["speed", "parameter_speedup"], 1, 2), col(p + ["speed", "compute_speedup"], 1, 2),
+                         col(p + ["wall_clock_vs_full_depth"], 1, 2)])
         prec = [r["unsupervised"]["capfilt_top2_precision"] for r in runs]
         lines += ["## Table 9 — unsupervised exits: knowledge distillation vs CapFilt pseudo-labels", "",
                   "No stage 1 (§4). In-process CIDEr on the NoCaps-style domains and the test split.", "",
-                  markdown_table(["labels", *doms, "test CIDEr", "param", "compute"], rows), "",
+                  markdown_table(["labels", *doms, "test CIDEr", "param", "compute", "wall"], rows), "",
                   f"CapFilt scorer (backbone likelihood): top-2 precision {_ms([p['top2'] for p in prec], 100)}% vs "
                   f"a random pick of 2 {_ms([p['random2'] for p in prec], 100)}% (captions judged against the true "
                   "attributes).", ""]
@@ -642,7 +656,7 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
     (folder / "README.md").write_text("\n".join(lines))
 
 
-def _method_rows(runs, get, cfg, quality_cols, with_wall=True) -> list[list]:
+def _method_rows(runs, get, cfg, quality_cols) -> list[list]:
     """Table rows for the backbone and each method of a `run_light`-shaped result (`get(run)` selects it)."""
     def c(path, scale=100.0, digits=1):
         vals = []
@@ -653,11 +667,11 @@ def _method_rows(runs, get, cfg, quality_cols, with_wall=True) -> list[list]:
             vals.append(v)
         return _ms(vals, scale, digits)
 
-    rows = [["backbone (full depth)", *[c(["backbone", "metrics", q]) for q in quality_cols], "1.00", "1.00"]]
+    rows = [["backbone (full depth)", *[c(["backbone", "metrics", q]) for q in quality_cols], "1.00", "1.00", "1.00"]]
     for name in cfg.methods:
         p = ["methods", name]
         rows.append([name, *[c(p + ["metrics", q]) for q in quality_cols], c(p + ["speed", "parameter_speedup"], 1, 2),
-                     c(p + ["speed", "compute_speedup"], 1, 2)])
+                     c(p + ["speed", "compute_speedup"], 1, 2), c(p + ["wall_clock_vs_full_depth"], 1, 2)])
     return rows
 
 
@@ -665,19 +679,20 @@ def full_mode_tables(runs: list[dict], cfg: ReproduceConfig, col) -> list[str]:
     lines = []
     rows = _method_rows(runs, lambda r: r["vqa_semi"], cfg, ["accuracy"])
     lines += ["## Table 2 — VQA, semi-supervised (synthetic VQA, VQAv2 accuracy)", "",
-              markdown_table(["model", "accuracy", "param", "compute"], rows), ""]
+              markdown_table(["model", "accuracy", "param", "compute", "wall"], rows), ""]
     rows = _method_rows(runs, lambda r: r["vqa_unsupervised"], cfg, ["accuracy"])
     for row, name in zip(rows, ["backbone", *cfg.methods]):
         row.append(col(["vqa_unsupervised", "visdial", name, "MRR"], 100, 1))
     lines += ["## Table 3 — unsupervised VQA (no stage 1; FREE by KD, baselines on the backbone's own answers) and "
-              "VisDial MRR", "", markdown_table(["model", "VQA accuracy", "param", "compute", "VisDial MRR"], rows), ""]
+              "VisDial MRR", "",
+              markdown_table(["model", "VQA accuracy", "param", "compute", "wall", "VisDial MRR"], rows), ""]
     titles = {("minigpt4-llama", "caption"): "Table 5 — MiniGPT-4-shaped (BLIP-2 with a Llama LM), captioning",
               ("instructblip-llama", "caption"): "Table 7 — InstructBLIP (Llama LM), captioning",
               ("minigpt4-llama", "vqa"): "Table 8 — MiniGPT-4-shaped, VQA"}
     for (family, task), title in titles.items():
         quality = ["BLEU-4", "CIDEr", "METEOR"] if task == "caption" else ["accuracy"]
         rows = _method_rows(runs, lambda r, f=family, t=task: r["other_backbones"][f][t], cfg, quality)
-        lines += [f"## {title}", "", markdown_table(["model", *quality, "param", "compute"], rows), ""]
+        lines += [f"## {title}", "", markdown_table(["model", *quality, "param", "compute", "wall"], rows), ""]
     return lines
 
 

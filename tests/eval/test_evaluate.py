@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from freevlm.data.records import DialogSample, VQASample
@@ -91,6 +92,8 @@ def test_speed_comparison_times_each_path_on_the_same_examples(tmp_path):
     assert "hf_generate" not in ours and set(ours["ratios"]) == {"early_exit_vs_full_depth"}
     ratio = ours["early_exit"]["tokens_per_second"] / ours["full_depth"]["tokens_per_second"]
     assert ours["ratios"]["early_exit_vs_full_depth"] == ratio
+    with pytest.raises(ValueError, match="hf_generate=False"):  # transformers' generate cannot add pixel noise
+        speed_comparison(vlm, prompts, opts, repeats=1, pixel_noise=1.0)
 
 
 def test_threshold_choice_prefers_the_fastest_of_the_best():

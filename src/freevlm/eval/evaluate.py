@@ -197,20 +197,23 @@ def evaluate_visdial(vlm, samples: list[DialogSample], options: DecodeOptions, b
 
 
 def speed_comparison(vlm, examples: list[Example], options: DecodeOptions, *, repeats: int = 3,
-                     batch_size: int = 1, hf_generate: bool = True) -> dict:
+                     batch_size: int = 1, hf_generate: bool = True, pixel_noise: float = 0.0) -> dict:
     """Tokens/s of early-exit decoding vs our full-depth decoding vs the VLM's own `generate`, side by side.
 
     Every path decodes the same examples with the same settings; the early-exit and full-depth paths produce their
     own number of tokens, so tokens/s (not seconds) is compared. Median of `repeats` after one warm-up.
-    `hf_generate=False` leaves out transformers' `generate` (and the ratios against it).
+    `hf_generate=False` leaves out transformers' `generate` (and the ratios against it). `pixel_noise` (Table 6)
+    perturbs the images of both of our paths alike; it needs `hf_generate=False`.
     """
+    if pixel_noise and hf_generate:
+        raise ValueError("pixel_noise applies to freevlm's decoding paths only; pass hf_generate=False")
     bb = vlm.backbone
     batches = list(_chunks(examples, batch_size))
 
     def vlm_item(chunk, use_exits: bool):
         images, prompts = [e.image_path for e in chunk], [e.prompt for e in chunk]
         return lambda: sum(len(t) for t in vlm.generate(images, prompts, options, use_exits=use_exits,
-                                                        tokenizer_decode=False).trace)
+                                                        pixel_noise=pixel_noise, tokenizer_decode=False).trace)
 
     def hf_item(chunk):
         enc = encode_prompts(bb, [load_image(e.image_path) for e in chunk], [e.prompt for e in chunk])
