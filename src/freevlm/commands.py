@@ -255,7 +255,7 @@ def evaluate(
     kv_policy: propagate | copy | catch_up
     num_beams: beam width
     max_new_tokens: generation length limit
-    batch_size: images per generate call (per process)
+    batch_size: images per generate call (per process); VisDial: candidate answers scored per forward pass
     official: caption metrics through pycocoevalcap with Java (else in-process BLEU-4 and CIDEr only)
     noise: std of Gaussian noise added to the normalised pixel values (Table 6)
     limit: evaluate only the first N samples
@@ -269,7 +269,7 @@ def evaluate(
     if task == "caption":
         result = evaluate_captions(vlm, samples, opts, official=official, **common)
     elif task == "visdial":
-        result = evaluate_visdial(vlm, samples, opts)
+        result = evaluate_visdial(vlm, samples, opts, batch_size=batch_size, progress=progress)
     else:
         opts.max_new_tokens = min(max_new_tokens, 10)
         result = evaluate_vqa(vlm, samples, opts, metric=task, **common)

@@ -303,12 +303,13 @@ class SeedRun:
         found, trained = self.methods(bb, self.cfg.methods, examples=pseudo, free_variant="kd")
         res.update(found)
         samples = load_synthetic_visdial(self.data_root)[: dialogs * 3]
-        res["visdial"] = {"backbone": evaluate_visdial(full, samples, DecodeOptions(use_exits=False)).metrics}
+        res["visdial"] = {"backbone": evaluate_visdial(full, samples, DecodeOptions(use_exits=False),
+                                                     progress=self.progress).metrics}
         for name, exits in trained.items():
             m = METHODS[name]
             opts = DecodeOptions(criterion=m.criterion, threshold=res["methods"][name]["setting"],
                                  kv_policy=m.kv_policy)
-            r = evaluate_visdial(EarlyExitVLM(bb, exits), samples, opts)
+            r = evaluate_visdial(EarlyExitVLM(bb, exits), samples, opts, progress=self.progress)
             res["visdial"][name] = {**r.metrics, "parameter_speedup": r.speed["parameter_speedup"]}
         return res
 

@@ -176,10 +176,11 @@ def candidate_log_likelihoods(vlm, examples: list[Example], options: DecodeOptio
     return scores, layers_used
 
 
-def evaluate_visdial(vlm, samples: list[DialogSample], options: DecodeOptions, batch_size: int = 100) -> EvalResult:
+def evaluate_visdial(vlm, samples: list[DialogSample], options: DecodeOptions, batch_size: int = 100,
+                     progress: bool = True) -> EvalResult:
     """MRR (and R@k, mean rank) by ranking the 100 candidate answers by their early-exit log-likelihood."""
     ranks, preds, all_layers = [], [], []
-    for s in tqdm(samples, desc="visdial", leave=False):
+    for s in tqdm(samples, desc="visdial", leave=False, disable=not progress):
         prompt = dialog_prompt(s)
         examples = [Example(f"{s.image_id}/{s.round_id}/{j}", s.image_path, prompt, c)
                     for j, c in enumerate(s.candidates)]
