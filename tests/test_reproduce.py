@@ -90,7 +90,7 @@ def test_quick_reproduce_writes_a_report(tmp_path):
     for png in ("per_layer.png", "exit_histogram.png", "speedup_vs_quality_param.png"):
         assert (folder / png).stat().st_size > 1000
     assert "src tree: `" in text
-    assert_wall_column(text, ("Table 4", "Table 1", "Table 6", "Table 9"))
+    assert_wall_column(text, ("Table 4", "Table 1", "Fig. 4a", "Table 6", "Table 9", "FREE: quality vs alpha"))
 
 
 def assert_wall_column(text: str, tables) -> None:

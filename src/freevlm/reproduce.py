@@ -194,15 +194,18 @@ class SeedRun:
             return {}
         return train_exits_together(bb, examples, cfgs, self.out / f"{self.task.name}-linear", resume=True)
 
-    def choose(self, vlm, method) -> tuple[float, dict]:
-        """The method's dev-split curve (setting -> quality and speedups) and the best setting (§4); ties go to the
-        fastest setting (smallest alpha / similarity, largest patience has no speed advantage so smallest)."""
+    def choose(self, vlm, method, wall: bool = False) -> tuple[float, dict]:
+        """The method's dev-split curve (setting -> quality and speedups; `wall`: the measured wall-clock ratio too)
+        and the best setting (§4); ties go to the fastest setting (smallest alpha / similarity, largest patience has
+        no speed advantage so smallest)."""
         curve = {}
         for setting in method.settings:
             opts = DecodeOptions(criterion=method.criterion, threshold=setting, kv_policy=method.kv_policy)
             r = self.task.evaluate(vlm, self.dev, opts, progress=self.progress, batch_size=self.cfg.eval_batch_size)
             curve[setting] = {"quality_metric": f"{self.task.metric} (dev)", "quality": self.task.quality(r),
                               **r.speed}
+            if wall:
+                curve[setting]["wall_clock_vs_full_depth"] = self.wall(vlm, self.dev, opts)
         best = max(v["quality"] for v in curve.values())
         return min(s for s, v in curve.items() if v["quality"] >= best), curve
 
@@ -242,7 +245,7 @@ class SeedRun:
                 exits = self.exits_for(bb, method.variant, examples, f"{self.task.name}-{name}")
             trained[name] = exits
             vlm = EarlyExitVLM(bb, exits)
-            chosen, curve = self.choose(vlm, method)
+            chosen, curve = self.choose(vlm, method, wall=name == "FREE")  # FREE's quality-vs-alpha table
             opts = DecodeOptions(criterion=method.criterion, threshold=chosen, kv_policy=method.kv_policy)
             row = self.test_row(vlm, opts, official=self.task.name == "caption")
             row.update(setting=chosen, criterion=method.criterion,
@@ -549,9 +552,11 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
     # Ablation
     if cfg.ablations:
         rows = [[name, col(["methods", name, "metrics", "BLEU-1"]), col(["methods", name, "metrics", "CIDEr"]),
-                 col(["methods", name, "speed", "parameter_speedup"], 1, 2)] for name in ("FREE", *cfg.ablations)]
+                 col(["methods", name, "speed", "parameter_speedup"], 1, 2),
+                 col(["methods", name, "speed", "compute_speedup"], 1, 2),
+                 col(["methods", name, "wall_clock_vs_full_depth"], 1, 2)] for name in ("FREE", *cfg.ablations)]
         lines += ["## Fig. 4a — ablations (BLEU-1, as the paper plots, and CIDEr)", "",
-                  markdown_table(["variant", "BLEU-1", "CIDEr", "param speedup"], rows), ""]
+                  markdown_table(["variant", "BLEU-1", "CIDEr", "param", "compute", "wall"], rows), ""]
     # exit quality (issue: agreement and CIDEr per exit, FREE vs no adversarial)
     if runs[0].get("exit_quality"):
         names = list(runs[0]["exit_quality"])
@@ -605,9 +610,11 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
     lines += ["## Fig. 4b — speedup vs quality (dev split, one point per setting)", "",
               "![param](speedup_vs_quality_param.png) ![compute](speedup_vs_quality_compute.png)", "",
               "![exits](exit_histogram.png)", ""]
-    rows = [[s, v["quality"], v["parameter_speedup"], v["compute_speedup"]] for s, v in curves["FREE"].items()]
-    lines += ["### FREE: quality vs alpha (dev, mean over seeds)", "",
-              markdown_table(["alpha", "CIDEr", "param", "compute"], rows), ""]
+    rows = [[float(s), v["quality"], v["parameter_speedup"], v["compute_speedup"],
+             col(["curves", "FREE", s, "wall_clock_vs_full_depth"], 1, 2)]
+            for s, v in zip(runs[0]["curves"]["FREE"], curves["FREE"].values())]
+    lines += ["### FREE: quality vs alpha (dev; CIDEr and the counted speedups are means over seeds, wall is mean ± "
+              "std)", "", markdown_table(["alpha", "CIDEr", "param", "compute", "wall"], rows), ""]
     # Fig 3
     if "per_layer" in runs[0]:
         names = list(runs[0]["per_layer"])
