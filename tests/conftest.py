@@ -60,3 +60,18 @@ def any_backbone(request, tiny_size):
 @pytest.fixture(scope="session")
 def opt_backbone(tiny_size):
     return build_tiny("blip2-opt", tiny_size, seed=0)
+
+
+def make_eos_likely(backbone, family: str, size: TinySize, strength: float = 6.0) -> None:
+    """Point the head's EOS row at the tokens the model usually predicts, so that random tiny models end sequences
+    (and beams finish) at different steps: the EOS paths of greedy and beam search then get exercised."""
+    from freevlm.backbones.tiny import EOS_ID
+    from freevlm.generation.decode import generate_from_inputs
+
+    pixels, ids, mask, extra = tiny_batch(family, size, 3, seed=9)
+    with torch.no_grad():
+        res = generate_from_inputs(backbone.lm, None, backbone.prepare(pixels, ids, mask, **extra),
+                                   max_new_tokens=8, output_logits=True)
+        usual = torch.stack(res.logits).flatten(0, 1).argmax(-1)
+        head = backbone.lm.lm_head.weight
+        head[EOS_ID] = head[usual].mean(0) * (1.3 if backbone.lm.is_encoder_decoder else strength)

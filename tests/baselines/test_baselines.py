@@ -1,5 +1,5 @@
 """Each baseline: trains a few steps through the shared stage-2 loop, decodes with its own criterion, and its exits
-really skip layers (counted with forward hooks). Exits are forced through the criterion's settings."""
+really skip layers (counted from the engine's call trace). Exits are forced through the criterion's settings."""
 
 from __future__ import annotations
 
@@ -34,17 +34,14 @@ def test_baseline_trains_and_its_exits_skip_layers(tmp_path, name):
         assert exits.spec.kind == method.exit_kind == "linear"
         assert trainable_parameters_per_exit(exits) == lm.vocab_size * lm.hidden_size
         assert any(not torch.equal(v, exits.state_dict()[k]) for k, v in before.items())  # training moved them
+    vlm = EarlyExitVLM(backbone, exits)
+    opts = DecodeOptions(criterion=method.criterion, threshold=FORCING[method.criterion],
+                         kv_policy=method.kv_policy, max_new_tokens=4)
+    res = vlm.generate([e.image_path for e in examples[:2]], ["a photo of"] * 2, opts, min_new_tokens=4, trace=True)
     calls = [0] * lm.num_layers
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
-             for i, layer in enumerate(lm.layers)]
-    try:
-        vlm = EarlyExitVLM(backbone, exits)
-        opts = DecodeOptions(criterion=method.criterion, threshold=FORCING[method.criterion],
-                             kv_policy=method.kv_policy, max_new_tokens=4)
-        res = vlm.generate([e.image_path for e in examples[:2]], ["a photo of"] * 2, opts, min_new_tokens=4)
-    finally:
-        for h in hooks:
-            h.remove()
+    for kind, layer, _ in res.engine.calls:
+        if kind == "layer":
+            calls[layer - 1] += 1
     # a layer runs in a decode step iff some row of the batch had not left before it; the prefill runs them all
     deepest = [int(rec.exit_layer.max()) for rec in res.records[1:]]
     expected = [1 + sum(d >= layer for d in deepest) for layer in range(1, lm.num_layers + 1)]

@@ -9,7 +9,8 @@ are the *decoder* blocks; the encoder always runs whole, once per input.
 A backbone splits into two halves:
 - the vision side (`VisionLanguageBackbone`): turns images + prompt token ids into the LM's input embeddings,
   with image features scattered into the placeholder positions, exactly as the transformers model does;
-- the language side (`LanguageModel`): the LM addressed one layer at a time, with transformers' own `Cache` classes.
+- the language side (`LanguageModel`): the LM addressed one layer at a time through transformers' own modules (training,
+  and the reference the decode engine's kernels are tested against; decoding runs on `generation/kernels`).
 """
 
 from __future__ import annotations
@@ -100,18 +101,10 @@ class LanguageModel(Protocol):
         """One decoder layer (a backbone layer or an exit's replica) on (B, q, D); K/V go into `cache`."""
         ...
 
-    def kv_projection(self, layer: nn.Module, hidden: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, ...]:
-        """The (key, value) that `layer` would write to its cache for inputs `hidden`, without running the layer."""
-        ...
-
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final-normed hidden states. (…, V)"""
-        ...
-
-    def new_cache(self) -> Cache:
-        """An empty cache of the type this LM uses (DynamicCache, or EncoderDecoderCache for T5)."""
         ...
 
 

@@ -8,16 +8,17 @@ Two implementations of the `LanguageModel` protocol (see `base.py` for the layer
   and hands it, with the encoder states and mask, to any block run outside the stack (exits included).
 
 Both hold references to the transformers modules (nothing is copied) and call them exactly as the transformers stack
-does, with transformers' own mask utilities and `Cache` classes, so layer-by-layer decoding reproduces `generate`.
+does, with transformers' own mask utilities and `Cache` classes. Training runs through them (so exits train on the
+states transformers computes), and so does the reference the decode engine (`generation/kernels`, on the same
+parameters) is tested against.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache, EncoderDecoderCache, PretrainedConfig
+from transformers import Cache, EncoderDecoderCache, PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from freevlm.backbones.base import LayerContext
 
@@ -28,11 +29,6 @@ def _past_length(cache: Cache | None, layer_idx: int) -> int:
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     return cache.get_seq_length(layer_idx)
-
-
-def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    b, q, _ = x.shape
-    return x.view(b, q, -1, head_dim).transpose(1, 2)  # (B, H, q, hd)
 
 
 class DecoderOnlyLM:
@@ -140,19 +136,6 @@ class DecoderOnlyLM:
             hidden, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids, past_key_values=cache, **kwargs
         )
 
-    def kv_projection(self, layer, hidden, ctx):
-        if hasattr(layer, "input_layernorm"):  # Llama family: pre-norm, then RoPE on the keys
-            x = layer.input_layernorm(hidden)
-            attn = layer.self_attn
-            k = _split_heads(attn.k_proj(x), self.head_dim)
-            v = _split_heads(attn.v_proj(x), self.head_dim)
-            cos, sin = ctx.position_embeddings
-            _, k = apply_rotary_pos_emb(k, k, cos, sin)
-            return k, v
-        x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden  # OPT
-        attn = layer.self_attn
-        return _split_heads(attn.k_proj(x), attn.head_dim), _split_heads(attn.v_proj(x), attn.head_dim)
-
     def final_norm(self, hidden):
         if self.norm is not None:
             hidden = self.norm(hidden)
@@ -162,9 +145,6 @@ class DecoderOnlyLM:
 
     def head(self, hidden):
         return self.lm_head(hidden)
-
-    def new_cache(self) -> Cache:
-        return DynamicCache()  # config-less: grows one slot per layer index written, so exits can own any slots
 
     def modules(self) -> list[nn.Module]:
         parts = [self.embed_tokens, self.layers, self.norm, self.lm_head, self.embed_positions, self.rotary_emb,
@@ -234,12 +214,6 @@ class EncoderDecoderLM:
         )
         return out[0]
 
-    def kv_projection(self, layer, hidden, ctx):
-        attn_layer = layer.layer[0]
-        x = attn_layer.layer_norm(hidden)
-        d_kv = self.config.d_kv
-        return _split_heads(attn_layer.SelfAttention.k(x), d_kv), _split_heads(attn_layer.SelfAttention.v(x), d_kv)
-
     def final_norm(self, hidden):
         return self.decoder.dropout(self.decoder.final_layer_norm(hidden))
 
@@ -247,9 +221,6 @@ class EncoderDecoderLM:
         if getattr(self.config, "scale_decoder_outputs", False):
             hidden = hidden * (self.config.d_model**-0.5)
         return self.lm_head(hidden)
-
-    def new_cache(self) -> Cache:
-        return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
     def modules(self) -> list[nn.Module]:
         return [self.lm]

@@ -87,15 +87,23 @@ def parameter_speedup(exit_layers: list[int], num_layers: int, exit_cost_layers:
     return num_layers / (sum(used) / len(used))
 
 
-def compute_speedup(records: list[StepRecord], live_rows: list[torch.Tensor], cost: CostModel) -> float:
-    """Reference work / actual work over the decode steps (prefill excluded) of rows still in use."""
+def work_totals(records: list[StepRecord], live_rows: list[torch.Tensor], cost: CostModel) -> tuple[float, float]:
+    """(reference work, actual work) over the decode steps (prefill excluded) of rows still in use. The reference
+    is full depth for every token those steps produced (speculative rounds produce several per row)."""
     full = actual = 0.0
     for rec, live in zip(records, live_rows):
         if rec.prefill or live.numel() == 0:
             continue
         live = live.to(rec.layers.device)
         actual += float(cost.work(rec)[live].sum())
-        full += cost.full_depth_token() * live.numel()
+        tokens = live.numel() if rec.tokens is None else float(rec.tokens[live].sum())
+        full += cost.full_depth_token() * tokens
+    return full, actual
+
+
+def compute_speedup(records: list[StepRecord], live_rows: list[torch.Tensor], cost: CostModel) -> float:
+    """Reference work / actual work over the decode steps (prefill excluded) of rows still in use."""
+    full, actual = work_totals(records, live_rows, cost)
     return full / actual if actual else 1.0
 
 

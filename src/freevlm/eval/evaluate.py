@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from freevlm.data.images import load_image
 from freevlm.data.records import CaptionSample, DialogSample, VQASample
 from freevlm.eval.captioning import caption_metrics, fast_caption_metrics
-from freevlm.eval.efficiency import CostModel, exit_fractions, measure_throughput, parameter_speedup
+from freevlm.eval.efficiency import CostModel, exit_fractions, measure_throughput, parameter_speedup, work_totals
 from freevlm.eval.visdial import gt_rank, visdial_metrics
 from freevlm.eval.vqa import aggregate_vqa, gqa_accuracy, vizwiz_answerability, vqa_accuracy
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
@@ -64,11 +64,8 @@ def decode(vlm: EarlyExitVLM, examples: list[Example], options: DecodeOptions, *
             seconds += res.seconds
             for e, text, layers in zip(chunk, res.texts, res.exit_layers):
                 preds.append({"key": e.key, "prediction": text, "exit_layers": layers})
-            for rec, live in zip(res.records, res.live_rows):
-                if rec.prefill or live.numel() == 0:
-                    continue
-                actual += float(cost.work(rec)[live.to(rec.layers.device)].sum())
-                full += cost.full_depth_token() * live.numel()
+            step_full, step_actual = work_totals(res.records, res.live_rows, cost)
+            full, actual = full + step_full, actual + step_actual
     totals = gather_object([(full, actual, seconds)])
     preds = gather_object(preds)
     full = sum(t[0] for t in totals)

@@ -71,5 +71,6 @@ class EarlyExitVLM:
         return generate_from_inputs(
             self.backbone.lm, self.exits if opts.use_exits else None, lm_inputs, criterion=criterion,
             policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
-            max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams, **hf_kwargs,
+            generation_config=self.backbone.model.generation_config, max_new_tokens=opts.max_new_tokens,
+            num_beams=opts.num_beams, **hf_kwargs,
         )

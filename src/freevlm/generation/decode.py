@@ -1,149 +1,339 @@
-"""Early-exit decoding driven by transformers' own `generate`: greedy, beam search, sampling, batching, padding.
+"""The decoding loops on the lean engine: greedy, sampling and beam search, batched and left-padded.
 
-`EarlyExitLM` presents the backbone's LM to transformers' `GenerationMixin` as an ordinary causal (or seq2seq) LM
-whose `forward` runs one `ExitEngine` step. transformers therefore owns everything around the step: the cache object,
-attention-mask growth, beam bookkeeping, logits processors and stopping criteria, so that with exits disabled
-(alpha = 1, or no exits) the tokens are those of the VLM's own `generate`, greedy or beam. Beam search reorders the
-exit caches with the backbone cache through `_reorder_cache`.
+gpt-fast-style: `prefill`, then one `Engine.step` per token, in a plain Python loop; no transformers `generate`
+around it (its per-step machinery costs more than a layer of a small LM). The loops reproduce transformers'
+semantics so that with exits off the tokens are the VLM's own `generate`'s: greedy = argmax of the float32 logits,
+finished rows fed the pad token; sampling through transformers' own logits warpers (temperature, top-k, top-p) and
+`torch.multinomial`; beam search as transformers' vectorised beam search (2·num_beams candidates per step, length
+penalty on finished hypotheses, `early_stopping` False / True / "never", EOS handling), written out here because
+transformers' implementation is a private method of `GenerationMixin` that drives a model's `forward`.
 
-`generate()` is the convenience entry point: images + prompts in, text + token ids + per-token exit layers out.
+`generate_from_inputs` is the entry point: prepared LM inputs in, a `GenerationResult` out.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from freevlm.backbones.base import LanguageModel
-from freevlm.exits import ExitStack
-from freevlm.generation.criteria import Confidence
-from freevlm.generation.engine import ExitEngine, StepRecord
-from freevlm.generation.kv import SkipPolicy, self_attention_cache
+from freevlm.errors import FreeVLMError
+from freevlm.generation.engine import Engine, StepRecord
+from freevlm.generation.kv import SkipPolicy
+from freevlm.generation.speculative import DraftSettings, SpeculativeStats, speculative_decode
 
 
-class EarlyExitLM(PreTrainedModel, GenerationMixin):
-    """The backbone's LM with exits, as a model transformers' `generate` can drive. Holds no weights of its own."""
+@dataclass
+class DecodeSettings:
+    """transformers-named generation settings this engine implements (anything else is refused, not ignored)."""
 
-    main_input_name = "input_ids"
-    _supports_sdpa = True
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50  # transformers' default when sampling (0 or None: off)
+    top_p: float | None = None
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    output_logits: bool = False
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int = 0
 
-    def __init__(self, lm: LanguageModel, engine: ExitEngine):
-        super().__init__(copy.deepcopy(lm.config))
-        # plain attributes, not submodules: the weights belong to the backbone and the exit stack
-        self.__dict__["lm"] = lm
-        self.__dict__["engine"] = engine
-        self._device_ref = next(iter(lm.layers.parameters()))
+    @classmethod
+    def from_kwargs(cls, generation_config, lm_config, **kwargs) -> DecodeSettings:
+        """The model's generation defaults (eos/pad, length penalty, ...) overridden by `kwargs`."""
+        names = set(cls.__dataclass_fields__)
+        ignored = {"return_dict_in_generate", "use_cache"}
+        unknown = sorted(k for k in kwargs if k not in names and k not in ignored)
+        if unknown:
+            raise FreeVLMError(f"generation setting(s) {', '.join(unknown)} are not supported by freevlm's engine "
+                               f"(supported: {', '.join(sorted(names))})")
+        base = {}
+        for name in ("length_penalty", "early_stopping", "no_repeat_ngram_size", "repetition_penalty",
+                     "temperature", "top_k", "top_p"):
+            value = getattr(generation_config, name, None) if generation_config is not None else None
+            if value is not None:
+                base[name] = value
+        eos = kwargs.pop("eos_token_id", None)
+        if eos is None:
+            eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+        if eos is None:
+            eos = lm_config.eos_token_id
+        pad = kwargs.pop("pad_token_id", None)
+        if pad is None:
+            pad = getattr(generation_config, "pad_token_id", None) if generation_config is not None else None
+        if pad is None:
+            pad = lm_config.pad_token_id
+        eos_list = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+        if pad is None:
+            pad = eos_list[0] if eos_list else 0
+        s = cls(**{**base, **{k: v for k, v in kwargs.items() if k in names}}, eos_token_id=eos_list,
+                pad_token_id=int(pad))
+        if s.max_new_tokens < 1:
+            raise FreeVLMError(f"max_new_tokens must be >= 1, got {s.max_new_tokens}")
+        if s.num_beams < 1:
+            raise FreeVLMError(f"num_beams must be >= 1, got {s.num_beams}")
+        if s.num_return_sequences < 1 or (s.num_beams > 1 and s.num_return_sequences > s.num_beams):
+            raise FreeVLMError(f"num_return_sequences must lie in 1..num_beams, got {s.num_return_sequences}")
+        return s
 
-    @property
-    def device(self) -> torch.device:
-        return self._device_ref.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._device_ref.dtype
-
-    def get_encoder(self, modality=None):
-        return self.lm.encoder
-
-    def forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-        decoder_input_ids=None, decoder_attention_mask=None, encoder_outputs=None, use_cache=None, **kwargs,
-    ):
-        lm = self.lm
-        if lm.is_encoder_decoder:
-            ids, mask, embeds = decoder_input_ids, decoder_attention_mask, None
-            encoder = (encoder_outputs[0], attention_mask)
-        else:
-            ids, mask, embeds, encoder = input_ids, attention_mask, inputs_embeds, None
-        past = self_attention_cache(past_key_values).get_seq_length(0)
-        h0 = lm.embed(ids, embeds, position_ids, mask, past)
-        logits = self.engine.step(h0, mask, position_ids, past_key_values, encoder, prefill=past == 0)
-        output_cls = Seq2SeqLMOutput if lm.is_encoder_decoder else CausalLMOutputWithPast
-        return output_cls(logits=logits[:, None, :], past_key_values=past_key_values)
-
-    def _reorder_cache(self, past_key_values, beam_idx):
-        past_key_values.reorder_cache(beam_idx)
-        self.engine.reorder(beam_idx)
-        return past_key_values
+    def processors(self, beams: bool) -> LogitsProcessorList:
+        """transformers' own processors and warpers, in the order `generate` applies them."""
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.no_repeat_ngram_size:
+            procs.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
+        if self.do_sample:
+            keep = 2 if beams else 1
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                procs.append(TopKLogitsWarper(self.top_k, min_tokens_to_keep=keep))
+            if self.top_p is not None and self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p, min_tokens_to_keep=keep))
+        return procs
 
 
 @dataclass
 class GenerationResult:
-    """What early-exit generation produced, token by token."""
+    """What generation produced, token by token."""
 
-    sequences: torch.Tensor  # (R, T) generated token ids, prompt removed, padded with pad_token_id
+    sequences: torch.Tensor  # (R, T) generated token ids, prompt removed, padded with pad_token_id after EOS
     texts: list[str]  # decoded sequences (empty strings when no tokenizer was given)
     exit_layers: list[list[int]]  # per sequence, the layer each generated token left at (N = final layer)
     trace: list[list[tuple[int, int]]]  # per sequence, the (step, batch row) that produced each token
-    records: list[StepRecord]  # per step, per row: what the engine ran (step 0 is the prompt's prefill)
     num_layers: int  # N, the LM's depth
     seconds: float  # wall-clock time of the whole generate call
     live_rows: list[torch.Tensor]  # per step, rows whose output was still used (unfinished sequences / beams)
+    engine: Engine  # holds the caches and the step log
     logits: tuple[torch.Tensor, ...] | None = None  # per step (rows, V), when asked for with output_logits=True
-    cache: object = None  # the backbone's KV cache after generation (transformers Cache)
-    engine: ExitEngine | None = None  # holds the exit cache and, under catch-up, the tokens still pending
+    speculative: SpeculativeStats | None = None  # speculative mode: acceptance, tokens per verification, ...
+
+    @cached_property
+    def records(self) -> list[StepRecord]:
+        """Per step, per row: what the engine ran (step 0 is the prompt's prefill)."""
+        return self.engine.records()
+
+    def caches(self):
+        """The KV cache after generation, complete: under catch-up the tokens still waiting for their deeper layers
+        are run first (`Engine.flush`). Valid until the engine decodes again."""
+        self.engine.flush()
+        return self.engine.cache
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.trace)
 
 
-def _token_trace(sequences, beam_indices, eos_ids, pad_id, num_steps):
-    """(step, row) of every generated token up to and including the first EOS, for each returned sequence."""
-    traces, live = [], []
-    for r in range(sequences.shape[0]):
-        trace = []
-        for t in range(sequences.shape[1]):
-            row = r if beam_indices is None else int(beam_indices[r, t])
-            if row < 0:
+def _cut(row: list[int], eos: set[int]) -> int:
+    """Length of a generated row up to and including its first EOS."""
+    for i, t in enumerate(row):
+        if t in eos:
+            return i + 1
+    return len(row)
+
+
+def _greedy_or_sample(engine: Engine, logits: torch.Tensor, s: DecodeSettings, prompt_ids: torch.Tensor | None,
+                      logits_out: list | None):
+    """Returns the generated ids (R, T) padded with pad_token_id, and each row's length."""
+    rows = logits.shape[0]
+    device = logits.device
+    procs = s.processors(beams=False)
+    eos = torch.tensor(s.eos_token_id, device=device, dtype=torch.long)
+    out = torch.full((rows, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(s.max_new_tokens):
+        scores = logits.float()
+        if logits_out is not None:
+            logits_out.append(scores)
+        if t < s.min_new_tokens and eos.numel():
+            scores = scores.clone()
+            scores[:, eos] = float("-inf")
+        if len(procs):
+            ids = out[:, :t] if prompt_ids is None else torch.cat([prompt_ids, out[:, :t]], 1)
+            scores = procs(ids, scores)
+        if s.do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[:, 0]
+        else:
+            nxt = scores.argmax(dim=-1)
+        if t:  # rows that already finished are fed (and emit) padding, as transformers does
+            nxt = torch.where(done, s.pad_token_id, nxt)
+        out[:, t] = nxt
+        steps = t + 1
+        if eos.numel():
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()):
                 break
-            trace.append((t, row))
-            if int(sequences[r, t]) in eos_ids:
-                break
-        traces.append(trace)
-    if beam_indices is None:  # greedy/sampling: a row is live at step t until (and including) its EOS step
-        lengths = torch.tensor([len(tr) for tr in traces])
-        live = [torch.nonzero(lengths > t).flatten() for t in range(num_steps)]
-    else:  # beam search: every running beam is live at every step
-        width = beam_indices.max().item() + 1 if beam_indices.numel() else 0
-        live = [torch.arange(width) for _ in range(num_steps)]
-    return traces, live
+        if t + 1 < s.max_new_tokens:
+            logits = engine.step(nxt)
+    out = out[:, :steps]
+    eos_set = set(s.eos_token_id)
+    lengths = [_cut(row, eos_set) for row in out.tolist()]
+    return out, lengths
+
+
+def _beam_search(engine: Engine, logits: torch.Tensor, s: DecodeSettings, batch: int,
+                 prompt_ids: torch.Tensor | None, logits_out: list | None):
+    """transformers' vectorised beam search over the engine. Returns (sequences (batch*nret, T), beam indices
+    (batch*nret, T) = the engine row that produced each token (-1 past the end))."""
+    nb, vocab, max_new = s.num_beams, logits.shape[-1], s.max_new_tokens
+    device = logits.device
+    procs = s.processors(beams=True)
+    eos = torch.tensor(s.eos_token_id, device=device, dtype=torch.long)
+    keep = max(2, 1 + eos.numel()) * nb
+    top_nb = torch.cat([torch.ones(nb, dtype=torch.bool), torch.zeros(keep - nb, dtype=torch.bool)]).to(device)
+    running = torch.full((batch, nb, max_new), s.pad_token_id, dtype=torch.long, device=device)
+    finished = running.clone()
+    running_scores = torch.zeros((batch, nb), device=device)
+    running_scores[:, 1:] = -1e9
+    finished_scores = torch.full((batch, nb), -1e9, device=device)
+    is_finished = torch.zeros((batch, nb), dtype=torch.bool, device=device)
+    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    running_idx = torch.full((batch, nb, max_new), -1, dtype=torch.long, device=device)
+    finished_idx = running_idx.clone()
+    offset = (torch.arange(batch, device=device) * nb)[:, None]
+
+    def gather(t, idx):
+        while idx.dim() < t.dim():
+            idx = idx.unsqueeze(-1)
+        return torch.take_along_dim(t, idx, dim=1)
+
+    for t in range(max_new):
+        scores = logits.float()
+        if logits_out is not None:
+            logits_out.append(scores)
+        log_probs = torch.log_softmax(scores, dim=-1)
+        if t < s.min_new_tokens and eos.numel():
+            log_probs[:, eos] = float("-inf")
+        if len(procs):
+            flat = running[:, :, :t].reshape(batch * nb, t)
+            ids = flat if prompt_ids is None else torch.cat([prompt_ids, flat], 1)
+            log_probs = procs(ids, log_probs)
+        acc = (log_probs.view(batch, nb, vocab) + running_scores[:, :, None]).view(batch, nb * vocab)
+        if s.do_sample:
+            top_i = torch.multinomial(torch.softmax(acc, dim=-1), num_samples=keep)
+            top_lp = torch.gather(acc, 1, top_i)
+        else:
+            top_lp, top_i = torch.topk(acc, k=keep)
+        beam = top_i // vocab
+        tok = top_i % vocab
+        top_seqs = gather(running, beam)
+        top_seqs[:, :, t] = tok
+        top_idx = gather(running_idx, beam)
+        top_idx[:, :, t] = beam + offset
+        hits = torch.isin(tok, eos) if eos.numel() else torch.zeros_like(tok, dtype=torch.bool)
+        if t + 1 >= max_new:
+            hits = torch.ones_like(hits)
+        # running beams for the next step: the best candidates that did not stop
+        run_lp = top_lp + hits.float() * -1e9
+        nxt = torch.topk(run_lp, k=nb)[1]
+        running, running_scores, running_idx = gather(top_seqs, nxt), gather(run_lp, nxt), gather(top_idx, nxt)
+        # finished hypotheses: merge the candidates among the top num_beams that just stopped
+        just = hits & top_nb[None, :]
+        fin_lp = top_lp / ((t + 1) ** s.length_penalty)
+        full = is_finished.all(-1, keepdim=True) & (s.early_stopping is True)
+        fin_lp = fin_lp + full.float() * -1e9 + (~improvable).float() * -1e9 + (~just).float() * -1e9
+        m_seqs = torch.cat([finished, top_seqs], 1)
+        m_scores = torch.cat([finished_scores, fin_lp], 1)
+        m_idx = torch.cat([finished_idx, top_idx], 1)
+        m_done = torch.cat([is_finished, just], 1)
+        best = torch.topk(m_scores, k=nb)[1]
+        finished, finished_scores = gather(m_seqs, best), gather(m_scores, best)
+        finished_idx, is_finished = gather(m_idx, best), gather(m_done, best)
+        # stop when no running beam can beat the finished ones (transformers' heuristic), or nothing can continue
+        if s.early_stopping == "never" and s.length_penalty > 0.0:
+            best_len = max_new
+        else:
+            best_len = t + 1
+        best_running = running_scores[:, :1] / (best_len**s.length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
+        open_beam = not (bool(is_finished.all()) and s.early_stopping is True)
+        if not (bool(improvable.any()) and open_beam and not bool(hits.all())):
+            break
+        engine.reorder(running_idx[:, :, t].reshape(-1))
+        logits = engine.step(running[:, :, t].reshape(-1))
+    nret = s.num_return_sequences
+    seqs = finished[:, :nret].reshape(batch * nret, max_new)
+    idx = finished_idx[:, :nret].reshape(batch * nret, max_new)
+    length = int((idx >= 0).sum(1).max())
+    return seqs[:, :length], idx[:, :length]
 
 
 @torch.no_grad()
 def generate_from_inputs(
-    lm: LanguageModel, exits: ExitStack | None, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None,
-    tokenizer=None, **generate_kwargs,
+    lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
+    generation_config=None, draft: DraftSettings | None = None, trace: bool = False, **generate_kwargs,
 ) -> GenerationResult:
-    """Early-exit generation from prepared LM inputs (see `VLMBackbone.prepare`).
+    """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
-    `generate_kwargs` go to transformers' `generate` (max_new_tokens, num_beams, do_sample, length_penalty, ...).
-    With `criterion=None` the exits are not consulted: full-depth layer-by-layer decoding.
+    `generate_kwargs` are transformers-named settings (see `DecodeSettings`: max_new_tokens, num_beams, do_sample,
+    top_p, length_penalty, num_return_sequences, ...); `generation_config` supplies the model's defaults (its EOS and
+    pad ids). Modes: with `criterion` and exits, early exit; with `draft`, lossless speculative decoding drafted by
+    the exit at `draft.layer`; otherwise full depth.
     """
-    engine = ExitEngine(lm, exits, criterion or Confidence(1.0), policy or SkipPolicy())
-    model = EarlyExitLM(lm, engine)
-    gen_cfg = dict(do_sample=False, return_dict_in_generate=True)
-    gen_cfg.update(generate_kwargs)
-    inputs = dict(inputs_embeds=lm_inputs.inputs_embeds, attention_mask=lm_inputs.attention_mask)
-    if not lm.is_encoder_decoder:
-        inputs["input_ids"] = lm_inputs.input_ids
     start = time.perf_counter()
-    out = model.generate(**inputs, **gen_cfg)
-    seconds = time.perf_counter() - start
-    prompt_len = 1 if lm.is_encoder_decoder else lm_inputs.input_ids.shape[1]
-    sequences = out.sequences[:, prompt_len:]
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    beam_indices = getattr(out, "beam_indices", None)
-    traces, live = _token_trace(sequences, beam_indices, eos_ids, model.generation_config.pad_token_id,
-                                len(engine.records))
-    exit_layers = [[int(engine.records[t].exit_layer[row]) for t, row in tr] for tr in traces]
+    s = DecodeSettings.from_kwargs(generation_config, lm.config, **generate_kwargs)
+    if draft is not None:
+        engine = Engine(lm, exits, policy=policy, trace=trace, draft_layer=draft.layer)
+    else:
+        engine = Engine(lm, exits, criterion, policy, trace=trace)
+    batch = lm_inputs.inputs_embeds.shape[0]
+    logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=draft.max_draft + 1 if draft else 0)
+    expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
+    if not lm.is_encoder_decoder:
+        prompt_ids = lm_inputs.input_ids
+    else:
+        prompt_ids = torch.full((batch, 1), lm.config.decoder_start_token_id, dtype=torch.long,
+                                device=logits.device)
+    if expand > 1:
+        index = torch.arange(batch, device=logits.device).repeat_interleave(expand)
+        engine.reorder(index)
+        engine.expand_log(index)
+        logits = logits.index_select(0, index)
+        prompt_ids = prompt_ids.index_select(0, index)
+    logits_out = [] if s.output_logits else None
+    stats = None
+    if draft is not None:
+        if s.output_logits:
+            raise FreeVLMError("output_logits is not available in speculative mode (tokens come in blocks)")
+        stats = SpeculativeStats()
+        sequences, lengths = speculative_decode(engine, logits, s, draft, stats)
+        traces = [[(t, r) for t in range(n)] for r, n in enumerate(lengths)]
+        rows = torch.arange(sequences.shape[0])
+        live = [rows] + [entry.live for entry in engine.log[1:]]
+        exit_layers = [[lm.num_layers] * n for n in lengths]  # every token is the full model's
+    else:
+        if s.num_beams > 1:
+            sequences, beam_idx = _beam_search(engine, logits, s, batch, prompt_ids, logits_out)
+            traces = [[(t, row) for t, row in enumerate(r) if row >= 0] for r in beam_idx.tolist()]
+            live = [torch.arange(batch * s.num_beams) for _ in range(len(engine.log))]
+        else:
+            sequences, lengths = _greedy_or_sample(engine, logits, s, prompt_ids, logits_out)
+            traces = [[(t, r) for t in range(n)] for r, n in enumerate(lengths)]
+            length_t = torch.tensor(lengths)
+            live = [torch.nonzero(length_t > t).flatten() for t in range(len(engine.log))]
+        exit_by_step = [entry.exit_layer.tolist() for entry in engine.log]
+        exit_layers = [[exit_by_step[t][row] for t, row in tr] for tr in traces]
     texts = [""] * len(traces)
     if tokenizer is not None:
-        texts = [tokenizer.decode([int(sequences[i, t]) for t, _ in tr], skip_special_tokens=True).strip()
-                 for i, tr in enumerate(traces)]
-    return GenerationResult(
-        sequences, texts, exit_layers, traces, engine.records, lm.num_layers, seconds, live,
-        getattr(out, "logits", None), getattr(out, "past_key_values", None), engine,
-    )
+        ids = sequences.tolist()
+        texts = [tokenizer.decode(ids[i][: len(tr)], skip_special_tokens=True).strip() for i, tr in enumerate(traces)]
+    return GenerationResult(sequences, texts, exit_layers, traces, lm.num_layers, time.perf_counter() - start, live,
+                            engine, tuple(logits_out) if logits_out is not None else None, stats)

@@ -1,26 +1,33 @@
-"""One decoding step with early exits: the layers a token runs, the exits it checks, and what its skipped layers get.
+"""One decoding step with early exits, on the static cache: the layers a token runs, the exits it checks, and what
+its skipped layers get.
 
-`ExitEngine.step` is called once per generated token for the whole batch (by `EarlyExitLM.forward`, which
-transformers' `generate` drives). It walks the LM layer by layer; after an exit layer it asks the exit for its
-distribution and the criterion whether to stop. Rows that leave keep the exit's logits as their prediction and run no
-further layers; their skipped layers' K/V are filled according to the `SkipPolicy` (see `kv.py`).
+`Engine.prefill` runs the prompt through every layer (and every exit, to fill the exit caches: later tokens need the
+prompt's K/V at every depth); the first generated token is still decided by the exits, as in the paper. `Engine.step`
+then runs one new token per row. After an exit layer the exit's distribution is computed and the criterion asked
+whether to stop (one host sync per exit decision); rows that leave keep the exit's logits as their prediction and
+run no further layers. What their skipped layers get in the cache is the `SkipPolicy`'s (see `kv.py`):
 
-The prompt's prefill always runs every layer (and every exit, to fill the exit caches), because later tokens need
-the prompt's keys and values at every depth; the first generated token is still decided by the exits, as in the
-paper. Work is recorded per row and per step in `StepRecord`s, in layer-call units that `eval/efficiency.py` turns
-into speedups.
+- `propagate` / `copy`: rows leave one by one; the remaining rows run on (a smaller batch); the exited rows' skipped
+  slots are filled once the step is over, one batched write per exit event.
+- `catch_up`: the batch moves together. A row that exits rides along with the rows still deciding (its token is
+  chosen, its layers still run, so its K/V are exact); when every row has exited the step stops, and the deeper layers
+  run later for those tokens, batched with the next token that goes deep (or at `flush()`).
+
+Work is logged per step in layer-call units (`StepRecord`s, built on demand) for the compute speedup. With
+`trace=True` every kernel call is recorded as ("layer" | "exit", 1-based layer, query tokens) for tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers import Cache
 
-from freevlm.backbones.base import LanguageModel, LayerContext
-from freevlm.exits import ExitStack
-from freevlm.generation.kv import SkipPolicy, append_kv, last_kv, rows_view, self_attention_cache
+from freevlm.errors import FreeVLMError
+from freevlm.generation.cache import KVCache, Span, make_span
+from freevlm.generation.kernels import kernel_for
+from freevlm.generation.kernels.common import ExitKernel
+from freevlm.generation.kv import SkipPolicy, fill_skipped
 
 
 @dataclass
@@ -34,6 +41,7 @@ class StepRecord:
     kv_projections: torch.Tensor  # skipped cache slots filled by propagation (one K/V projection pair each)
     kv_copies: torch.Tensor  # skipped cache slots filled by copying the exit layer's K/V
     prefill: bool = False  # True for the prompt's step (which runs every layer whatever the exits decide)
+    tokens: torch.Tensor | None = None  # tokens the step produced per row (None: one each; speculative rounds: more)
 
     @classmethod
     def zeros(cls, batch: int, num_layers: int, device, prefill: bool) -> StepRecord:
@@ -43,267 +51,343 @@ class StepRecord:
 
 
 @dataclass
-class _Pending:
-    """A token whose deeper layers have not run yet (catch-up): its hidden state after layer `depth`."""
-
-    depth: int
-    hidden: torch.Tensor  # (B, 1, D)
-    position_ids: torch.Tensor | None  # (B, 1) or None
+class _StepLog:
+    exit_layer: torch.Tensor  # (B,) long
+    prefill: bool
+    together: tuple[int, int] | None  # (layer tokens, exit tokens) when every row ran the same layers
 
 
 @dataclass
-class _Exited:
-    """Rows that left during this step, with what the skip policy needs to fill their skipped slots."""
+class _Pending:
+    """Catch-up: a token whose layers after `depth` have not run yet, with its state after layer `depth`."""
 
-    rows: list[torch.Tensor] = field(default_factory=list)  # row indices, one tensor per exit event
-    states: list[torch.Tensor] = field(default_factory=list)  # (R, 1, D) state to propagate
-    layers: list[int] = field(default_factory=list)  # exit layer (1-based) of each event
-    slots: list[int] = field(default_factory=list)  # exit-cache slot of each event (-1: the exit keeps no cache)
+    depth: int
+    col: int
+    hidden: torch.Tensor  # (B, 1, D)
 
 
-class ExitEngine:
-    def __init__(self, lm: LanguageModel, exits: ExitStack | None, criterion, policy: SkipPolicy):
+@dataclass
+class ExitEvent:
+    """Rows that left at one exit during a step: what the skip policy needs to fill their skipped slots."""
+
+    rows: torch.Tensor  # (R,) batch rows
+    layer: int  # exit layer (1-based)
+    index: int  # position of that exit among the exits (= its exit-cache slot for transformer exits)
+    state: torch.Tensor  # (R, D) state to propagate (h_i, or the exit's output with source="exit")
+    cols: torch.Tensor  # (R,) the column of the token
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # (R, hd) cos/sin at that column (Llama)
+
+
+class Engine:
+    """Decodes a batch on one backbone LM with (optionally) its exits. One instance per generate call."""
+
+    def __init__(self, lm, exits=None, criterion=None, policy: SkipPolicy | None = None, *, trace: bool = False,
+                 draft_layer: int | None = None):
+        """`draft_layer`: speculative decoding's drafting exit; only its cache is kept, and no exit decides."""
         self.lm = lm
-        self.exits = exits
+        self.kernel = kernel_for(lm)
+        self.n = lm.num_layers
+        self.policy = policy or SkipPolicy()
+        self.checking = exits is not None and criterion is not None and not criterion.never_exits()
         self.criterion = criterion
-        self.policy = policy
-        self._exit_positions = torch.tensor(exits.layers if exits is not None else [], dtype=torch.long)
-        self.reset()
-
-    def reset(self) -> None:
-        self.exit_cache: Cache | None = None
+        self.exits_owner = exits  # the ExitStack (owner of the exits' stacked propagation weights)
+        self.exit_at: dict[int, ExitKernel] = {}
+        self.exit_list: list[int] = []
+        if draft_layer is not None:
+            self.checking = False
+            if exits is None or draft_layer not in exits.layers:
+                raise FreeVLMError(f"draft exit layer {draft_layer} is not one of the exits "
+                                   f"({list(exits.layers) if exits is not None else 'no exits loaded'})")
+            self.exit_list = [draft_layer]
+            self.exit_at[draft_layer] = ExitKernel(exits.at(draft_layer), self.kernel, 0)
+        elif self.checking:
+            self.exit_list = list(exits.layers)
+            for i, (layer, module) in enumerate(zip(exits.layers, exits.exits)):
+                self.exit_at[layer] = ExitKernel(module, self.kernel, i)
+        self.fills_exits = bool(self.exit_at)  # the prefill runs the exits (to fill their caches)
+        self.uses_exit_cache = any(e.uses_cache for e in self.exit_at.values())
+        self.calls: list[tuple[str, int, int]] | None = [] if trace else None
+        self.log: list[_StepLog] = []
         self.pending: list[_Pending] = []
-        self.records: list[StepRecord] = []
-        self._last_mask: torch.Tensor | None = None
-        self._encoder = None
-
-    @property
-    def checking(self) -> bool:
-        return self.exits is not None and not self.criterion.never_exits()
+        self.cache: KVCache | None = None
+        self._rows: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------------------------
-    def step(self, h0, attention_mask, position_ids, cache: Cache, encoder=None, prefill: bool = False):
-        """Run one step for the new tokens h0 (B, q, D); returns next-token logits (B, V) for the last position."""
-        if prefill:
-            self.reset()
-            if self.checking and self.exits.uses_cache:
-                self.exit_cache = self.lm.new_cache()
-        self._last_mask, self._encoder = attention_mask, encoder
-        rec = StepRecord.zeros(h0.shape[0], self.lm.num_layers, h0.device, prefill)
-        if prefill or self.policy.batch_moves_together:
-            logits = self._step_together(h0, attention_mask, position_ids, cache, encoder, rec, prefill)
+    def prefill(self, lm_inputs, max_new_tokens: int, extra_columns: int = 0) -> torch.Tensor:
+        """Run the prompt; returns the first token's logits (B, V). Allocates the cache for `max_new_tokens` more
+        columns (+ `extra_columns`, e.g. speculative drafts past the last kept token)."""
+        k, lm = self.kernel, self.lm
+        embeds, mask = lm_inputs.inputs_embeds, lm_inputs.attention_mask
+        b, device, dtype = embeds.shape[0], embeds.device, embeds.dtype
+        num_exit_slots = len(self.exit_list) if self.uses_exit_cache else 0
+        if lm.is_encoder_decoder:
+            encoder = lm.encode(embeds, mask)  # the encoder runs whole, through transformers' module
+            start = torch.full((b, 1), lm.config.decoder_start_token_id, dtype=torch.long, device=device)
+            p = 1
+            max_len = p + max_new_tokens + extra_columns
+            cache = KVCache.allocate(self.n, num_exit_slots, b, k.kv_heads, max_len, k.head_dim, dtype, device)
+            k.start(max_len, device)
+            cache.encoder_bias = k.encoder_bias(mask, dtype)
+            ck, cv = zip(*(k.cross_kv(w, encoder) for w in k.layers))
+            cache.cross_keys, cache.cross_values = torch.stack(ck), torch.stack(cv)
+            if num_exit_slots:
+                eck, ecv = zip(*(k.cross_kv(self.exit_at[layer].layer, encoder) for layer in self.exit_list))
+                cache.exit_cross_keys, cache.exit_cross_values = torch.stack(eck), torch.stack(ecv)
+            positions = torch.zeros((b, 1), dtype=torch.long, device=device)
+            h0 = k.embed(k.embed_tokens(start, positions), positions)
+            self._base = torch.zeros((b, 1), dtype=torch.long, device=device)  # position = column for T5
         else:
-            logits = self._step_per_row(h0, attention_mask, position_ids, cache, encoder, rec)
-        self.records.append(rec)
+            p = embeds.shape[1]
+            max_len = p + max_new_tokens + extra_columns
+            cache = KVCache.allocate(self.n, num_exit_slots, b, k.kv_heads, max_len, k.head_dim, dtype, device)
+            k.start(max_len, device)
+            real = mask.bool()
+            cache.not_pad[:, :p] = real
+            cache.has_pad = not bool(real.all())
+            positions = (torch.cumsum(mask, 1) * mask - 1).long()  # as transformers: real tokens count from 0
+            h0 = k.embed(embeds, positions)
+            self._base = (mask.sum(1, keepdim=True) - p).long()  # a generated token at column c has position c + base
+        self.cache = cache
+        self.prompt_len = p
+        self._rows = torch.arange(b, device=device)
+        span = self._prepare(make_span(cache, p, positions, start=0))
+        logits = self._step_together(h0, span, prefill=True)
+        cache.advance(p)
         return logits
 
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Follow transformers' beam search: rows of the exit cache and pending states move with their beams."""
-        if self.exit_cache is not None:
-            self.exit_cache.reorder_cache(beam_idx)
-        for p in self.pending:
-            p.hidden = p.hidden.index_select(0, beam_idx.to(p.hidden.device))
-            if p.position_ids is not None and p.position_ids.shape[0] > 1:
-                p.position_ids = p.position_ids.index_select(0, beam_idx.to(p.position_ids.device))
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per row (B,) at the next column; returns next-token logits (B, V)."""
+        cache, col = self.cache, self.cache.length
+        positions = self._base + col  # (B, 1)
+        h0 = self.kernel.embed_tokens(tokens[:, None], positions)
+        span = self._prepare(make_span(cache, 1, positions, start=col))
+        if self.policy.batch_moves_together:
+            logits = self._step_together(h0, span, prefill=False)
+        else:
+            logits = self._step_per_row(h0, span)
+        cache.advance(1)
+        return logits
 
-    def flush(self, cache: Cache) -> None:
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows follow `index` (beam search; expanding rows to beams or samples)."""
+        self.cache.reorder(index)
+        self._base = self._base.index_select(0, index)
+        self._rows = torch.arange(index.shape[0], device=index.device)
+        for p in self.pending:
+            p.hidden = p.hidden.index_select(0, index)
+
+    def expand_log(self, index: torch.Tensor) -> None:
+        """After expanding the prefill's rows (beams, samples), its log entry follows."""
+        self.log[-1].exit_layer = self.log[-1].exit_layer.index_select(0, index)
+
+    def flush(self) -> None:
         """Catch-up only: run every pending token through the layers (and exits) it skipped, so that the caches
-        equal a full-depth forward's. Generation does not need it; tests and cache hand-over do."""
+        equal a full-depth forward's. Generation does not need it; handing over the cache does."""
         if not self.pending:
             return
-        first = self.pending[-1].depth + 1  # the shallowest pending token joins first
-        group = self._join(None, None, first - 1)
-        hidden, pos = group
-        for layer in range(first, self.lm.num_layers + 1):
-            if layer > first:
-                hidden, pos = self._join(hidden, pos, layer - 1)
-            ctx = self._context(hidden, pos, layer - 1, cache, {})
-            hidden = self.lm.run_layer(self.lm.layers[layer - 1], hidden, ctx, cache)
-            exit_ = self.exits.at(layer) if self.exit_cache is not None else None
-            if exit_ is not None and exit_.uses_cache:
-                exit_.state(self.lm, hidden, ctx, self.exit_cache)
+        x, start = None, None
+        for layer in range(self.pending[-1].depth + 1, self.n + 1):
+            joiners = [p for p in self.pending if p.depth == layer - 1]
+            if joiners:
+                x = torch.cat([p.hidden for p in joiners] + ([x] if x is not None else []), 1)
+                start = joiners[0].col
+                span = self._group_span(start, x.shape[1])
+            x = self.run_layer(layer, x, span)
+            ex = self.exit_at.get(layer)
+            if ex is not None and ex.uses_cache:
+                self.run_exit(ex, x, span)
         self.pending = []
 
     # ----------------------------------------------------------------------------------------------------------
-    def _context(self, hidden, position_ids, layer_idx, cache, memo) -> LayerContext:
-        past = self_attention_cache(cache).get_seq_length(layer_idx)
-        key = (hidden.shape[1], past)
-        if key not in memo:
-            mask = self._last_mask
-            memo[key] = self.lm.context(hidden, mask, cache, layer_idx, position_ids, self._encoder)
-        return memo[key]
+    def _prepare(self, span: Span) -> Span:
+        span = self.kernel.prepare(span)
+        bias = self.cache.encoder_bias
+        if bias is not None:
+            span.cross_bias = bias if span.rows is None else bias[span.rows]
+        return span
 
-    def _join(self, hidden, position_ids, depth):
-        """Prepend the pending tokens that stopped after layer `depth` to the group entering layer depth + 1."""
-        joiners = [p for p in self.pending if p.depth == depth]
-        if not joiners:
-            return hidden, position_ids
-        parts = [p.hidden for p in joiners] + ([hidden] if hidden is not None else [])
-        pos_parts = [p.position_ids for p in joiners] + ([position_ids] if hidden is not None else [])
-        pos = None if any(p is None for p in pos_parts) else torch.cat(pos_parts, dim=1)
-        return torch.cat(parts, dim=1), pos
+    def span(self, rows: torch.Tensor | None, cols: torch.Tensor) -> Span:
+        """A span of tokens at per-row columns `cols` (R, q) for batch `rows` (None: all), positions included."""
+        base = self._base if rows is None else self._base[rows]
+        return self._prepare(make_span(self.cache, cols.shape[1], base + cols, cols=cols, rows=rows))
 
-    def _decide(self, exit_, layer, state, hidden, prev, rows, crit_state, rec, out):
-        """Ask the criterion about `rows` (whose last-position states are given); returns the leaving mask."""
-        logits = exit_.logits(self.lm, state) if self.criterion.needs_logits else None
+    def aligned_span(self, rows: torch.Tensor | None, start: int, q: int) -> Span:
+        """A span at the same columns start..start+q-1 for every row of `rows` (the fast path)."""
+        base = self._base if rows is None else self._base[rows]
+        cols = torch.arange(start, start + q, device=base.device)[None]
+        return self._prepare(make_span(self.cache, q, base + cols, start=start, rows=rows))
+
+    def _group_span(self, start: int, q: int) -> Span:
+        cols = torch.arange(start, start + q, device=self._base.device)[None]
+        return self._prepare(make_span(self.cache, q, self._base + cols, start=start))
+
+    def _cross(self, keys, values, index: int, span: Span):
+        if keys is None:
+            return None
+        if span.rows is None:
+            return keys[index], values[index], span.cross_bias
+        return keys[index][span.rows], values[index][span.rows], span.cross_bias
+
+    def run_layer(self, layer: int, x: torch.Tensor, span: Span) -> torch.Tensor:
+        c = self.cache
+        if self.calls is not None:
+            self.calls.append(("layer", layer, x.shape[1]))
+        cross = self._cross(c.cross_keys, c.cross_values, layer - 1, span)
+        return self.kernel.layer(self.kernel.layers[layer - 1], x, c.keys[layer - 1], c.values[layer - 1], span, cross)
+
+    def run_exit(self, ex: ExitKernel, x: torch.Tensor, span: Span) -> torch.Tensor:
+        c = self.cache
+        if self.calls is not None:
+            self.calls.append(("exit", self.exit_list[ex.slot], x.shape[1]))
+        cross = self._cross(c.exit_cross_keys, c.exit_cross_values, ex.slot, span)
+        return self.kernel.layer(ex.layer, x, c.exit_keys[ex.slot], c.exit_values[ex.slot], span, cross)
+
+    def _decide(self, ex: ExitKernel, layer: int, state, hidden, prev, rows, crit_state, out, exit_layer):
+        """Ask the criterion about `rows` (last-position states given); returns the leaving mask or None."""
+        logits = ex.logits(self.kernel, state) if self.criterion.needs_logits else None
         go = self.criterion(crit_state, rows, logits, hidden, prev)
-        if go.any():
-            leaving = rows[go]
-            logits_go = exit_.logits(self.lm, state[go]) if logits is None else logits[go]
-            out[leaving] = logits_go.to(out.dtype)
-            rec.exit_layer[leaving] = layer
+        if not bool(go.any()):
+            return None
+        leaving = rows[go]
+        out[leaving] = (logits[go] if logits is not None else ex.logits(self.kernel, state[go])).to(out.dtype)
+        exit_layer[leaving] = layer
         return go
 
-    def _final(self, hidden_last, rows, out):
-        if rows.numel():
-            out[rows] = self.lm.head(self.lm.final_norm(hidden_last)).to(out.dtype)
-
-    def _account(self, rec: StepRecord, layer_tokens: int | None = None, exit_tokens: int | None = None) -> None:
-        """Fill the step's work counts from each row's exit layer, once per step (not inside the layer loop).
-
-        Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one
-        in all for criteria that decide without logits) plus the final head; under propagate/copy a row runs layers
-        1..exit layer and its skipped slots (deeper layers, deeper exit transformers) are filled by the policy.
-        The prefill and catch-up steps run the same layers for every row: `layer_tokens`/`exit_tokens` give them.
-        """
-        n = self.lm.num_layers
-        exit_layer = rec.exit_layer
-        reached_final = (exit_layer == n).to(rec.heads.dtype)
-        if self.checking:
-            positions = self._exit_positions.to(exit_layer.device)
-            checked = torch.searchsorted(positions, exit_layer, right=True).to(rec.heads.dtype)
-            rec.heads += (checked if self.criterion.needs_logits else (1 - reached_final)) + reached_final
-        else:
-            checked = torch.zeros_like(rec.heads)
-            rec.heads += 1
-        with_cache = self.checking and self.exits.uses_cache
-        if layer_tokens is not None:
-            rec.layers += layer_tokens
-            rec.exit_layers += exit_tokens or 0
-            return
-        rec.layers += exit_layer.to(rec.layers.dtype)
-        if with_cache:
-            rec.exit_layers += checked
-        skipped = (n - exit_layer).to(rec.layers.dtype)
-        if with_cache:
-            skipped = skipped + (len(self.exits.layers) - checked)
-        if self.policy.name == "propagate":
-            rec.kv_projections += skipped
-        else:
-            rec.kv_copies += skipped
+    def _new_outputs(self, b: int, like: torch.Tensor):
+        out = torch.empty(b, self.lm.vocab_size, dtype=like.dtype, device=like.device)
+        exit_layer = torch.full((b,), self.n, dtype=torch.long, device=like.device)
+        crit_state = self.criterion.new_step(b, like.device) if self.checking else None
+        return out, exit_layer, crit_state
 
     # ----------------------------------------------------------------------------------------------------------
-    def _step_together(self, h0, mask, position_ids, cache, encoder, rec, prefill):
+    def _step_together(self, h0: torch.Tensor, span: Span, prefill: bool) -> torch.Tensor:
         """Prefill, and the catch-up policy: every row runs every layer this step runs (rows that exit ride along)."""
-        lm, n, b = self.lm, self.lm.num_layers, h0.shape[0]
-        checking = self.checking
-        crit_state = self.criterion.new_step(b, h0.device) if checking else None
-        out = torch.empty(b, lm.vocab_size, device=h0.device, dtype=h0.dtype)
-        active = torch.arange(b, device=h0.device)
-        hidden, pos = h0, position_ids
-        memo: dict = {}
-        stop = n
+        b = h0.shape[0]
+        out, exit_layer, crit_state = self._new_outputs(b, h0)
+        active = self._rows
+        x, start = h0, span.start
         layer_tokens = exit_tokens = 0
-        for layer in range(1, n + 1):
+        stop = self.n
+        for layer in range(1, self.n + 1):
             if not prefill:
-                hidden, pos = self._join(hidden, pos, layer - 1)
-            ctx = self._context(hidden, pos, layer - 1, cache, memo)
-            prev = hidden
-            hidden = lm.run_layer(lm.layers[layer - 1], hidden, ctx, cache)
-            layer_tokens += hidden.shape[1]
-            exit_ = self.exits.at(layer) if checking else None
-            if exit_ is None:
+                joiners = [p for p in self.pending if p.depth == layer - 1]
+                if joiners:
+                    x = torch.cat([p.hidden for p in joiners] + [x], 1)
+                    start = joiners[0].col
+                    span = self._group_span(start, x.shape[1])
+            prev = x
+            x = self.run_layer(layer, x, span)
+            layer_tokens += x.shape[1]
+            ex = self.exit_at.get(layer)
+            if ex is None:
                 continue
-            state = exit_.state(lm, hidden, ctx, self.exit_cache)
-            if exit_.uses_cache:
-                exit_tokens += hidden.shape[1]
-            if active.numel():
-                go = self._decide(
-                    exit_, layer, state[active, -1], hidden[active, -1], prev[active, -1], active, crit_state, rec, out
-                )
-                active = active[~go]
+            state = x
+            if ex.uses_cache:
+                state = self.run_exit(ex, x, span)
+                exit_tokens += x.shape[1]
+            if self.checking and active.numel():
+                go = self._decide(ex, layer, state[active, -1], x[active, -1], prev[active, -1], active, crit_state,
+                                  out, exit_layer)
+                if go is not None:
+                    active = active[~go]
             if not active.numel() and not prefill:
                 stop = layer
                 break
-        self._final(hidden[active, -1], active, out)
-        self._account(rec, layer_tokens, exit_tokens)
-        if stop < n:  # catch-up: the whole group waits after `stop` for the next token that goes deep
+        if active.numel():
+            out[active] = self.kernel.logits(x[active, -1]).to(out.dtype)
+        if stop < self.n:  # the group waits after `stop` for the next token that goes deep
             kept = [p for p in self.pending if p.depth >= stop]
-            pos_cols = [None] * hidden.shape[1] if pos is None else [pos[:, k : k + 1] for k in range(pos.shape[1])]
-            new = [_Pending(stop, hidden[:, k : k + 1], pos_cols[k]) for k in range(hidden.shape[1])]
-            self.pending = kept + new
+            self.pending = kept + [_Pending(stop, start + i, x[:, i : i + 1]) for i in range(x.shape[1])]
         elif not prefill:
             self.pending = []
+        self.log.append(_StepLog(exit_layer, prefill, (layer_tokens, exit_tokens)))
         return out
+
+    def _step_per_row(self, h0: torch.Tensor, span: Span) -> torch.Tensor:
+        """Propagate / copy: rows that exit stop running layers; their skipped slots get the policy's fill."""
+        b = h0.shape[0]
+        checking = self.checking
+        if not checking:  # full depth: no decisions, no bookkeeping beyond the log
+            x = h0
+            for layer in range(1, self.n + 1):
+                x = self.run_layer(layer, x, span)
+            self.log.append(_StepLog(self._full_exit_layer(b, h0.device), False, None))
+            return self.kernel.logits(x[:, -1])
+        out, exit_layer, crit_state = self._new_outputs(b, h0)
+        rows = self._rows
+        x = h0
+        events: list[ExitEvent] = []
+        for layer in range(1, self.n + 1):
+            prev = x
+            x = self.run_layer(layer, x, span)
+            ex = self.exit_at.get(layer)
+            if ex is None:
+                continue
+            state = self.run_exit(ex, x, span) if ex.uses_cache else x
+            go = self._decide(ex, layer, state[:, -1], x[:, -1], prev[:, -1], rows, crit_state, out, exit_layer)
+            if go is None:
+                continue
+            source = state if self.policy.source == "exit" else x
+            rope = None if span.rope is None else (span.rope[0][go, -1], span.rope[1][go, -1])
+            events.append(ExitEvent(rows[go], layer, ex.slot, source[go, -1], span.cols[go, -1], rope))
+            keep = (~go).nonzero()[:, 0]
+            if not keep.numel():
+                rows = rows[:0]
+                break
+            rows, x, span = rows[keep], x[keep], span.select(keep)
+        if rows.numel():
+            out[rows] = self.kernel.logits(x[:, -1]).to(out.dtype)
+        for event in events:
+            fill_skipped(self, event)
+        self.log.append(_StepLog(exit_layer, False, None))
+        return out
+
+    def _full_exit_layer(self, b: int, device) -> torch.Tensor:
+        if getattr(self, "_full", None) is None or self._full.shape[0] != b:
+            self._full = torch.full((b,), self.n, dtype=torch.long, device=device)
+        return self._full
 
     # ----------------------------------------------------------------------------------------------------------
-    def _step_per_row(self, h0, mask, position_ids, cache, encoder, rec):
-        """Propagation / copy: rows that exit stop running layers; their skipped slots get the policy's fill."""
-        lm, n, b = self.lm, self.lm.num_layers, h0.shape[0]
-        checking = self.checking
-        crit_state = self.criterion.new_step(b, h0.device) if checking else None
-        out = torch.empty(b, lm.vocab_size, device=h0.device, dtype=h0.dtype)
-        active = torch.arange(b, device=h0.device)
-        hidden = h0  # (A, 1, D): the active rows only
-        exited = _Exited()
-        ctx = self._context(h0, position_ids, 0, cache, {})  # every layer holds the same tokens: one context
-        for layer in range(1, n + 1):
-            if active.numel() == b:
-                sub_ctx, layer_cache = ctx, cache
-            else:
-                sub_ctx = ctx.select_rows(active)
-                fill = self._fill(lm.layers[layer - 1], layer - 1, cache, ctx, exited, b, exit_slot=None)
-                layer_cache = rows_view(cache, active, fill)
-            prev = hidden
-            hidden = lm.run_layer(lm.layers[layer - 1], hidden, sub_ctx, layer_cache)
-            exit_ = self.exits.at(layer) if checking else None
-            if exit_ is None:
+    def records(self) -> list[StepRecord]:
+        """The log as per-row work counts (see `eval/efficiency.py` for how they become the compute speedup).
+
+        Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one in
+        all for criteria that decide without logits) plus the final head; under propagate/copy a row runs layers
+        1..exit layer and its skipped slots (deeper layers, deeper exit transformers) are filled by the policy. The
+        prefill and catch-up steps run the same layers for every row (their logged token counts).
+        """
+        positions = torch.tensor(self.exit_list if self.checking else [], dtype=torch.long)
+        n_exits = len(self.exit_list)
+        needs_logits = self.checking and self.criterion.needs_logits
+        out = []
+        for entry in self.log:
+            if hasattr(entry, "record"):  # speculative rounds count their own work
+                out.append(entry.record())
                 continue
-            exit_cache = self.exit_cache
-            slot = getattr(exit_, "slot", -1)
-            if exit_.uses_cache and active.numel() < b:
-                fill = self._fill(exit_.layer, slot, self.exit_cache, ctx, exited, b, exit_slot=slot)
-                exit_cache = rows_view(self.exit_cache, active, fill)
-            state = exit_.state(lm, hidden, sub_ctx, exit_cache)
-            go = self._decide(exit_, layer, state[:, -1], hidden[:, -1], prev[:, -1], active, crit_state, rec, out)
-            if go.any():
-                source = state if self.policy.source == "exit" else hidden
-                exited.rows.append(active[go])
-                exited.states.append(source[go])
-                exited.layers.append(layer)
-                exited.slots.append(slot)
-                keep = ~go
-                active, hidden = active[keep], hidden[keep]
-            if not active.numel():
-                self._fill_rest(layer, cache, ctx, exited, b)
-                break
-        self._final(hidden[:, -1], active, out)
-        self._account(rec)
+            exit_layer = entry.exit_layer.cpu()
+            b = exit_layer.shape[0]
+            rec = StepRecord.zeros(b, self.n, "cpu", entry.prefill)
+            rec.exit_layer = exit_layer.clone()
+            reached_final = (exit_layer == self.n).float()
+            if self.checking:
+                checked = torch.searchsorted(positions, exit_layer, right=True).float()
+                rec.heads += (checked if needs_logits else (1 - reached_final)) + reached_final
+            else:
+                checked = torch.zeros(b)
+                rec.heads += 1
+            if entry.together is not None:
+                rec.layers += entry.together[0]
+                rec.exit_layers += entry.together[1]
+            else:
+                rec.layers += exit_layer.float()
+                if self.uses_exit_cache:
+                    rec.exit_layers += checked
+                skipped = (self.n - exit_layer).float()
+                if self.uses_exit_cache:
+                    skipped = skipped + (n_exits - checked)
+                if self.policy.name == "propagate":
+                    rec.kv_projections += skipped
+                else:
+                    rec.kv_copies += skipped
+            out.append(rec)
         return out
-
-    def _fill(self, layer_module, slot, cache, ctx, exited: _Exited, batch, exit_slot):
-        """Full-batch (K, V) for cache slot `slot` whose exited rows hold the policy's fill (others: zeros)."""
-        keys = values = None
-        for rows, state, exit_layer, src_slot in zip(exited.rows, exited.states, exited.layers, exited.slots):
-            if self.policy.name == "propagate":
-                k, v = self.lm.kv_projection(layer_module, state, ctx.select_rows(rows))
-            else:  # copy: the K/V that the exit layer (for exit slots: the exit's own transformer) stored
-                k, v = last_kv(cache, exit_layer - 1 if exit_slot is None else src_slot, rows)
-            if keys is None:
-                keys = k.new_zeros((batch, *k.shape[1:]))
-                values = v.new_zeros((batch, *v.shape[1:]))
-            keys = keys.index_copy(0, rows, k.to(keys.dtype))
-            values = values.index_copy(0, rows, v.to(values.dtype))
-        return keys, values
-
-    def _fill_rest(self, stop, cache, ctx, exited, batch):
-        """Every row has exited by layer `stop`: fill all deeper slots (backbone and exit caches) for all rows."""
-        lm = self.lm
-        for layer in range(stop + 1, lm.num_layers + 1):
-            keys, values = self._fill(lm.layers[layer - 1], layer - 1, cache, ctx, exited, batch, exit_slot=None)
-            append_kv(cache, layer - 1, keys, values)
-            exit_ = self.exits.at(layer)
-            if exit_ is not None and exit_.uses_cache and self.exit_cache is not None:
-                slot = exit_.slot
-                keys, values = self._fill(exit_.layer, slot, self.exit_cache, ctx, exited, batch, exit_slot=slot)
-                append_kv(self.exit_cache, slot, keys, values)

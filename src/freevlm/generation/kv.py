@@ -7,29 +7,24 @@ one of three policies always fills them:
 - `propagate` (CALM's state propagation): the exited state is fed through each skipped layer's K/V projections
   (with the layer's own input norm, and RoPE for Llama-family LMs). The state is the backbone's h_i by default
   (`source="hidden"`, as in CALM); `source="exit"` uses the exit transformer's output instead, which FREE trains to
-  resemble the final layer's. Cost per skipped layer: one norm + two projections (about a sixth of an OPT layer).
+  resemble the final layer's. Cost per skipped layer: one norm + two projections (about a sixth of an OPT layer);
+  all skipped layers of a token are one batched matmul over their stacked projection weights.
 - `copy` (MuE-style, and the cheapest): each skipped layer reuses the K/V the exit layer i itself stored for the token
-  (no computation; only a copy). Note this is not CALM's propagation, which recomputes K/V per layer.
+  (no computation; one strided copy). Note this is not CALM's propagation, which recomputes K/V per layer.
 - `catch_up`: nothing is approximated. The skipped layers run for the exited token later, batched with the next token
   that goes deep (or at a final flush), so the cache ends up exactly as a full-depth forward would leave it.
 
-Batches. transformers' `DynamicCache` appends K/V for every row at once, so each layer must receive an entry for
-every row at every step. Under `propagate`/`copy` that is what happens: rows that exited get their entries from the
-policy while the remaining rows run the layer, through `rows_view` below (a thin view, not a second cache). Under
-`catch_up` a batch moves together: a row that exits keeps riding along with the rows still deciding (its token is
-already chosen), and the step stops only when every row has exited; the deeper layers then catch up for all rows at
-once. This keeps one cache length per layer for all rows, which `catch_up` needs, and it is exact; it saves nothing
-while any row of the batch is still deciding.
+Skipped exit transformers (exits deeper than the one that fired) are filled the same way: propagation through their
+own K/V projections, or a copy of the fired exit's own K/V.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
-import torch
-from transformers import Cache, EncoderDecoderCache
-
 from freevlm.errors import FreeVLMError
+from freevlm.generation.kernels.common import KVStack
 
 POLICIES = ("propagate", "copy", "catch_up")
 
@@ -50,76 +45,47 @@ class SkipPolicy:
         return self.name == "catch_up"
 
 
-def self_attention_cache(cache: Cache) -> Cache:
-    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+# Stacked projection weights per (owner of the layers, kernel family): built once, rebuilt when a weight changes.
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class _MergedRowsCache:
-    """A layer run on some rows of the batch writes their K/V; the cache receives K/V for all rows.
-
-    `update` scatters the running rows' new keys/values into a full-batch tensor whose other rows hold the policy's
-    fill, appends that to the real cache, and hands back only the running rows' history for their attention.
-    """
-
-    def __init__(self, cache: Cache, rows: torch.Tensor, fill: tuple[torch.Tensor, torch.Tensor]):
-        self.cache = cache
-        self.rows = rows
-        self.fill = fill  # (B, H, q, hd) keys and values for every row; the running rows' part is overwritten
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys = self.fill[0].index_copy(0, self.rows, key_states)
-        values = self.fill[1].index_copy(0, self.rows, value_states)
-        all_keys, all_values = self.cache.update(keys, values, layer_idx, *args, **kwargs)
-        return all_keys[self.rows], all_values[self.rows]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.cache.get_seq_length(layer_idx)
+def _stack(owner, kernel, weights) -> KVStack:
+    stack = _STACKS.get(owner)
+    if stack is None or not stack.fresh():
+        stack = kernel.kv_stack(weights)
+        _STACKS[owner] = stack
+    return stack
 
 
-class _RowsOfLayers:
-    """Read-only view of a cross-attention cache's layers restricted to some rows (T5's encoder K/V)."""
-
-    class _Layer:
-        def __init__(self, layer, rows):
-            self.keys = layer.keys[rows]
-            self.values = layer.values[rows]
-
-    def __init__(self, cache: Cache, rows: torch.Tensor):
-        self._cache, self._rows = cache, rows
-        self.layers = self
-
-    def __getitem__(self, idx: int):
-        return self._Layer(self._cache.layers[idx], self._rows)
-
-    def update(self, *args, **kwargs):  # pragma: no cover - cross-attention K/V are written once, at prefill
-        raise RuntimeError("cross-attention K/V must be filled at prefill, before rows are split")
+def _write(keys, values, rows, cols, k, v) -> None:
+    """keys/values (L', B, H, T, hd) <- k/v (L', R, H, hd) at (rows, cols)."""
+    keys[:, rows, :, cols] = k.transpose(0, 1)  # advanced indices on dims 1 and 3 come first: (R, L', H, hd)
+    values[:, rows, :, cols] = v.transpose(0, 1)
 
 
-class _MergedRowsEncoderDecoderCache(EncoderDecoderCache):
-    """The T5 counterpart of `_MergedRowsCache`; an `EncoderDecoderCache` so T5Attention routes self/cross K/V."""
-
-    def __init__(self, cache: EncoderDecoderCache, rows: torch.Tensor, fill):  # noqa: D107 - a view: no super init
-        self.self_attention_cache = _MergedRowsCache(cache.self_attention_cache, rows, fill)
-        self.cross_attention_cache = _RowsOfLayers(cache.cross_attention_cache, rows)
-        self.is_updated = cache.is_updated
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.self_attention_cache.get_seq_length(layer_idx)
-
-
-def rows_view(cache: Cache, rows: torch.Tensor, fill: tuple[torch.Tensor, torch.Tensor]):
-    """What to pass as `past_key_values` to a layer that only `rows` run this step."""
-    if isinstance(cache, EncoderDecoderCache):
-        return _MergedRowsEncoderDecoderCache(cache, rows, fill)
-    return _MergedRowsCache(cache, rows, fill)
-
-
-def last_kv(cache: Cache, layer_idx: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The newest K/V entry of `rows` at cache slot `layer_idx`: (R, H, 1, hd) each (what `copy` reuses)."""
-    layer = self_attention_cache(cache).layers[layer_idx]
-    return layer.keys[rows, :, -1:], layer.values[rows, :, -1:]
-
-
-def append_kv(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Write a full-batch K/V entry into a slot no layer will run for this step."""
-    self_attention_cache(cache).update(keys, values, layer_idx)
+def fill_skipped(engine, event) -> None:
+    """Fill every slot `event`'s rows skipped this step: backbone layers after its exit layer, deeper exits."""
+    cache, kernel, n = engine.cache, engine.kernel, engine.n
+    e, idx = event.layer, event.index
+    n_exits = len(engine.exit_list) if engine.uses_exit_cache else 0
+    rows, cols = event.rows, event.cols
+    if engine.policy.name == "propagate":
+        if e < n:
+            stack = _stack(engine.lm, kernel, kernel.layers)
+            k, v = kernel.project_kv(stack, e, n, event.state, event.rope)
+            _write(cache.keys[e:n], cache.values[e:n], rows, cols, k, v)
+        if idx + 1 < n_exits:
+            exits = [engine.exit_at[layer].layer for layer in engine.exit_list]
+            stack = _stack(engine.exits_owner, kernel, exits)
+            k, v = kernel.project_kv(stack, idx + 1, n_exits, event.state, event.rope)
+            _write(cache.exit_keys[idx + 1 :], cache.exit_values[idx + 1 :], rows, cols, k, v)
+        return
+    if e < n:  # copy: the exit layer's own K/V
+        k, v = cache.keys[e - 1][rows, :, cols], cache.values[e - 1][rows, :, cols]  # (R, H, hd)
+        _write(cache.keys[e:n], cache.values[e:n], rows, cols, k[None].expand(n - e, *k.shape),
+               v[None].expand(n - e, *v.shape))
+    if idx + 1 < n_exits:  # deeper exits: the fired exit transformer's own K/V
+        k, v = cache.exit_keys[idx][rows, :, cols], cache.exit_values[idx][rows, :, cols]
+        m = n_exits - idx - 1
+        _write(cache.exit_keys[idx + 1 :], cache.exit_values[idx + 1 :], rows, cols, k[None].expand(m, *k.shape),
+               v[None].expand(m, *v.shape))

@@ -1,0 +1,250 @@
+"""Lossless self-speculative decoding with a FREE exit as the drafter.
+
+A round, for every unfinished row:
+1. draft: the current token and then each draft go through layers 1..e, the exit at e and the frozen head, which
+   proposes the next token; up to `max_draft` drafts, or fewer when the exit's confidence falls below `threshold`
+   (adaptive). Layers 1..e write their K/V as they go, and the exit transformer its own.
+2. verify: layers e+1..N run once over the whole block (the current token + the drafts), starting from the h_e states
+   the drafting already computed, so layers 1..e never run twice. Greedy: the drafts that equal the full model's
+   argmax are kept, then the full model's own next token; sampling: the standard speculative-sampling rule (accept
+   draft x with probability min(1, p(x)/q(x)), else sample the residual max(0, p - q)), so the output distribution
+   is exactly plain sampling's.
+3. roll back: each row's cache length becomes its old length + kept tokens; the rejected drafts' K/V (backbone and
+   exit caches) stay where they are and are overwritten by the next round, since attention never reads past a row's
+   own column. When every draft was kept, the last block token never ran the exit transformer, so its exit K/V are
+   projected from its h_e (what the exit layer would have written: its K/V depend on its input only).
+
+Rows advance by different amounts; they keep their own columns (per-row cache lengths), so no padding is written.
+The output equals full-depth decoding's up to floating-point ties: verifying a block computes the same sums as
+one-token steps but in other shapes, which can reorder float additions (differences ~1e-7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from freevlm.errors import FreeVLMError
+from freevlm.generation.engine import Engine, StepRecord, _StepLog
+
+
+@dataclass
+class DraftSettings:
+    layer: int  # the exit that drafts (1-based layer)
+    max_draft: int = 8  # drafts per round at most
+    threshold: float | None = None  # adaptive: stop drafting once the exit's max softmax falls below this
+
+    def __post_init__(self):
+        if self.max_draft < 1:
+            raise FreeVLMError(f"draft length must be >= 1, got {self.max_draft}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise FreeVLMError(f"draft confidence threshold must lie in [0, 1], got {self.threshold}")
+
+
+@dataclass
+class SpeculativeStats:
+    """What a speculative run did, summed over rows and rounds."""
+
+    rounds: int = 0  # verifications (one per row per round)
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # drafts the full model agreed with
+    tokens: int = 0  # tokens emitted (after the prefill's first)
+    layer_calls: int = 0  # backbone layer x token calls (drafting + verification)
+    exit_calls: int = 0  # exit-transformer x token calls
+    per_round: list[int] = field(default_factory=list)  # tokens emitted per verification
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_verification(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+    def layer_calls_per_token(self, num_layers: int) -> float:
+        """Layer calls (backbone + exit transformer) per generated token; full depth is N."""
+        return (self.layer_calls + self.exit_calls) / self.tokens if self.tokens else float(num_layers)
+
+    def to_json(self, num_layers: int) -> dict:
+        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "tokens": self.tokens,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_verification": self.tokens_per_verification,
+                "layer_calls_per_token": self.layer_calls_per_token(num_layers)}
+
+
+def _warp(procs, logits: torch.Tensor) -> torch.Tensor:
+    """Warped probabilities (R, ..., V) through transformers' warpers (they take 2D scores)."""
+    shape = logits.shape
+    flat = logits.reshape(-1, shape[-1]).float()
+    if len(procs):
+        flat = procs(None, flat)
+    return torch.softmax(flat, dim=-1).reshape(shape)
+
+
+def _check_settings(s) -> None:
+    if s.num_beams > 1:
+        raise FreeVLMError("speculative mode decodes greedily or by sampling; num_beams must be 1")
+    if s.repetition_penalty != 1.0 or s.no_repeat_ngram_size or s.min_new_tokens:
+        raise FreeVLMError("speculative mode supports temperature / top-k / top-p only (no repetition penalty, "
+                           "no_repeat_ngram_size or min_new_tokens)")
+
+
+@torch.no_grad()
+def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: DraftSettings,
+                       stats: SpeculativeStats) -> tuple[torch.Tensor, list[int]]:
+    """Decode after the prefill (`engine` built with `draft_layer`); returns ids (R, T) padded, and row lengths."""
+    _check_settings(s)
+    k, n, e = engine.kernel, engine.n, draft.layer
+    ex = engine.exit_at[e]
+    cache = engine.cache
+    b, device = first_logits.shape[0], first_logits.device
+    procs = s.processors(beams=False)
+    eos = torch.tensor(s.eos_token_id, dtype=torch.long, device=device)
+    out = torch.full((b, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
+    if s.do_sample:
+        cur = torch.multinomial(_warp(procs, first_logits), 1)[:, 0]
+    else:
+        cur = first_logits.float().argmax(-1)
+    out[:, 0] = cur
+    emitted = [1] * b
+    done = (torch.isin(cur, eos) if eos.numel() else torch.zeros(b, dtype=torch.bool, device=device)).tolist()
+    done = [d or s.max_new_tokens == 1 for d in done]
+    while not all(done):
+        rows_list = [r for r in range(b) if not done[r]]
+        rows = torch.tensor(rows_list, device=device)
+        r_count = len(rows_list)
+        start = cache.lengths[rows]  # (R,) the column of each row's current token
+        room = max(s.max_new_tokens - emitted[r] for r in rows_list)
+        limit = min(draft.max_draft, room - 1)
+        tok = cur[rows]
+        hs, drafts, draft_probs = [], [], []
+        stopped = torch.zeros(r_count, dtype=torch.bool, device=device)
+        i = 0
+        while True:
+            span = engine.span(rows, (start + i)[:, None])
+            h = k.embed_tokens(tok[:, None], span.positions)
+            for layer in range(1, e + 1):
+                h = engine.run_layer(layer, h, span)
+            hs.append(h)
+            stats.layer_calls += e * r_count
+            if i >= limit:
+                break
+            state = engine.run_exit(ex, h, span) if ex.uses_cache else h
+            stats.exit_calls += r_count if ex.uses_cache else 0
+            lg = ex.logits(k, state[:, -1]).float()
+            if s.do_sample:
+                q = _warp(procs, lg)
+                tok = torch.multinomial(q, 1)[:, 0]
+                draft_probs.append(q)
+                conf = q.amax(-1)
+            else:
+                tok = lg.argmax(-1)
+                conf = torch.softmax(lg, -1).amax(-1) if draft.threshold is not None else None
+            drafts.append(tok)
+            i += 1
+            if draft.threshold is not None:
+                stopped |= conf < draft.threshold
+                if bool(stopped.all()):
+                    limit = i  # feed this last draft through 1..e too, so that it is verified
+        m = len(hs)  # block: the current token + m - 1 drafts
+        block = torch.cat(hs, 1)  # (R, m, D)
+        span = engine.span(rows, start[:, None] + torch.arange(m, device=device)[None])
+        x = block
+        for layer in range(e + 1, n + 1):
+            x = engine.run_layer(layer, x, span)
+        stats.layer_calls += (n - e) * m * r_count
+        final = k.logits(x).float()  # (R, m, V)
+        d = torch.stack(drafts, 1) if drafts else torch.zeros((r_count, 0), dtype=torch.long, device=device)
+        if s.do_sample:
+            p = _warp(procs, final)  # (R, m, V)
+            if m > 1:
+                q = torch.stack(draft_probs, 1)  # (R, m-1, V)
+                p_d = p[:, :-1].gather(-1, d[..., None])[..., 0]
+                q_d = q.gather(-1, d[..., None])[..., 0]
+                ok = torch.rand_like(p_d) < (p_d / q_d).clamp(max=1.0)
+                kept = ok.long().cumprod(1).sum(1)  # (R,)
+            else:
+                kept = torch.zeros(r_count, dtype=torch.long, device=device)
+            at = p[torch.arange(r_count, device=device), kept]  # (R, V) target distribution at the first reject
+            if m > 1:
+                qd = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[torch.arange(r_count, device=device), kept]
+                rejected = (kept < m - 1)[:, None]
+                resid = torch.where(rejected, (at - qd).clamp(min=0), at)
+                resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, at)  # p == q: nothing to correct
+                at = resid / resid.sum(-1, keepdim=True)
+            nxt = torch.multinomial(at, 1)[:, 0]
+        else:
+            f = final.argmax(-1)  # (R, m)
+            kept = (d == f[:, : m - 1]).long().cumprod(1).sum(1) if m > 1 else torch.zeros(
+                r_count, dtype=torch.long, device=device)
+            nxt = f[torch.arange(r_count, device=device), kept]
+        full = kept == m - 1  # every draft kept: the last block token's exit K/V are still missing
+        if ex.uses_cache and bool(full.any()):
+            sel = full.nonzero()[:, 0]
+            last = engine.span(rows[sel], (start[sel] + m - 1)[:, None])
+            engine.run_exit(ex, block[sel, -1:], last)  # only its K/V are needed: exactly what this layer writes
+            stats.exit_calls += int(sel.numel())
+        new = torch.zeros((r_count, m), dtype=torch.long, device=device)
+        new[:, : m - 1] = d
+        new[torch.arange(r_count, device=device), kept] = nxt
+        counts = (kept + 1).tolist()
+        new_rows = new.tolist()
+        stats.rounds += r_count
+        stats.drafted += (m - 1) * r_count
+        stats.accepted += int(kept.sum())
+        engine.log.append(_speculative_log(engine, rows_list, b, e, m, counts, full.tolist(), ex.uses_cache))
+        eos_set = set(s.eos_token_id)
+        for j, r in enumerate(rows_list):
+            take = new_rows[j][: counts[j]]
+            emitted_now = 0
+            for t in take:
+                if emitted[r] >= s.max_new_tokens:
+                    break
+                out[r, emitted[r]] = t
+                emitted[r] += 1
+                emitted_now += 1
+                if t in eos_set:
+                    done[r] = True
+                    break
+            if emitted[r] >= s.max_new_tokens:
+                done[r] = True
+            stats.tokens += emitted_now
+            stats.per_round.append(emitted_now)
+            engine.log[-1].tokens[r] = emitted_now
+        cache.lengths[rows] = start + kept + 1
+        cache.length = None
+        cur[rows] = nxt
+    steps = max(emitted)
+    return out[:, :steps], emitted
+
+
+def _speculative_log(engine, rows, b, e, m, counts, full, exit_cache):
+    """A round as a step record: per row, layer calls (drafting m tokens through 1..e, verifying m through e+1..N),
+    exit calls (m-1 drafts, + 1 when every draft was kept: the last token's exit K/V) and heads (m-1 drafts + m
+    verified)."""
+    log = _SpeculativeLog(torch.full((b,), engine.n, dtype=torch.long), False, None)
+    z = torch.zeros(b)
+    log.layers, log.exits, log.heads, log.proj = z.clone(), z.clone(), z.clone(), z.clone()
+    log.tokens = torch.zeros(b)
+    for j, r in enumerate(rows):
+        log.layers[r] = engine.n * m
+        log.exits[r] = (m - 1 + (1 if full[j] else 0)) if exit_cache else 0
+        log.heads[r] = (m - 1) + m
+    log.live = torch.tensor(rows)
+    return log
+
+
+@dataclass
+class _SpeculativeLog(_StepLog):
+    layers: torch.Tensor | None = None
+    exits: torch.Tensor | None = None
+    heads: torch.Tensor | None = None
+    proj: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    live: torch.Tensor | None = None
+
+    def record(self) -> StepRecord:
+        b = self.exit_layer.shape[0]
+        z = torch.zeros(b)
+        return StepRecord(self.exit_layer.clone(), self.layers, self.exits, self.heads, self.proj, z, False,
+                          self.tokens)
