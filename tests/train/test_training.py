@@ -130,7 +130,8 @@ def test_a_run_folder_with_another_configuration_is_refused(tmp_path):
 
 
 def _torchrun(out: Path, nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # this checkout's src first: the venv may hold an editable install of another checkout (a git worktree)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + nproc + os.getpid() % 1000), str(ROOT / "tests" / "train" / "ddp_worker.py"), str(out),
            str(nproc)]
