@@ -28,10 +28,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 reproduce-quick: $(STAMP)
-	$(VENV)/bin/freevlm reproduce --quick --out runs/reproduce-quick
+	$(VENV)/bin/freevlm reproduce --quick --out runs/reproduce-quick --overwrite
 
 reproduce: $(STAMP)
-	$(VENV)/bin/freevlm reproduce --out runs/reproduce
+	$(VENV)/bin/freevlm reproduce --out runs/reproduce --overwrite
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/decode_speed.py

@@ -2,7 +2,9 @@
 
 Arguments come from each function's signature: a parameter `exit_layers: list[int] | None = None` becomes
 `--exit-layers 3 6 9`, a `bool` parameter becomes `--flag/--no-flag`, a parameter without a default is required.
-Help text comes from the function's docstring ("name: text" lines). Bad input ends with `error: <one line>`, exit 2.
+Help text comes from the function's docstring ("name: text" lines). Bad input ends with `error: <one line>`, exit 2:
+argparse's own errors (an unparsable value, a missing argument) too, without its usage block (`--help` shows it).
+The commands check their arguments first (`freevlm.validate`), so a bad value fails before any work starts.
 """
 
 from __future__ import annotations
@@ -75,8 +77,20 @@ def add_arguments(parser: argparse.ArgumentParser, fn) -> None:
         parser.add_argument(flag, **kwargs)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (subcommand parsers inherit the class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"error: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="freevlm", description="Early-exit decoding for BLIP-2-style VLMs (FREE).")
+    parser = Parser(prog="freevlm", description="Early-exit decoding for BLIP-2-style VLMs (FREE).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, fn in COMMANDS.items():
         doc = inspect.getdoc(fn) or ""
@@ -94,8 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fn(**{k: v for k, v in args.items()})
     except FreeVLMError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment, not the input: a full disk, a folder that became unwritable
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {one_line(err.strerror or err)}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from freevlm import validate as check
 from freevlm.data.datasets import load_dataset
 from freevlm.data.splits import split_by_image, split_record
 from freevlm.errors import FreeVLMError
@@ -16,6 +17,7 @@ from freevlm.eval.efficiency import CostModel, compute_speedup, parameter_speedu
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, evaluate_visdial, evaluate_vqa
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
+from freevlm.outputs import claim_output, write_json
 from freevlm.train.batches import CAPTION_PROMPT, caption_examples, vqa_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 
@@ -29,7 +31,9 @@ def demo(out: Path = Path("runs/demo"), seed: int = 0, progress: bool = True) ->
     """
     from freevlm.demo import demo as run
 
-    run(out, seed=seed, progress=progress)
+    check.non_negative_int("seed", seed)
+    with claim_output(out):  # reruns reuse what is there, but two at once would train into the same folders
+        run(out, seed=seed, progress=progress)
 
 
 def make_data(out: Path, seed: int = 0) -> None:
@@ -40,6 +44,7 @@ def make_data(out: Path, seed: int = 0) -> None:
     """
     from freevlm.data.synthetic import SyntheticConfig, write_synthetic
 
+    check.non_negative_int("seed", seed)
     paths = write_synthetic(SyntheticConfig(seed=seed), out)
     print(f"synthetic dataset in {paths.root}")
 
@@ -53,7 +58,9 @@ def pretrain(out: Path = Path("runs/default"), seed: int = 0, progress: bool = T
     """
     from freevlm.default import DefaultConfig, describe_default, pretrained_default
 
-    _, backbone = pretrained_default(out, DefaultConfig(), seed=seed, progress=progress)
+    check.non_negative_int("seed", seed)
+    with claim_output(out):
+        _, backbone = pretrained_default(out, DefaultConfig(), seed=seed, progress=progress)
     print(json.dumps(describe_default(backbone), indent=2))
     print(f"backbone: {Path(out) / f'pretrain-s{seed}' / 'backbone'}")
 
@@ -69,7 +76,36 @@ def _examples(task: str, samples: list) -> list:
 def _load_train_split(dataset, data, images, questions, split, train_fraction, seed):
     task, samples = load_dataset(dataset, split, data, images, questions)
     train, dev = split_by_image(samples, seed, train_fraction)
+    if not train:
+        raise FreeVLMError(f"no training images: {len(samples)} samples in split {split!r} of {dataset!r}, "
+                           f"--train-fraction {train_fraction} of them rounds to none")
     return task, train, split_record(train, dev, seed, train_fraction)
+
+
+def _check_training(epochs, batch_size, lr, train_fraction, seed) -> None:
+    check.optional(check.positive_int, "epochs", epochs)
+    check.positive_int("batch_size", batch_size)
+    check.positive_number("lr", lr)
+    check.fraction("train_fraction", train_fraction)
+    check.non_negative_int("seed", seed)
+
+
+def _check_inputs(backbone, exits=None) -> None:
+    """The checkpoint folders, from their files alone (cheap): before the output is claimed or data is read."""
+    from freevlm.backbones import check_backbone
+    from freevlm.exits import check_exit_checkpoint
+
+    check_backbone(backbone)
+    if exits is not None:
+        check_exit_checkpoint(exits)
+
+
+def _samples(dataset, split, data, images, questions, domain=None, limit=None) -> tuple[str, list]:
+    task, samples = load_dataset(dataset, split, data, images, questions, domain)
+    samples = samples[:limit] if limit is not None else samples
+    if not samples:
+        raise FreeVLMError(f"split {split!r} of dataset {dataset!r} has no samples")
+    return task, samples
 
 
 def train_backbone(
@@ -99,18 +135,27 @@ def train_backbone(
     progress: show progress bars
     """
     from freevlm.backbones import load_backbone
-    from freevlm.train.stage1 import Stage1Config
+    from freevlm.train.stage1 import PARTS, Stage1Config
     from freevlm.train.stage1 import train_backbone as run
 
-    bb = load_backbone(backbone)
-    task, train, record = _load_train_split(dataset, data, images, questions, split, train_fraction, seed)
+    check.dataset_name(dataset)
+    if parts is not None:
+        check.choices("parts", parts, PARTS)
+    _check_training(epochs, batch_size, lr, train_fraction, seed)
+    check.choice("optimizer", optimizer, ("adam", "adamw"))
+    check.non_negative_int("decay_every", decay_every)
     cfg = Stage1Config(
         train_parts=tuple(parts or ("vision", "qformer", "projection")),
         optim=OptimConfig(name=optimizer, lr=lr, decay_every_epochs=decay_every),
         loop=LoopConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=progress),
     )
-    means = run(bb, _examples(task, train), cfg, out, resume=resume)
-    (Path(out) / "split.json").write_text(json.dumps(record, indent=2))
+    _check_inputs(backbone)
+    with claim_output(out):
+        task, train, record = _load_train_split(dataset, data, images, questions, split, train_fraction, seed)
+        examples = _examples(task, train)
+        bb = load_backbone(backbone)
+        means = run(bb, examples, cfg, out, resume=resume)
+        write_json(Path(out) / "split.json", record)
     print(f"stage 1 done: {means}; backbone: {Path(out) / 'backbone'}")
 
 
@@ -148,13 +193,23 @@ def train_exits(
     progress: show progress bars
     """
     from freevlm.backbones import load_backbone
+    from freevlm.exits import SEED_LAYER_CHOICES, validate_exit_layers
+    from freevlm.losses import KL_DIRECTIONS
     from freevlm.train.pseudo import capfilt_targets, greedy_targets
     from freevlm.train.stage2 import VARIANTS, variant_config
     from freevlm.train.stage2 import train_exits as run
 
-    bb = load_backbone(backbone)
-    task, train, record = _load_train_split(dataset, data, images, questions, split, train_fraction, seed)
-    examples = _examples(task, train)
+    check.choice("variant", variant, VARIANTS)
+    check.dataset_name(dataset)
+    check.choice("seed_layer", seed_layer, SEED_LAYER_CHOICES)
+    check.choice("kl_direction", kl_direction, KL_DIRECTIONS)  # also where the variant ignores it: a typo is a typo
+    _check_training(epochs, batch_size, lr, train_fraction, seed)
+    check.non_negative_int("warmup_steps", warmup_steps)
+    check.optional(check.number, "adversarial_weight", adversarial_weight, 0.0)
+    check.positive_int("candidates", candidates)
+    check.integer("keep", keep, 1, what=f"an integer in 1..--candidates ({candidates})")
+    if keep > candidates:
+        raise FreeVLMError(f"--keep must be an integer in 1..--candidates ({candidates}), got {keep}")
     cfg = variant_config(variant, exit_layers=exit_layers, seed_layer=seed_layer, kl_direction=kl_direction,
                          optim=OptimConfig(name="adamw", lr=lr, warmup_steps=warmup_steps))
     cfg.loop.batch_size, cfg.loop.seed, cfg.loop.progress = batch_size, seed, progress
@@ -162,14 +217,25 @@ def train_exits(
         cfg.loop.epochs = epochs
     if adversarial_weight is not None:
         cfg.adversarial_weight = adversarial_weight
-    targets = VARIANTS[variant][3]
-    if targets == "greedy":
-        examples = greedy_targets(bb, _unique_images(examples), progress=progress)
-    elif targets == "capfilt":
-        examples, _ = capfilt_targets(bb, _unique_images(examples), num_candidates=candidates, keep=keep, seed=seed,
-                                      progress=progress)
-    _, means = run(bb, examples, cfg, out, resume=resume)
-    (Path(out) / "split.json").write_text(json.dumps(record, indent=2))
+        cfg.__post_init__()  # e.g. an adversarial term on linear exits
+    _check_inputs(backbone)
+    with claim_output(out):
+        task, train, record = _load_train_split(dataset, data, images, questions, split, train_fraction, seed)
+        examples = _examples(task, train)
+        bb = load_backbone(backbone)
+        if exit_layers is not None:
+            try:
+                validate_exit_layers(exit_layers, bb.lm.num_layers)
+            except FreeVLMError as err:
+                raise FreeVLMError(f"--exit-layers: {err}") from None
+        targets = VARIANTS[variant][3]
+        if targets == "greedy":
+            examples = greedy_targets(bb, _unique_images(examples), progress=progress)
+        elif targets == "capfilt":
+            examples, _ = capfilt_targets(bb, _unique_images(examples), num_candidates=candidates, keep=keep,
+                                          seed=seed, progress=progress)
+        _, means = run(bb, examples, cfg, out, resume=resume)
+        write_json(Path(out) / "split.json", record)
     print(f"exit training done: {means}; exits: {Path(out) / 'exits'}")
 
 
@@ -208,6 +274,11 @@ def generate(
     """
     from freevlm.eval.efficiency import measure_throughput
 
+    check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
+    _check_inputs(backbone, exits)
+    for path in image:
+        if not Path(path).is_file():
+            raise FreeVLMError(f"image not found: {path}")
     vlm = EarlyExitVLM.from_pretrained(backbone, exits)
     opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, use_exits=exits is not None)
     res = vlm.generate(list(image), [prompt] * len(image), opts)
@@ -237,7 +308,7 @@ def evaluate(
     images: Path | None = None, questions: Path | None = None, split: str = "test", domain: str | None = None,
     criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate", num_beams: int = 1,
     max_new_tokens: int = 30, batch_size: int = 16, official: bool = True, noise: float = 0.0,
-    limit: int | None = None, progress: bool = True,
+    limit: int | None = None, overwrite: bool = False, progress: bool = True,
 ) -> None:
     """Evaluate a backbone (with or without exits) on a dataset split; write predictions + metrics + exit stats.
 
@@ -259,34 +330,41 @@ def evaluate(
     official: caption metrics through pycocoevalcap with Java (else in-process BLEU-4 and CIDEr only)
     noise: std of Gaussian noise added to the normalised pixel values (Table 6)
     limit: evaluate only the first N samples
+    overwrite: replace the results already in `out` (they are kept until the new ones are written)
     progress: show progress bars
     """
-    vlm = EarlyExitVLM.from_pretrained(backbone, exits)
-    task, samples = load_dataset(dataset, split, data, images, questions, domain)
-    samples = samples[:limit] if limit else samples
-    opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, use_exits=exits is not None)
-    common = dict(batch_size=batch_size, progress=progress, pixel_noise=noise)
-    if task == "caption":
-        result = evaluate_captions(vlm, samples, opts, official=official, **common)
-    elif task == "visdial":
-        result = evaluate_visdial(vlm, samples, opts, batch_size=batch_size, progress=progress)
-    else:
-        opts.max_new_tokens = min(max_new_tokens, 10)
-        result = evaluate_vqa(vlm, samples, opts, metric=task, **common)
-    from accelerate import PartialState
+    check.dataset_name(dataset)
+    check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
+    check.positive_int("batch_size", batch_size)
+    check.number("noise", noise, 0.0)
+    check.optional(check.positive_int, "limit", limit)
+    _check_inputs(backbone, exits)
+    with claim_output(out, file=True, overwrite=overwrite):
+        task, samples = _samples(dataset, split, data, images, questions, domain, limit)
+        vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+        opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, use_exits=exits is not None)
+        common = dict(batch_size=batch_size, progress=progress, pixel_noise=noise)
+        if task == "caption":
+            result = evaluate_captions(vlm, samples, opts, official=official, **common)
+        elif task == "visdial":
+            result = evaluate_visdial(vlm, samples, opts, batch_size=batch_size, progress=progress)
+        else:
+            opts.max_new_tokens = min(max_new_tokens, 10)
+            result = evaluate_vqa(vlm, samples, opts, metric=task, **common)
+        from accelerate import PartialState
 
-    if PartialState().is_main_process:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result.to_json(), indent=2))
-        print(json.dumps({"metrics": result.metrics, "speed": result.speed,
-                          "exit_fractions": result.exit_fractions}, indent=2))
+        if PartialState().is_main_process:
+            write_json(out, result.to_json())
+            print(json.dumps({"metrics": result.metrics, "speed": result.speed,
+                              "exit_fractions": result.exit_fractions}, indent=2))
 
 
 def sweep(
     backbone: Path, exits: Path, out: Path, dataset: str = "synthetic", data: Path | None = None,
     images: Path | None = None, questions: Path | None = None, split: str = "val",
     thresholds: list[float] | None = None, criterion: str = "confidence", kv_policy: str = "propagate",
-    max_new_tokens: int = 30, batch_size: int = 16, limit: int | None = None, progress: bool = True,
+    max_new_tokens: int = 30, batch_size: int = 16, limit: int | None = None, overwrite: bool = False,
+    progress: bool = True,
 ) -> None:
     """Quality and speedups per threshold (default alpha in {0.5, ..., 1.0}): sweep.json and sweep.png in `out`.
 
@@ -304,15 +382,30 @@ def sweep(
     max_new_tokens: generation length limit
     batch_size: images per generate call
     limit: use only the first N samples
+    overwrite: replace sweep.json and sweep.png already in `out` (kept until the new ones are written)
     progress: show progress bars
     """
+    check.dataset_name(dataset)
+    settings = list(thresholds or PAPER_THRESHOLDS)
+    check.decoding(criterion, settings, kv_policy, 1, max_new_tokens, threshold_name="thresholds")
+    check.positive_int("batch_size", batch_size)
+    check.optional(check.positive_int, "limit", limit)
+    _check_inputs(backbone, exits)
+    with claim_output(out, results=("sweep.json", "sweep.png"), overwrite=overwrite):
+        _sweep(backbone, exits, out, dataset, data, images, questions, split, settings, criterion, kv_policy,
+               max_new_tokens, batch_size, limit, progress)
+
+
+def _sweep(backbone, exits, out, dataset, data, images, questions, split, settings, criterion, kv_policy,
+           max_new_tokens, batch_size, limit, progress) -> None:
     from freevlm.eval.plots import plot_sweep
 
+    task, samples = _samples(dataset, split, data, images, questions, limit=limit)
+    if task not in ("caption", "vqa", "gqa", "vizwiz"):
+        raise FreeVLMError("sweep supports caption and VQA datasets")
     vlm = EarlyExitVLM.from_pretrained(backbone, exits)
-    task, samples = load_dataset(dataset, split, data, images, questions)
-    samples = samples[:limit] if limit else samples
     rows = {}
-    for t in thresholds or list(PAPER_THRESHOLDS):
+    for t in settings:
         opts = _options(criterion, t, kv_policy, 1, max_new_tokens)
         if task == "caption":
             r = evaluate_captions(vlm, samples, opts, official=False, batch_size=batch_size, progress=progress)
@@ -327,14 +420,13 @@ def sweep(
                    "exit_fractions": {str(k): v for k, v in r.exit_fractions.items()}}
         print(f"{criterion}={t}: {quality[0]} {quality[1]:.2f}, parameter speedup {r.speed['parameter_speedup']:.2f}x, "
               f"compute speedup {r.speed['compute_speedup']:.2f}x")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "sweep.json").write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=2))
+    write_json(Path(out) / "sweep.json", {str(k): v for k, v in rows.items()})
     plot_sweep({f"{criterion}": rows}, Path(out) / "sweep.png")
     print(f"wrote {Path(out) / 'sweep.json'} and {Path(out) / 'sweep.png'}")
 
 
 def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: bool = False, seeds: int = 3,
-              methods: list[str] | None = None, progress: bool = True) -> None:
+              methods: list[str] | None = None, overwrite: bool = False, progress: bool = True) -> None:
     """Reproduce the paper's tables and figures on the embedded default; write a Markdown + PNG report folder.
 
     out: report and run folder
@@ -342,9 +434,15 @@ def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: boo
     full: also the other backbones and the full sweeps
     seeds: seeds per experiment (spread is reported as mean ± std)
     methods: methods compared with FREE (default: DeeBLIP PABEE-BLIP LeeBLIP LeeBERT MuE; --quick: DeeBLIP MuE)
+    overwrite: replace the report already in `out` (trained runs in `out` are reused either way)
     progress: show progress bars
     """
+    from freevlm.reproduce import check_methods
     from freevlm.reproduce import reproduce as run
 
-    run(out, quick=quick, full=full, seeds=seeds, progress=progress, methods=methods)
+    check.positive_int("seeds", seeds)
+    if methods is not None:
+        check_methods(methods)  # before the output is claimed
+    with claim_output(out, results=("report",), overwrite=overwrite):
+        run(out, quick=quick, full=full, seeds=seeds, progress=progress, methods=methods)
 

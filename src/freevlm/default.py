@@ -27,6 +27,7 @@ from freevlm.data.synthetic import (
 )
 from freevlm.data.tokenizer import build_word_tokenizer
 from freevlm.eval.efficiency import count_parameters
+from freevlm.outputs import write_json
 from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, caption_examples, vqa_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.pretrain import WarmupConfig, init_qformer_for_scratch, representation_warmup
@@ -113,5 +114,5 @@ def pretrained_default(root: str | Path, cfg: DefaultConfig | None = None, seed:
     pre.loop.seed = seed
     pre.loop.progress = progress
     train_backbone(backbone, examples, pre, out, stage="pretrain", resume=True)
-    stamp.write_text(json.dumps(identity, indent=2))
+    write_json(stamp, identity)
     return data_root, backbone

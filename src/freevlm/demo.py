@@ -11,7 +11,6 @@ setup -> fit -> validate, as the paper's protocol (§4) lays it out:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -26,6 +25,7 @@ from freevlm.default import DefaultConfig, describe_default, pretrained_default
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, select_threshold, speed_comparison
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
+from freevlm.outputs import write_json
 from freevlm.train.batches import CAPTION_PROMPT, Example, caption_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.stage1 import Stage1Config, train_backbone
@@ -141,6 +141,6 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, p
               "wall_clock_at_table10_alpha": wall[DEFAULT_ALPHA], "system": system_info(),
               "config": {"default": asdict(cfg), "stage1": asdict(s1), "stage2": asdict(s2)},
               "seconds": time.perf_counter() - start}
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json(out / "demo_report.json", report, default=str)
     print(f"\ndone in {report['seconds'] / 60:.1f} min; report: {out / 'demo_report.json'}")
     return report

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from freevlm.backbones.base import LanguageModel, LayerContext
 from freevlm.errors import FreeVLMError
 
 SEED_LAYER_CHOICES = ("next", "same", "last")
+EXIT_KINDS = ("transformer", "linear", "frozen-head")
 
 
 def seed_layer(exit_layer: int, num_layers: int, choice: str) -> int:
@@ -210,9 +210,15 @@ def backbone_fingerprint(lm: LanguageModel) -> str:
     return h.hexdigest()[:16]
 
 
+FORMAT = "freevlm-exits/2"  # /1 kept what the exits were trained for in exits.json only
+METADATA_KEY = "freevlm.exits"  # the key of the safetensors header metadata holding `exit_metadata` as JSON
+# What must agree between exits.json and the weights file's own record (and, for the last five, with the backbone).
+RECORDED = ("exit_layers", "kind", "seed_layer", "lm_type", "num_layers", "hidden_size", "vocab_size", "fingerprint")
+
+
 def exit_metadata(lm: LanguageModel, exits: ExitStack, backbone_name: str) -> dict:
     return {
-        "format": "freevlm-exits/1",
+        "format": FORMAT,
         "backbone": backbone_name,
         "lm_type": lm.config.model_type,
         "num_layers": lm.num_layers,
@@ -225,30 +231,89 @@ def exit_metadata(lm: LanguageModel, exits: ExitStack, backbone_name: str) -> di
     }
 
 
+def _save_module(path: Path, module: nn.Module, meta: dict) -> None:
+    from freevlm.outputs import atomic_write
+
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    header = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+
+
 def save_exits(folder, lm: LanguageModel, exits: ExitStack, backbone_name: str, discriminators=None) -> None:
-    """exits.safetensors (+ discriminators.safetensors) and exits.json into `folder`, written then renamed."""
+    """exits.safetensors (+ discriminators.safetensors) and exits.json into `folder`, each written then renamed.
+
+    The weights file records in its own header what the exits were trained for (exit layers, kind, seed layer,
+    backbone fingerprint and shape), so an edited or mismatched exits.json is caught at load time: the exits'
+    state dict is the same for any layer list of the same length, and nothing else would notice.
+    """
+    from freevlm.outputs import write_json
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pending = [(EXITS_WEIGHTS, exits), (DISCRIMINATORS_WEIGHTS, discriminators)]
-    for name, module in pending:
-        if module is None:
-            continue
-        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        tmp = folder / f".{name}.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, folder / name)
-    tmp = folder / f".{EXITS_CONFIG}.tmp"
-    tmp.write_text(json.dumps(exit_metadata(lm, exits, backbone_name), indent=2))
-    os.replace(tmp, folder / EXITS_CONFIG)
+    meta = exit_metadata(lm, exits, backbone_name)
+    _save_module(folder / EXITS_WEIGHTS, exits, meta)
+    if discriminators is not None:
+        _save_module(folder / DISCRIMINATORS_WEIGHTS, discriminators, meta)
+    write_json(folder / EXITS_CONFIG, meta)
 
 
-def load_exits(folder, lm: LanguageModel, expected_layers: list[int] | None = None) -> ExitStack:
-    """Exits saved by `save_exits`, refused with a one-line error if they belong to another backbone or layer set."""
-    folder = Path(folder)
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _read_config(folder: Path) -> dict:
     config_file = folder / EXITS_CONFIG
+    if not folder.is_dir():
+        raise FreeVLMError(f"exit checkpoint folder not found: {folder}")
     if not config_file.is_file():
         raise FreeVLMError(f"not an exit checkpoint (no {EXITS_CONFIG}): {folder}")
-    meta = json.loads(config_file.read_text())
+    try:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FreeVLMError(f"corrupt {config_file}: {_one_line(err)}") from None
+    if not isinstance(meta, dict):
+        raise FreeVLMError(f"corrupt {config_file}: expected a JSON object, found {type(meta).__name__}")
+    for key in RECORDED:
+        if key not in meta:
+            raise FreeVLMError(f"corrupt {config_file}: missing '{key}'")
+    layers = meta["exit_layers"]
+    if not isinstance(layers, list) or not layers or not all(type(x) is int for x in layers):
+        raise FreeVLMError(f"corrupt {config_file}: 'exit_layers' must be a non-empty list of integers, got "
+                           f"{json.dumps(layers)}")
+    if meta["kind"] not in EXIT_KINDS:
+        raise FreeVLMError(f"corrupt {config_file}: unknown exit kind {meta['kind']!r}; expected one of "
+                           f"{', '.join(EXIT_KINDS)}")
+    if meta["seed_layer"] not in SEED_LAYER_CHOICES:
+        raise FreeVLMError(f"corrupt {config_file}: unknown seed_layer {meta['seed_layer']!r}; expected one of "
+                           f"{', '.join(SEED_LAYER_CHOICES)}")
+    return meta
+
+
+def _read_weights_record(weights: Path) -> dict | None:
+    """The record in the weights file's header (None: saved before exits carried one); checks the file is whole."""
+    from safetensors import SafetensorError, safe_open
+
+    if not weights.is_file():
+        raise FreeVLMError(f"exit checkpoint {weights.parent} is incomplete: {weights.name} (the weights) is missing")
+    try:
+        # safe_open checks the header and that the tensors it lists cover the file exactly: a 0-byte or truncated
+        # file fails here, before any tensor is read.
+        with safe_open(str(weights), "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise FreeVLMError(f"corrupt or truncated exit weights {weights}: {_one_line(err)}") from None
+    if METADATA_KEY not in header:
+        return None
+    try:
+        record = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise FreeVLMError(f"corrupt exit weights {weights}: unreadable '{METADATA_KEY}' record in the header")
+    return record
+
+
+def _check_backbone(folder: Path, meta: dict, lm: LanguageModel) -> None:
     for key, have in (("lm_type", lm.config.model_type), ("num_layers", lm.num_layers),
                       ("hidden_size", lm.hidden_size), ("vocab_size", lm.vocab_size)):
         if meta.get(key) != have:
@@ -260,13 +325,78 @@ def load_exits(folder, lm: LanguageModel, expected_layers: list[int] | None = No
             f"exits in {folder} were trained on backbone {meta.get('backbone')!r}, whose frozen head/layers differ "
             "from this backbone's"
         )
-    if expected_layers is not None and list(expected_layers) != meta["exit_layers"]:
-        raise FreeVLMError(f"exits in {folder} sit at layers {meta['exit_layers']}, not at {list(expected_layers)}")
-    exits = build_exits(lm, ExitSpec(meta["kind"], list(meta["exit_layers"]), meta.get("seed_layer", "next")))
-    state = load_file(str(folder / EXITS_WEIGHTS))
-    missing, unexpected = exits.load_state_dict(state, strict=False)
+
+
+def _load_weights(folder: Path, lm: LanguageModel, meta: dict) -> ExitStack:
+    from safetensors import SafetensorError
+
+    exits = build_exits(lm, ExitSpec(meta["kind"], list(meta["exit_layers"]), meta["seed_layer"]))
+    weights = folder / EXITS_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise FreeVLMError(f"corrupt or truncated exit weights {weights}: {_one_line(err)}") from None
+    try:
+        missing, unexpected = exits.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not fit (e.g. a tensor of another size)
+        raise FreeVLMError(f"exit weights {weights} do not fit their config: {_one_line(err)[:300]}") from None
     if missing or unexpected:
         raise FreeVLMError(f"exit weights in {folder} do not match their config: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
     device = next(iter(lm.layers.parameters())).device
     return exits.to(device).eval()
+
+
+def check_exit_checkpoint(folder) -> dict:
+    """What an exit checkpoint was trained for, after checking its files agree (no backbone needed, no tensor read):
+    the cheap part of `load_exits`, which commands run before any work."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    weights = folder / EXITS_WEIGHTS
+    record = _read_weights_record(weights)
+    if record is None:
+        raise FreeVLMError(
+            f"exit weights {weights} do not record which layers they were trained for (saved by an older freevlm); "
+            "retrain them, or re-save them with freevlm.exits.resave_exits(folder, backbone.lm) if exits.json is "
+            "known to be right"
+        )
+    for key in RECORDED:
+        if config.get(key) != record.get(key):
+            raise FreeVLMError(
+                f"{folder / EXITS_CONFIG} does not match the weights beside it: {key} is "
+                f"{json.dumps(config.get(key))} there but {json.dumps(record.get(key))} in {EXITS_WEIGHTS} "
+                "(edited, or copied from another run)"
+            )
+    return record
+
+
+def load_exits(folder, lm: LanguageModel, expected_layers: list[int] | None = None) -> ExitStack:
+    """Exits saved by `save_exits`, checked end to end; any problem is one `FreeVLMError` line.
+
+    Refused: a missing, corrupt or truncated exits.json or exits.safetensors; a weights file without its training
+    record (saved by freevlm before version 2: retrain, or `resave_exits` if exits.json is known to be right); an
+    exits.json that disagrees with that record (exit layers, kind, seed layer, backbone); exits of another backbone
+    or layer set (`expected_layers`).
+    """
+    folder = Path(folder)
+    record = check_exit_checkpoint(folder)
+    _check_backbone(folder, record, lm)
+    if expected_layers is not None and list(expected_layers) != record["exit_layers"]:
+        raise FreeVLMError(f"exits in {folder} sit at layers {record['exit_layers']}, not at {list(expected_layers)}")
+    try:
+        validate_exit_layers(record["exit_layers"], lm.num_layers)
+    except FreeVLMError as err:
+        raise FreeVLMError(f"exits in {folder}: {err}") from None
+    return _load_weights(folder, lm, record)
+
+
+def resave_exits(folder, lm: LanguageModel) -> ExitStack:
+    """Upgrade an exit checkpoint saved without the weights-file record: trust its exits.json (the caller vouches
+    for it), check it against `lm`, and save it again in the current format. Returns the loaded exits."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    _read_weights_record(folder / EXITS_WEIGHTS)  # whole and readable
+    _check_backbone(folder, config, lm)
+    exits = _load_weights(folder, lm, config)
+    save_exits(folder, lm, exits, str(config.get("backbone", "")))
+    return exits

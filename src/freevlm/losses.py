@@ -26,6 +26,9 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, normalizer=
     return loss / _norm((targets != IGNORE).sum(), normalizer)
 
 
+KL_DIRECTIONS = ("exit_to_final", "final_to_exit")
+
+
 def exit_kl(exit_logits, final_logits, mask, direction: str = "exit_to_final", normalizer=None) -> torch.Tensor:
     """L^KL (Eq. 3). The paper writes KL(p_i || p_N) = sum_v p_i log(p_i / p_N) ("exit_to_final", its reading);
     "final_to_exit" is the usual distillation direction KL(p_N || p_i). The final distribution is a fixed teacher."""

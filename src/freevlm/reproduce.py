@@ -51,6 +51,7 @@ from freevlm.eval.report import markdown_table, mean_std
 from freevlm.exits import ExitSpec, ExitStack, build_exits
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.losses import IGNORE
+from freevlm.outputs import replace_folder, write_json, write_text
 from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Collator, Example, caption_examples, vqa_examples
 from freevlm.train.forward import teacher_forced
 from freevlm.train.loop import LoopConfig, OptimConfig
@@ -434,10 +435,7 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: boo
     provenance = tree_state()  # the code that runs is the code at launch, whatever happens to the tree meanwhile
     cfg = config or (quick_config() if quick else ReproduceConfig(seeds=seeds))
     if methods is not None:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise FreeVLMError(f"unknown method {', '.join(map(repr, unknown))} for --methods; choose from "
-                               f"{', '.join(m for m in METHODS if m != 'FREE')}")
+        check_methods(methods)
         cfg.methods = ("FREE", *dict.fromkeys(m for m in methods if m != "FREE"))
     if full:
         cfg.ablations = ("no-adversarial", "no-ce", "no-kd")
@@ -448,6 +446,13 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: boo
                  provenance=provenance)
     print(f"report: {report_dir / 'README.md'}")
     return report_dir
+
+
+def check_methods(methods) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise FreeVLMError(f"unknown method {', '.join(map(repr, unknown))} for --methods; choose from "
+                           f"{', '.join(m for m in METHODS if m != 'FREE')}")
 
 
 def _run_seeds(cfg: ReproduceConfig, out: Path, full: bool, progress: bool) -> tuple[list[dict], dict]:
@@ -486,10 +491,20 @@ def _ms(values, scale=1.0, digits=1):
 
 def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: dict, seconds: float, quick: bool,
                  full: bool, provenance: dict | None = None) -> None:
+    """The report is built in a temporary sibling folder and renamed into place (see freevlm.outputs), so an
+    earlier report is replaced only by a complete new one."""
+    final = folder
+    folder = final.with_name(f".{final.name}.tmp")
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps(runs, indent=2, default=str))
+    _write_report(folder, cfg, runs, model, seconds, quick, full, provenance)
+    replace_folder(folder, final)
+
+
+def _write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: dict, seconds: float, quick: bool,
+                  full: bool, provenance: dict | None) -> None:
+    write_json(folder / "results.json", runs, default=str)
     n_seeds = len(runs)
     lines = [f"# FREE on the embedded default: reproduction report ({'quick' if quick else 'default'} mode)", ""]
     provenance = provenance or tree_state()
@@ -507,7 +522,7 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
         "compute speedups, 'wall' = measured tokens/s ratio vs full-depth decoding (batch 1).",
         "",
     ]
-    (folder / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    write_json(folder / "config.json", asdict(cfg), default=str)
 
     def col(path, scale=100.0, digits=1):
         vals = []
@@ -661,7 +676,7 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
     lines += ["Real data only: the paper's absolute numbers (COCO, NoCaps, VQAv2, OK-VQA, GQA, VizWiz, VisDial on "
               "BLIP-2 OPT-2.7B / FlanT5-XL) need the real checkpoints and datasets; every table here is on the "
               "synthetic stand-ins and the tiny default model, so only the qualitative claims can be compared.", ""]
-    (folder / "README.md").write_text("\n".join(lines))
+    write_text(folder / "README.md", "\n".join(lines))
 
 
 def _method_rows(runs, get, cfg, quality_cols) -> list[list]:

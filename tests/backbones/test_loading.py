@@ -61,3 +61,55 @@ def test_paper_exit_layers_at_paper_depths_and_scaled_elsewhere():
     assert default_exit_layers(t5) == [3, 5, 7, 9, 12, 20, 22]
     assert default_exit_layers(opt12) == [1, 2, 3, 4, 9, 10, 11]  # round(l * 12 / 32)
     assert json.dumps(default_exit_layers(opt12))  # plain ints
+
+
+def _cls_token_llava(folder):
+    """A llava-hf-style folder: the CLIP tower's CLS token makes 17 features for 16 patches, the "default" strategy
+    drops it, and the processor records that with num_additional_image_tokens=1 (so 16 + 1 - 1 placeholders)."""
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    from freevlm.backbones.tiny import build_tiny
+    from freevlm.data.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer(["a photo of red green square"])
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor, tok, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+    backbone = build_tiny("llava-llama", processor=processor, seed=0)
+    assert backbone.model.config.vision_feature_select_strategy == "default"
+    backbone.model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return backbone
+
+
+def test_a_cls_token_llava_folder_keeps_its_processor_fields_and_generates(tmp_path):
+    from PIL import Image
+
+    from freevlm.generation.api import EarlyExitVLM
+
+    _cls_token_llava(tmp_path / "llava")
+    saved = json.loads((tmp_path / "llava" / "processor_config.json").read_text())
+    vlm = EarlyExitVLM.from_pretrained(tmp_path / "llava")
+    processor = vlm.backbone.processor
+    for key in ("num_additional_image_tokens", "patch_size", "vision_feature_select_strategy", "image_token"):
+        assert getattr(processor, key) == saved[key], key
+    assert processor.num_additional_image_tokens == 1
+    # rebuilt from the model config alone (the old loader), the prompt got 15 placeholders for 16 features
+    out = vlm.generate([Image.new("RGB", (32, 32), "red")], ["a photo of"], max_new_tokens=3, use_exits=False)
+    assert len(out.sequences) == 1 and len(out.exit_layers[0]) >= 1
+
+
+def test_a_config_edited_to_fewer_or_more_layers_than_the_weights_is_refused(tmp_path):
+    """No silent truncation (or random layers): checked on LLaVA, whose files use transformers' legacy key names."""
+    import shutil
+
+    _cls_token_llava(tmp_path / "llava")
+    for layers, message in ((2, "gives model.language_model.layers 2 layers but the weights hold 4"),
+                            (6, "gives model.language_model.layers 6 layers but the weights hold only 4")):
+        folder = tmp_path / f"llava-{layers}"
+        shutil.copytree(tmp_path / "llava", folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["text_config"]["num_hidden_layers"] = layers
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(FreeVLMError, match=message):
+            load_backbone(folder)

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _evaluate(nproc: int, backbone: Path, data: Path, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # this checkout's src first: the venv may hold an editable install of another checkout (a git worktree)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29600 + nproc + os.getpid() % 1000), "-m", "freevlm.cli", "evaluate", "--backbone", str(backbone),
            "--out", str(out), "--data", str(data), "--split", "test", "--no-official", "--batch-size", "1",

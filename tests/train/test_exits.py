@@ -101,5 +101,52 @@ def test_loading_exits_onto_another_backbone_or_layer_set_is_refused(tmp_path):
     deeper, _ = colour_task(tmp_path / "c", layers=8)
     with pytest.raises(FreeVLMError, match="num_layers=6"):
         load_exits(tmp_path / "exits", deeper.lm)
-    with pytest.raises(FreeVLMError, match="not an exit checkpoint"):
+    with pytest.raises(FreeVLMError, match="exit checkpoint folder not found"):
         load_exits(tmp_path / "nowhere", backbone.lm)
+    with pytest.raises(FreeVLMError, match="not an exit checkpoint"):
+        load_exits(tmp_path, backbone.lm)
+
+
+def test_the_weights_file_records_what_its_exits_were_trained_for(tmp_path):
+    """exits.json alone cannot be trusted: the exits' tensors are the same for any layer list of the same length,
+    so the weights file's own header says where the exits sit, and an exits.json that disagrees is refused."""
+    import json
+
+    from safetensors import safe_open
+
+    backbone, _ = colour_task(tmp_path / "a")
+    linear = build_exits(backbone.lm, ExitSpec("linear", [1, 3]))
+    save_exits(tmp_path / "exits", backbone.lm, linear, "tiny-a")
+    with safe_open(str(tmp_path / "exits" / "exits.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["freevlm.exits"])
+    assert {k: record[k] for k in ("exit_layers", "kind", "seed_layer", "lm_type", "num_layers")} == {
+        "exit_layers": [1, 3], "kind": "linear", "seed_layer": "next", "lm_type": "opt", "num_layers": 6}
+    assert record == json.loads((tmp_path / "exits" / "exits.json").read_text())
+    config = tmp_path / "exits" / "exits.json"
+    for key, value in (("exit_layers", [2, 4]), ("kind", "frozen-head"), ("fingerprint", "0" * 16)):
+        config.write_text(json.dumps({**record, key: value}))
+        with pytest.raises(FreeVLMError, match=f"does not match the weights beside it: {key} is"):
+            load_exits(tmp_path / "exits", backbone.lm)
+    config.write_text(json.dumps(record))
+    assert load_exits(tmp_path / "exits", backbone.lm).layers == [1, 3]
+
+
+def test_an_exit_checkpoint_without_the_record_is_refused_until_resaved(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from freevlm.exits import resave_exits
+
+    backbone, _ = colour_task(tmp_path / "a")
+    exits = build_exits(backbone.lm, ExitSpec("transformer", [2, 4]))
+    save_exits(tmp_path / "exits", backbone.lm, exits, "tiny-a")
+    weights = tmp_path / "exits" / "exits.safetensors"
+    save_file(load_file(weights), str(weights))  # as freevlm saved exits before the record existed
+    with pytest.raises(FreeVLMError, match="do not record which layers .* retrain them, or re-save them"):
+        load_exits(tmp_path / "exits", backbone.lm)
+    other, _ = colour_task(tmp_path / "b", seed=1)
+    with pytest.raises(FreeVLMError, match="frozen head"):
+        resave_exits(tmp_path / "exits", other.lm)  # re-saving still checks the backbone
+    resave_exits(tmp_path / "exits", backbone.lm)
+    loaded = load_exits(tmp_path / "exits", backbone.lm)
+    assert loaded.layers == [2, 4]
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in exits.state_dict().items())

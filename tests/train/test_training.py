@@ -130,7 +130,8 @@ def test_a_run_folder_with_another_configuration_is_refused(tmp_path):
 
 
 def _torchrun(out: Path, nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # this checkout's src first: the venv may hold an editable install of another checkout (a git worktree)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + nproc + os.getpid() % 1000), str(ROOT / "tests" / "train" / "ddp_worker.py"), str(out),
            str(nproc)]
@@ -149,3 +150,43 @@ def test_two_ddp_processes_give_the_weights_of_one_process(tmp_path):
     backbone, _ = colour_task(tmp_path / "ref")  # training moved the exits away from their seed layers
     seed_layer = backbone.lm.layers[2].state_dict()  # exit 0 sits after layer 2 and is seeded from layer 3
     assert any(not torch.equal(one[f"exits.0.layer.{k}"], v) for k, v in seed_layer.items())
+
+
+def test_resume_trims_the_metrics_log_to_the_checkpoint(tmp_path):
+    """A kill between two checkpoints leaves log rows the resumed run writes again; they are dropped on resume, as is
+    a half-written last line, so every step is logged once."""
+    import json
+
+    _stage2(tmp_path, "run", max_steps=2)  # checkpoints at steps 1 and 2
+    log = tmp_path / "run" / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    with log.open("a") as f:  # what a run killed during step 4 leaves: step 3 logged, no checkpoint, a torn line
+        f.write(json.dumps({**rows[-1], "step": 3}) + "\n" + '{"stage": "stage2", "ep')
+    _stage2(tmp_path, "run", resume=True)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_folder_holding_only_the_config_of_a_run_that_never_started_is_reused(tmp_path):
+    from freevlm.train.loop import open_run
+    from freevlm.train.stage2 import train_exits as run_exits
+
+    backbone, examples = colour_task(tmp_path / "data")
+    bad = ExitTrainConfig(exit_layers=[2, 9], loop=LoopConfig(epochs=1, batch_size=4, progress=False))
+    with pytest.raises(FreeVLMError, match="must lie in 1..5"):
+        run_exits(backbone, examples, bad, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the run folder was written
+
+    class Main:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+    open_run(tmp_path / "old", {"stage": "stage2", "exit_layers": [2, 9]}, False, Main())  # an older freevlm did this
+    good = ExitTrainConfig(exit_layers=[2, 4], loop=LoopConfig(epochs=1, batch_size=4, progress=False))
+    run_exits(backbone, examples, good, tmp_path / "old")
+    assert (tmp_path / "old" / "exits" / "exits.safetensors").is_file()
+    other = ExitTrainConfig(exit_layers=[1, 3], loop=LoopConfig(epochs=1, batch_size=4, progress=False))
+    with pytest.raises(FreeVLMError, match="different configuration"):  # once trained, never silently replaced
+        run_exits(backbone, examples, other, tmp_path / "old", resume=True)

@@ -19,8 +19,9 @@ from transformers import (
     BlipImageProcessorPil,
 )
 
-from freevlm.backbones.common import VLMBackbone
+from freevlm.backbones.common import VLMBackbone, build_processor, load_model, load_part
 from freevlm.backbones.lm import language_model_adapter
+from freevlm.errors import FreeVLMError
 
 
 def image_features(model: Blip2ForConditionalGeneration, pixel_values: torch.Tensor, **extra) -> torch.Tensor:
@@ -46,10 +47,23 @@ def from_config(config: Blip2Config, processor: Blip2Processor | None = None, na
 
 
 def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> VLMBackbone:
-    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model = load_model(Blip2ForConditionalGeneration, path, dtype)
     # The PIL image processor: the default BlipImageProcessor needs torchvision, which must not be installed.
-    processor = Blip2Processor(
-        BlipImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+    processor = build_processor(
+        Blip2Processor,
+        path,
+        [load_part(BlipImageProcessorPil.from_pretrained, path, "image processor"),
+         load_part(AutoTokenizer.from_pretrained, path, "tokenizer")],
         num_query_tokens=model.config.num_query_tokens,
     )
+    check_query_tokens(processor, model, path)
     return wrap(model, processor, name=str(path))
+
+
+def check_query_tokens(processor, model, path) -> None:
+    """The processor must insert as many image placeholders as the Q-Former makes queries."""
+    n = getattr(processor, "num_query_tokens", None)
+    if n is not None and n != model.config.num_query_tokens:
+        raise FreeVLMError(f"{path}: the processor inserts {n} image tokens but the model has "
+                           f"{model.config.num_query_tokens} query tokens (processor_config.json and config.json "
+                           "disagree)")

@@ -1,8 +1,19 @@
-"""Pieces the vision-side adapters share: scattering image features into placeholder slots, and loading checks."""
+"""Pieces the vision-side adapters share: scattering image features into placeholder slots, and loading checks.
+
+Loading a checkpoint folder is checked end to end, because transformers' `from_pretrained` accepts a lot silently:
+a config edited from 12 to 6 layers loads the first 6 and drops the rest, a config with more layers than the weights
+leaves the extra ones random, a folder without a tokenizer gets some default one. `check_checkpoint_folder` looks at
+the files before anything is loaded (weights present and whole, their keys those of the family config.json names,
+tokenizer and image-processor configs present); `load_model` loads strictly (every tensor of the weights used, every
+parameter of the model loaded, every shape equal) and turns each failure into one `FreeVLMError` line.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -39,7 +50,7 @@ def read_model_type(path: str | Path) -> str:
         raise FreeVLMError(f"not a transformers checkpoint folder (no config.json): {folder}")
     try:
         return json.loads(config_file.read_text())["model_type"]
-    except (json.JSONDecodeError, KeyError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise FreeVLMError(f"unreadable config {config_file}: {err!r}") from None
 
 
@@ -95,3 +106,199 @@ class VLMBackbone:
         return self.model.generate(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs
         )
+
+
+# --- checkpoint folders -------------------------------------------------------------------------------------------
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # legacy; loaded, but not pre-checked
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+FAMILY_NAMES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "llava": "LLaVA"}
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def weight_keys(folder: Path) -> list[str] | None:
+    """The tensor names of a folder's safetensors weights (one file or shards), read from the headers only, after
+    checking each file is whole; None for legacy PyTorch weights. No weights at all is an error."""
+    from safetensors import SafetensorError, safe_open
+
+    if (folder / SAFETENSORS_INDEX).is_file():
+        index_file = folder / SAFETENSORS_INDEX
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            raise FreeVLMError(f"corrupt weights index {index_file}: {_one_line(err)}") from None
+    elif (folder / SAFETENSORS).is_file():
+        files = [SAFETENSORS]
+    elif any((folder / name).is_file() for name in TORCH_WEIGHTS):
+        return None
+    else:
+        raise FreeVLMError(f"no model weights in {folder} (expected {SAFETENSORS} or {SAFETENSORS_INDEX})")
+    keys: list[str] = []
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FreeVLMError(f"weights file missing: {path} (listed in {SAFETENSORS_INDEX})")
+        try:
+            # The header must list tensors that cover the file exactly, so a truncated or 0-byte file fails here.
+            with safe_open(str(path), "pt") as f:
+                keys.extend(f.keys())
+        except (SafetensorError, OSError) as err:
+            raise FreeVLMError(f"corrupt or truncated weights file {path}: {_one_line(err)}") from None
+    return keys
+
+
+def family_of_keys(keys: Iterable[str]) -> str | None:
+    """The model_type whose weights these are, from parts only that family has (None: none of the three)."""
+    keys = list(keys)
+    if any("multi_modal_projector." in k for k in keys):
+        return "llava"
+    if any(k.endswith("qformer.embeddings.word_embeddings.weight") for k in keys):
+        return "instructblip"  # InstructBLIP's Q-Former reads the instruction, so it has word embeddings
+    if any(k.endswith("query_tokens") for k in keys):
+        return "blip-2"
+    return None
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _has_image_processor(folder: Path) -> bool:
+    if (folder / "preprocessor_config.json").is_file():
+        return True
+    config = folder / "processor_config.json"  # transformers 5 nests the image processor's config in it
+    try:
+        return config.is_file() and "image_processor" in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FreeVLMError(f"corrupt {config}: {_one_line(err)}") from None
+
+
+def check_checkpoint_folder(folder: str | Path, model_type: str) -> None:
+    """Everything a load needs is there and consistent, checked from the files before any weight is read."""
+    folder = Path(folder)
+    keys = weight_keys(folder)
+    if keys is not None:
+        found = family_of_keys(keys)
+        if found != model_type:
+            what = f"a {FAMILY_NAMES[found]} model's" if found else "not those of a BLIP-2, InstructBLIP or LLaVA model"
+            raise FreeVLMError(f"{folder / 'config.json'} says model_type {model_type!r} but the weights in {folder} "
+                               f"are {what}")
+    if not _has_tokenizer(folder):
+        raise FreeVLMError(f"no tokenizer in {folder} (expected tokenizer.json or tokenizer_config.json); save the "
+                           "tokenizer (or processor) with the model")
+    if not _has_image_processor(folder):
+        raise FreeVLMError(f"no image processor config in {folder} (expected preprocessor_config.json or "
+                           "processor_config.json); save the processor with the model")
+    if model_type == "instructblip" and not _has_tokenizer(folder / "qformer_tokenizer"):
+        raise FreeVLMError(f"no Q-Former tokenizer in {folder / 'qformer_tokenizer'}; InstructBLIP needs both "
+                           "tokenizers (save the InstructBlipProcessor with the model)")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or load reports from transformers while loading: freevlm checks the load itself and says
+    what is wrong in one line (the CLI promises one line per problem)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+_STACK = re.compile(r"^(.*\.(?:layers|layer|block|h))\.(\d+)\.")
+
+
+def _stacks(keys: Iterable[str]) -> dict[str, set[int]]:
+    """Layer stacks (e.g. "language_model.model.decoder.layers") and the layer indices the keys hold in each."""
+    out: dict[str, set[int]] = {}
+    for k in keys:
+        m = _STACK.match(k)
+        if m:
+            out.setdefault(m.group(1), set()).add(int(m.group(2)))
+    return out
+
+
+def loading_problem(model, info: dict) -> str | None:
+    """What is wrong with a load, from transformers' loading info (None: every tensor loaded, none left over)."""
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(info.get("mismatched_keys", ()))
+    have = _stacks(model.state_dict())
+    for prefix, extra in _stacks(unexpected).items():
+        if prefix in have and min(extra) >= len(have[prefix]):
+            return (f"config.json gives {prefix} {len(have[prefix])} layers but the weights hold {max(extra) + 1}; "
+                    "freevlm does not run a truncated model (was config.json edited?)")
+    for prefix, lacking in _stacks(missing).items():
+        n = len(have.get(prefix, ()))
+        if lacking == set(range(min(lacking), n)):
+            return (f"config.json gives {prefix} {n} layers but the weights hold only {min(lacking)}; the rest would "
+                    "be left random (was config.json edited?)")
+    if mismatched:
+        key, ckpt, model_shape = mismatched[0]
+        return (f"the weights do not fit config.json: {key} is {list(ckpt)} in the weights but {list(model_shape)} "
+                f"by the config ({len(mismatched)} tensors differ; was config.json edited?)")
+    if unexpected:
+        return (f"{len(unexpected)} tensors of the weights have no place in the model config.json describes (e.g. "
+                f"{unexpected[0]}); freevlm does not drop weights silently")
+    if missing:
+        return (f"the weights lack {len(missing)} tensors of the model config.json describes (e.g. {missing[0]}); "
+                "they would be left random")
+    return None
+
+
+def load_model(cls, path: str | Path, dtype: torch.dtype | None = None):
+    """`cls.from_pretrained(path)`, strictly: any mismatch between the weights and config.json is refused."""
+    from safetensors import SafetensorError
+
+    with quiet_transformers():
+        try:
+            # ignore_mismatched_sizes only so that transformers reports every mismatch instead of raising with a
+            # pointer to a log table; the model is refused below if there is any.
+            model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as err:
+            raise FreeVLMError(f"cannot load the model in {path}: {_one_line(err)[:400]}") from None
+    problem = loading_problem(model, info)
+    if problem:
+        raise FreeVLMError(f"{path}: {problem}")
+    return model
+
+
+def load_part(loader, path: str | Path, what: str):
+    """A tokenizer or image processor from `path`, with a one-line error."""
+    with quiet_transformers():
+        try:
+            return loader(path)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise FreeVLMError(f"cannot load the {what} in {path}: {_one_line(err)[:400]}") from None
+
+
+def build_processor(cls, path: str | Path, components: list, **defaults):
+    """`cls(*components, **fields)` with every field of the folder's processor_config.json (num_query_tokens,
+    patch_size, vision_feature_select_strategy, num_additional_image_tokens, image_token, chat template, ...);
+    `defaults` (from the model's config) fill only the fields the file does not have.
+
+    Uses transformers' own reading (`get_processor_dict`) and construction (`from_args_and_dict`), so nothing the
+    checkpoint's processor was saved with is dropped: rebuilding a LlavaProcessor from the model config alone loses
+    `num_additional_image_tokens`, and a CLS-token checkpoint then gets one image placeholder too few.
+    """
+    with quiet_transformers():
+        try:
+            fields, _ = cls.get_processor_dict(path)
+        except (OSError, ValueError, json.JSONDecodeError) as err:
+            raise FreeVLMError(f"cannot read the processor config in {path}: {_one_line(err)[:400]}") from None
+    merged = {**{k: v for k, v in defaults.items() if v is not None}, **fields}
+    try:
+        return cls.from_args_and_dict(components, merged)
+    except (ValueError, TypeError) as err:
+        raise FreeVLMError(f"bad processor config in {path}: {_one_line(err)[:400]}") from None

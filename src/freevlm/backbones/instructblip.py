@@ -13,8 +13,8 @@ from transformers import (
     InstructBlipProcessor,
 )
 
-from freevlm.backbones.blip2 import parameter_groups
-from freevlm.backbones.common import VLMBackbone
+from freevlm.backbones.blip2 import check_query_tokens, parameter_groups
+from freevlm.backbones.common import VLMBackbone, build_processor, load_model, load_part
 from freevlm.backbones.lm import language_model_adapter
 
 
@@ -37,10 +37,14 @@ def from_config(config: InstructBlipConfig, processor=None, name: str = "") -> V
 
 
 def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> VLMBackbone:
-    model = InstructBlipForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    processor = InstructBlipProcessor(
-        BlipImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-        AutoTokenizer.from_pretrained(Path(path) / "qformer_tokenizer"),
+    model = load_model(InstructBlipForConditionalGeneration, path, dtype)
+    processor = build_processor(
+        InstructBlipProcessor,
+        path,
+        [load_part(BlipImageProcessorPil.from_pretrained, path, "image processor"),
+         load_part(AutoTokenizer.from_pretrained, path, "tokenizer"),
+         load_part(AutoTokenizer.from_pretrained, Path(path) / "qformer_tokenizer", "Q-Former tokenizer")],
         num_query_tokens=model.config.num_query_tokens,
     )
+    check_query_tokens(processor, model, path)
     return wrap(model, processor, name=str(path))

@@ -18,7 +18,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from freevlm.backbones.common import VLMBackbone
+from freevlm.backbones.common import VLMBackbone, build_processor, load_model, load_part
 from freevlm.backbones.lm import language_model_adapter
 
 
@@ -49,10 +49,15 @@ def from_config(config: LlavaConfig, processor: LlavaProcessor | None = None, na
 
 
 def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> VLMBackbone:
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model = load_model(LlavaForConditionalGeneration, path, dtype)
     cfg = model.config
-    processor = LlavaProcessor(
-        LlavaImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+    # Every field of processor_config.json is kept (num_additional_image_tokens above all: llava-hf checkpoints
+    # whose vision tower has a CLS token set it to 1); the model config only fills the fields the file lacks.
+    processor = build_processor(
+        LlavaProcessor,
+        path,
+        [load_part(LlavaImageProcessorPil.from_pretrained, path, "image processor"),
+         load_part(AutoTokenizer.from_pretrained, path, "tokenizer")],
         patch_size=cfg.vision_config.patch_size, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
     )
     return wrap(model, processor, name=str(path))

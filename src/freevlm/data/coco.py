@@ -40,9 +40,10 @@ def load_coco_karpathy(
         if entry_split not in wanted:
             continue
         image_id = entry["cocoid"] if "cocoid" in entry else require(entry, "imgid", path, where)
-        filename = require(entry, "filename", path, where)
+        filename = require(entry, "filename", path, where, kind=str)
         sentences = require(entry, "sentences", path, where, kind=list)
-        captions = [require(s, "raw", path, f"{where}.sentences[{j}]").strip() for j, s in enumerate(sentences)]
+        captions = [require(s, "raw", path, f"{where}.sentences[{j}]", kind=str).strip()
+                    for j, s in enumerate(sentences)]
         samples.append(
             CaptionSample(
                 image_id=str(image_id),
@@ -76,7 +77,7 @@ def parse_coco_captions(
         where = f"images[{i}]"
         image_id = require(entry, "id", path, where)
         sample = CaptionSample(
-            image_id=str(image_id), image_path=root / require(entry, "file_name", path, where), captions=[]
+            image_id=str(image_id), image_path=root / require(entry, "file_name", path, where, kind=str), captions=[]
         )
         samples.append(sample)
         by_id[image_id] = sample
@@ -86,5 +87,5 @@ def parse_coco_captions(
             image_id = require(ann, "image_id", path, where)
             if image_id not in by_id:
                 raise FreeVLMError(f"{path}: {where} refers to image_id {image_id!r}, which is not in 'images'")
-            by_id[image_id].captions.append(require(ann, "caption", path, where).strip())
+            by_id[image_id].captions.append(require(ann, "caption", path, where, kind=str).strip())
     return samples

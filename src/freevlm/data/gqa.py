@@ -35,7 +35,7 @@ def load_gqa(questions_file: str | Path, image_root: str | Path) -> list[VQASamp
                 question_id=str(question_id),
                 image_id=image_id,
                 image_path=root / f"{image_id}.jpg",
-                question=require(entry, "question", path, where),
+                question=require(entry, "question", path, where, kind=str),
                 answers=[entry["answer"]] if "answer" in entry else [],
                 extra=extra,
             )

@@ -48,7 +48,7 @@ def load_visdial(
         dwhere = f"dialogs[{d}]"
         image_id = require(dialog, "image_id", path, dwhere)
         image_path = root / format_image_name(image_pattern, image_id, path)
-        caption = require(dialog, "caption", path, dwhere)
+        caption = require(dialog, "caption", path, dwhere, kind=str)
         history: list[tuple[str, str]] = []
         for r, turn in enumerate(require(dialog, "dialog", path, dwhere, kind=list)):
             where = f"{dwhere}.dialog[{r}]"

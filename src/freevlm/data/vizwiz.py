@@ -24,7 +24,7 @@ def load_vizwiz(annotation_file: str | Path, image_root: str | Path) -> list[VQA
     samples = []
     for i, entry in enumerate(data):
         where = f"entry [{i}]"
-        image = require(entry, "image", path, where)
+        image = require(entry, "image", path, where, kind=str)
         answers = entry.get("answers", [])
         stem = Path(image).stem
         samples.append(
@@ -32,8 +32,8 @@ def load_vizwiz(annotation_file: str | Path, image_root: str | Path) -> list[VQA
                 question_id=stem,
                 image_id=stem,
                 image_path=root / image,
-                question=require(entry, "question", path, where),
-                answers=[require(a, "answer", path, f"{where}.answers[{k}]") for k, a in enumerate(answers)],
+                question=require(entry, "question", path, where, kind=str),
+                answers=[require(a, "answer", path, f"{where}.answers[{k}]", kind=str) for k, a in enumerate(answers)],
                 answer_type=entry.get("answer_type"),
                 answerable=bool(entry["answerable"]) if "answerable" in entry else None,
                 extra={"answer_confidences": [a.get("answer_confidence") for a in answers]} if answers else {},

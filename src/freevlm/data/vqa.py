@@ -53,7 +53,7 @@ def load_vqa(
             question_id=str(question_id),
             image_id=str(image_id),
             image_path=root / format_image_name(image_pattern, image_id, qpath),
-            question=require(q, "question", qpath, where),
+            question=require(q, "question", qpath, where, kind=str),
             answers=[],
         )
         if apath is not None:
@@ -62,7 +62,8 @@ def load_vqa(
             j, ann = labels[question_id]
             awhere = f"annotations[{j}]"
             answers = require(ann, "answers", apath, awhere, kind=list)
-            sample.answers = [require(a, "answer", apath, f"{awhere}.answers[{k}]") for k, a in enumerate(answers)]
+            sample.answers = [require(a, "answer", apath, f"{awhere}.answers[{k}]", kind=str)
+                              for k, a in enumerate(answers)]
             sample.answer_type = ann.get("answer_type")
             sample.extra = {
                 "multiple_choice_answer": ann.get("multiple_choice_answer"),

@@ -10,6 +10,16 @@ matplotlib.use("Agg")  # files only; no display on CI machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig, path: str | Path) -> None:
+    """Write a PNG atomically (a temporary file renamed into place; see freevlm.outputs) and close the figure."""
+    from freevlm.outputs import atomic_write
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
+
+
 def plot_sweep(curves: dict[str, dict], path: str | Path, speedup: str = "compute_speedup",
                title: str = "quality vs speedup") -> None:
     """One line per method: x = speedup, y = quality, one point per setting (annotated with the setting)."""
@@ -32,8 +42,7 @@ def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_layers(curves: dict[str, dict[int, float]], path: str | Path, ylabel: str, title: str) -> None:
@@ -53,5 +62,4 @@ def plot_exit_histogram(fractions: dict[int, float], path: str | Path, title: st
     ax.set_ylabel("fraction of tokens")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -9,7 +9,8 @@ A recipe supplies a `step(batch) -> dict[str, float]` that runs its own forward/
 - checkpoints: `accelerator.save_state` (models, optimizers, schedulers, RNG states) plus the data position, written
   into a temporary folder and renamed into place, so a crash never leaves a half-written checkpoint;
 - resume: the newest complete checkpoint is loaded and the epoch's first batches are skipped, so a resumed run
-  ends with the same weights as an uninterrupted one.
+  ends with the same weights as an uninterrupted one; metrics.jsonl is first trimmed to the checkpoint's step, so
+  the steps run again after a kill are logged once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from freevlm.errors import FreeVLMError
+from freevlm.outputs import LOCK_NAME, fsync_dir, fsync_tree, write_text
 
 # LMs with a tied head (OPT) are saved with the tie removed; accelerate warns about it at every checkpoint.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -111,30 +113,71 @@ def _identity(config: dict) -> dict:
     return config
 
 
+def _entries(folder: Path) -> list[str]:
+    """A folder's entries, less freevlm's own lock and probe files (they say nothing about what the folder holds)."""
+    return [p.name for p in folder.iterdir() if not p.name.startswith((LOCK_NAME, ".freevlm-probe-"))]
+
+
+def _holds_nothing_trained(run: RunDir) -> bool:
+    """Only run_config.json (and perhaps an empty checkpoint folder or metrics log): the run stopped before its
+    first step, e.g. on a validation error, and nothing would be lost by starting it with another configuration."""
+    rest = set(_entries(run.path)) - {run.config_file.name}
+    if run.checkpoints.is_dir() and not any(run.checkpoints.iterdir()):
+        rest.discard(run.checkpoints.name)
+    if run.metrics_file.is_file() and run.metrics_file.stat().st_size == 0:
+        rest.discard(run.metrics_file.name)
+    return not rest
+
+
 def open_run(path: str | Path, config: dict, resume: bool, accelerator: Accelerator) -> RunDir:
     """The run folder for `config`, created if new. Never mixes two runs: a folder holding another configuration,
-    or checkpoints of this one without `resume`, or unrelated files, is refused with a one-line error."""
+    or checkpoints of this one without `resume`, or unrelated files, is refused with a one-line error. A folder
+    holding only the config of a run that never took a step is reused (nothing in it can be lost)."""
     run = RunDir(path)
     if accelerator.is_main_process:
         wanted = _identity(json.loads(json.dumps(config)))
+        fresh = not run.path.exists() or not _entries(run.path)
         if run.config_file.exists():
-            if _identity(json.loads(run.config_file.read_text())) != wanted:
-                raise FreeVLMError(f"{run.path} holds a run with a different configuration; choose another --out")
-            if not resume and run.latest() is not None:
+            try:
+                held = _identity(json.loads(run.config_file.read_text()))
+            except json.JSONDecodeError:
+                held = None
+            if held != wanted:
+                if not _holds_nothing_trained(run):
+                    raise FreeVLMError(f"{run.path} holds a run with a different configuration; choose another --out")
+                fresh = True
+            elif not resume and run.latest() is not None:
                 raise FreeVLMError(f"{run.path} already holds checkpoints of this run; pass --resume or another --out")
-        elif run.path.exists() and any(run.path.iterdir()):
+        elif not fresh:
             raise FreeVLMError(f"{run.path} exists and is not a freevlm run folder; choose another --out")
-        else:
-            run.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run.config_file, json.dumps(config, indent=2, sort_keys=True))
+        if fresh:
+            try:
+                run.path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise FreeVLMError(f"cannot create run folder {run.path}: {err.strerror or err}") from None
+            write_text(run.config_file, json.dumps(config, indent=2, sort_keys=True))
     accelerator.wait_for_everyone()
     return run
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def trim_metrics(run: RunDir, stage: str, step: int) -> None:
+    """Drop the log rows of `stage` after `step` (and any half-written last line): a resumed run logs those steps
+    again, so without this a kill between two checkpoints would leave them in metrics.jsonl twice."""
+    if not run.metrics_file.is_file():
+        return
+    kept, dropped = [], 0
+    for line in run.metrics_file.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and row.get("stage") == stage and row.get("step", 0) > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        write_text(run.metrics_file, "".join(f"{line}\n" for line in kept))
 
 
 def fit(
@@ -163,6 +206,8 @@ def fit(
         start_epoch, skip, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
         if skip >= steps_per_epoch:
             start_epoch, skip = start_epoch + 1, 0
+    if accelerator.is_main_process:
+        trim_metrics(run, stage, global_step)
     means: dict[str, float] = {}
     for epoch in range(start_epoch, loop.epochs):
         loader.set_epoch(epoch)
@@ -207,9 +252,11 @@ def save_checkpoint(accelerator, run: RunDir, epoch: int, in_epoch: int, global_
         position = {"epoch": epoch, "step_in_epoch": in_epoch, "global_step": global_step}
         (tmp / "position.json").write_text(json.dumps(position))
         (tmp / "DONE").write_text("")
+        fsync_tree(tmp)  # the rename below must not publish files whose bytes are still only in the page cache
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(run.checkpoints)
         done = sorted(p for p in run.checkpoints.iterdir() if p.name.startswith("step-"))
         for old in done[:-keep] if keep else []:
             shutil.rmtree(old)

@@ -62,10 +62,14 @@ class CaptionLoss(nn.Module):
         return token_cross_entropy(tf.logits, tf.targets, normalizer)
 
 
-def select_trainable(backbone, parts) -> list[nn.Parameter]:
+def check_parts(parts) -> None:
     unknown = set(parts) - set(PARTS)
-    if unknown:
+    if unknown or not parts:
         raise FreeVLMError(f"unknown backbone parts {sorted(unknown)}; expected some of {', '.join(PARTS)}")
+
+
+def select_trainable(backbone, parts) -> list[nn.Parameter]:
+    check_parts(parts)
     groups = backbone.parameter_groups()
     backbone.model.requires_grad_(False)
     params = [p for part in parts for p in groups.get(part, [])]
@@ -83,6 +87,7 @@ def train_backbone(backbone, examples, cfg: Stage1Config, out: str | Path, *, re
     """Fine-tune `backbone` in place on (image, prompt, target) examples; save it under out/backbone."""
     if any(e.target is None for e in examples):
         raise FreeVLMError("stage 1 needs labelled examples (every example must have a target)")
+    check_parts(cfg.train_parts)  # before open_run writes the run's config
     accelerator = accelerator or make_accelerator()
     run = open_run(out, config_dict({"stage": stage}, cfg), resume, accelerator)
     set_seed(cfg.loop.seed)  # new modules (exits, discriminators) start from the same weights on every rank and rerun
@@ -116,13 +121,18 @@ def train_backbone(backbone, examples, cfg: Stage1Config, out: str | Path, *, re
 
 
 def save_backbone(backbone, folder: Path) -> None:
-    """A transformers checkpoint folder (model + processor) that `load_backbone` reads back."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    backbone.model.save_pretrained(tmp)
-    if backbone.processor is not None:
-        backbone.processor.save_pretrained(tmp)
-    if folder.exists():
-        import shutil
+    """A transformers checkpoint folder (model + processor) that `load_backbone` reads back; built beside `folder`,
+    fsynced and renamed into place, so an interrupted save never leaves a half checkpoint (or none)."""
+    import shutil
 
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    from freevlm.backbones.common import quiet_transformers
+    from freevlm.outputs import replace_folder
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with quiet_transformers():
+        backbone.model.save_pretrained(tmp)
+        if backbone.processor is not None:
+            backbone.processor.save_pretrained(tmp)
+    replace_folder(tmp, folder)

@@ -23,9 +23,19 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from freevlm.errors import FreeVLMError
-from freevlm.exits import Discriminator, ExitSpec, ExitStack, build_exits, save_exits
+from freevlm.exits import (
+    EXIT_KINDS,
+    SEED_LAYER_CHOICES,
+    Discriminator,
+    ExitSpec,
+    ExitStack,
+    build_exits,
+    save_exits,
+    validate_exit_layers,
+)
 from freevlm.losses import (
     IGNORE,
+    KL_DIRECTIONS,
     discriminator_loss,
     exit_kl,
     generator_loss,
@@ -69,6 +79,15 @@ class ExitTrainConfig:
     cache_image_features: bool = True  # compute each image's features once (the backbone is frozen); see forward.py
 
     def __post_init__(self):
+        # Checked here, before any work, even where the variant does not use them: a typo must not pass silently.
+        if self.exit_kind not in EXIT_KINDS:
+            raise FreeVLMError(f"unknown exit kind {self.exit_kind!r}; expected one of {', '.join(EXIT_KINDS)}")
+        if self.seed_layer not in SEED_LAYER_CHOICES:
+            raise FreeVLMError(f"unknown exit seed layer {self.seed_layer!r}; expected one of "
+                               f"{', '.join(SEED_LAYER_CHOICES)}")
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise FreeVLMError(f"unknown KL direction {self.kl_direction!r}; expected one of "
+                               f"{', '.join(KL_DIRECTIONS)}")
         if self.task not in TASKS:
             raise FreeVLMError(f"unknown exit task loss {self.task!r}; expected one of {', '.join(TASKS)}")
         if self.discriminator_features not in ("normed", "raw"):
@@ -154,12 +173,13 @@ def train_exits(backbone, examples, cfg: ExitTrainConfig, out: str | Path, *, re
     """Train exits on a frozen `backbone`; save them (exit-only checkpoint) under out/exits."""
     if cfg.task in ("ce", "pabee", "leebert", "leeblip") and any(e.target is None for e in examples):
         raise FreeVLMError(f"task loss {cfg.task!r} needs a target for every example (use kd, or pseudo-labels)")
+    layers = cfg.exit_layers or backbone.default_exit_layers()
+    validate_exit_layers(exits.layers if exits is not None else layers, backbone.lm.num_layers)  # before open_run
     accelerator = accelerator or make_accelerator()
     run = open_run(out, config_dict({"stage": stage}, cfg), resume, accelerator)
     set_seed(cfg.loop.seed)  # new modules (exits, discriminators) start from the same weights on every rank and rerun
     lm = backbone.lm
     backbone.model.to(accelerator.device).eval().requires_grad_(False)
-    layers = cfg.exit_layers or backbone.default_exit_layers()
     if exits is None:
         exits = build_exits(lm, ExitSpec(cfg.exit_kind, list(layers), cfg.seed_layer))
     exits.to(accelerator.device).train()
@@ -247,6 +267,7 @@ def train_exits_together(backbone, examples, cfgs: dict[str, ExitTrainConfig], o
             raise FreeVLMError(f"{name}: exit sets trained together need the same loop, optimiser and target length")
         if cfg.task in ("ce", "pabee", "leebert", "leeblip") and any(e.target is None for e in examples):
             raise FreeVLMError(f"task loss {cfg.task!r} needs a target for every example (use kd, or pseudo-labels)")
+        validate_exit_layers(cfg.exit_layers or backbone.default_exit_layers(), backbone.lm.num_layers)
     accelerator = accelerator or make_accelerator()
     run = open_run(out, {"stage": stage, "together": {k: config_dict(c) for k, c in cfgs.items()}}, resume,
                    accelerator)
