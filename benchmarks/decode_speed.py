@@ -54,7 +54,7 @@ def profile(vlm, examples, options) -> dict:
     lm = vlm.backbone.lm
     prof = Profiler()
     prof.watch(list(lm.layers), "backbone layers")
-    if vlm.exits is not None and options.use_exits:
+    if vlm.exits is not None and options.uses_exits:
         prof.watch([e.layer for e in vlm.exits.exits], "exit transformers")
     prof.watch([lm.lm_head], "LM head")
     prof.watch([m for m in (lm.norm,) if m is not None], "final norm")
@@ -119,7 +119,7 @@ def main() -> None:
               f"EE/HF {batch8['ratios']['early_exit_vs_hf_generate']:.2f}x")
         results[name]["batch8_alpha0.8"] = batch8["ratios"]
         for label, opts in (("early exit, alpha 0.8", DecodeOptions(threshold=0.8)),
-                            ("full depth", DecodeOptions(use_exits=False))):
+                            ("full depth", DecodeOptions(mode="full"))):
             prof = profile(vlm, timed, opts)
             print(f"\nprofile ({name}, {label}, batch 1, {len(timed)} images):")
             print(markdown_table(["where", "seconds", "share"],

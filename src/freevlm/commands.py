@@ -249,38 +249,76 @@ def _unique_images(examples):
     return out
 
 
-def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, use_exits=True) -> DecodeOptions:
-    return DecodeOptions(criterion=criterion, threshold=threshold, kv_policy=kv_policy, num_beams=num_beams,
-                         max_new_tokens=max_new_tokens, use_exits=use_exits)
+def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="early_exit", draft_layer=None,
+             draft_length=8, draft_threshold=None, draft_record=None) -> DecodeOptions:
+    """Decoding options from command arguments; a speculative record (`sweep --mode speculative`) supplies the
+    draft settings that were not given."""
+    if draft_record is not None:
+        best = read_draft_record(draft_record)
+        draft_layer = best["draft_layer"] if draft_layer is None else draft_layer
+        draft_length = best["draft_length"] if draft_length is None else draft_length
+        draft_threshold = best["draft_threshold"] if draft_threshold is None else draft_threshold
+    return DecodeOptions(mode=mode, criterion=criterion, threshold=threshold, kv_policy=kv_policy,
+                         num_beams=num_beams, max_new_tokens=max_new_tokens, draft_layer=draft_layer,
+                         draft_length=draft_length or 8, draft_threshold=draft_threshold)
+
+
+def read_draft_record(path: Path) -> dict:
+    """The best draft setting recorded by `freevlm sweep --mode speculative` (its speculative.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "speculative.json"
+    try:
+        best = json.loads(path.read_text())["best"]
+        return {k: best[k] for k in ("draft_layer", "draft_length", "draft_threshold")}
+    except FileNotFoundError:
+        raise FreeVLMError(f"draft record not found: {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise FreeVLMError(f"not a speculative sweep record ({path}): {err!r}") from None
+
+
+def _mode_of(mode: str, exits) -> str:
+    if mode != "full" and exits is None:
+        if mode == "speculative":
+            raise FreeVLMError("--mode speculative drafts with an exit: give --exits")
+        return "full"
+    return mode
 
 
 def generate(
     backbone: Path, image: list[Path], prompt: str = CAPTION_PROMPT, exits: Path | None = None,
-    criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate", num_beams: int = 1,
-    max_new_tokens: int = 30, compare: bool = True,
+    mode: str = "early_exit", criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate",
+    num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
+    draft_threshold: float | None = None, draft_record: Path | None = None, compare: bool = True,
 ) -> None:
-    """Caption / answer images with early exits; print each token's exit layer and the speedups.
+    """Caption / answer images; print each token's exit layer, the speedups, and tokens/s beside full depth.
 
     backbone: transformers checkpoint folder
     image: one or more image files
     prompt: the text prompt (captioning: 'a photo of'; VQA: 'Question: ... Answer:')
     exits: exit checkpoint folder (from train-exits); without it, full-depth decoding
-    criterion: confidence | entropy | patience | similarity
-    threshold: the criterion's setting (confidence: alpha in (0, 1]; 1 never exits)
-    kv_policy: what skipped layers' caches get: propagate | copy | catch_up
+    mode: early_exit (FREE, lossy) | full | speculative (an exit drafts, full depth verifies: lossless)
+    criterion: early exit: confidence | entropy | patience | similarity
+    threshold: early exit: the criterion's setting (confidence: alpha in (0, 1]; 1 never exits)
+    kv_policy: early exit: what skipped layers' caches get: propagate | copy | catch_up
     num_beams: beam width (Table 10: 5)
     max_new_tokens: generation length limit
+    draft_layer: speculative: the drafting exit's layer (default: the record's, else the first exit)
+    draft_length: speculative: drafts per round at most (default: the record's, else 8)
+    draft_threshold: speculative: stop drafting when the exit's confidence falls below this (adaptive)
+    draft_record: speculative: a speculative.json from `freevlm sweep --mode speculative` (or its folder)
     compare: also decode at full depth and with transformers' generate, and print tokens/s side by side
     """
-    from freevlm.eval.efficiency import measure_throughput
-
     check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
+    check.drafting(mode, draft_layer, draft_length or 8, draft_threshold)
     _check_inputs(backbone, exits)
     for path in image:
         if not Path(path).is_file():
             raise FreeVLMError(f"image not found: {path}")
+    mode = _mode_of(mode, exits)
+    opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
+                    draft_threshold, draft_record)
     vlm = EarlyExitVLM.from_pretrained(backbone, exits)
-    opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, use_exits=exits is not None)
     res = vlm.generate(list(image), [prompt] * len(image), opts)
     tok = vlm.backbone.processor.tokenizer
     n = vlm.backbone.lm.num_layers
@@ -292,23 +330,29 @@ def generate(
     flat = [x for seq in res.exit_layers for x in seq]
     print(f"parameter speedup {parameter_speedup(flat, n):.2f}x, compute speedup "
           f"{compute_speedup(res.records, res.live_rows, cost):.2f}x")
+    if res.speculative is not None:
+        st = res.speculative
+        print(f"speculative: {st.acceptance_rate:.0%} of drafts accepted, {st.tokens_per_verification:.2f} tokens per "
+              f"verification, {st.layer_calls_per_token(n):.2f} layer calls per token (full depth: {n})")
     if compare:
-        ids = dict(image=list(image), prompts=[prompt] * len(image))
+        from freevlm.eval.evaluate import speed_comparison
+        from freevlm.train.batches import Example
 
-        def run(use):
-            return lambda: sum(len(t) for t in vlm.generate(ids["image"], ids["prompts"], opts, use_exits=use).trace)
-
-        runs = {"early_exit": [run(exits is not None)], "full_depth": [run(False)]}
-        timing = measure_throughput(runs, repeats=3)
-        print(markdown_table(["path", "tokens/s"], [[k, v["tokens_per_second"]] for k, v in timing.items()]))
+        examples = [Example(str(p), p, prompt, None) for p in image]
+        timing = speed_comparison(vlm, examples, opts, repeats=3)
+        rows = [[k, v["tokens_per_second"]] for k, v in timing.items() if k != "ratios"]
+        print(markdown_table(["path", "tokens/s"], rows))
+        print(", ".join(f"{k} = {v:.2f}x" for k, v in timing["ratios"].items()))
 
 
 def evaluate(
     backbone: Path, out: Path, exits: Path | None = None, dataset: str = "synthetic", data: Path | None = None,
     images: Path | None = None, questions: Path | None = None, split: str = "test", domain: str | None = None,
-    criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate", num_beams: int = 1,
-    max_new_tokens: int = 30, batch_size: int = 16, official: bool = True, noise: float = 0.0,
-    limit: int | None = None, overwrite: bool = False, progress: bool = True,
+    mode: str = "early_exit", criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate",
+    num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
+    draft_threshold: float | None = None, draft_record: Path | None = None, batch_size: int = 16,
+    official: bool = True, noise: float = 0.0, limit: int | None = None, overwrite: bool = False,
+    progress: bool = True,
 ) -> None:
     """Evaluate a backbone (with or without exits) on a dataset split; write predictions + metrics + exit stats.
 
@@ -321,11 +365,16 @@ def evaluate(
     questions: questions file (VQAv2, OK-VQA, GQA)
     split: split to evaluate
     domain: NoCaps domain (in-domain, near-domain, out-domain); all if omitted
-    criterion: confidence | entropy | patience | similarity
-    threshold: the criterion's setting
-    kv_policy: propagate | copy | catch_up
+    mode: early_exit (FREE, lossy) | full | speculative (lossless; an exit drafts)
+    criterion: early exit: confidence | entropy | patience | similarity
+    threshold: early exit: the criterion's setting
+    kv_policy: early exit: propagate | copy | catch_up
     num_beams: beam width
     max_new_tokens: generation length limit
+    draft_layer: speculative: the drafting exit's layer (default: the record's, else the first exit)
+    draft_length: speculative: drafts per round at most (default: the record's, else 8)
+    draft_threshold: speculative: stop drafting when the exit's confidence falls below this
+    draft_record: speculative: speculative.json from `freevlm sweep --mode speculative` (or its folder)
     batch_size: images per generate call (per process); VisDial: candidate answers scored per forward pass
     official: caption metrics through pycocoevalcap with Java (else in-process BLEU-4 and CIDEr only)
     noise: std of Gaussian noise added to the normalised pixel values (Table 6)
@@ -335,14 +384,17 @@ def evaluate(
     """
     check.dataset_name(dataset)
     check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
+    check.drafting(mode, draft_layer, draft_length or 8, draft_threshold)
     check.positive_int("batch_size", batch_size)
     check.number("noise", noise, 0.0)
     check.optional(check.positive_int, "limit", limit)
     _check_inputs(backbone, exits)
+    mode = _mode_of(mode, exits)
+    opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
+                    draft_threshold, draft_record)
     with claim_output(out, file=True, overwrite=overwrite):
         task, samples = _samples(dataset, split, data, images, questions, domain, limit)
         vlm = EarlyExitVLM.from_pretrained(backbone, exits)
-        opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, use_exits=exits is not None)
         common = dict(batch_size=batch_size, progress=progress, pixel_noise=noise)
         if task == "caption":
             result = evaluate_captions(vlm, samples, opts, official=official, **common)
@@ -361,12 +413,14 @@ def evaluate(
 
 def sweep(
     backbone: Path, exits: Path, out: Path, dataset: str = "synthetic", data: Path | None = None,
-    images: Path | None = None, questions: Path | None = None, split: str = "val",
+    images: Path | None = None, questions: Path | None = None, split: str = "val", mode: str = "early_exit",
     thresholds: list[float] | None = None, criterion: str = "confidence", kv_policy: str = "propagate",
-    max_new_tokens: int = 30, batch_size: int = 16, limit: int | None = None, overwrite: bool = False,
-    progress: bool = True,
+    draft_layers: list[int] | None = None, draft_lengths: list[int] | None = None,
+    draft_thresholds: list[float] | None = None, speed_images: int = 16, max_new_tokens: int = 30,
+    batch_size: int = 16, limit: int | None = None, overwrite: bool = False, progress: bool = True,
 ) -> None:
-    """Quality and speedups per threshold (default alpha in {0.5, ..., 1.0}): sweep.json and sweep.png in `out`.
+    """Early exit: quality and speedups per threshold (default alpha in {0.5, ..., 1.0}) -> sweep.json + sweep.png.
+    Speculative: acceptance and measured tokens/s per draft setting; the fastest is recorded -> speculative.json.
 
     backbone: transformers checkpoint folder
     exits: exit checkpoint folder
@@ -375,25 +429,43 @@ def sweep(
     data: dataset root (synthetic) or annotation file
     images: image folder (real datasets)
     questions: questions file
-    split: split to sweep on (the development split, to choose alpha)
-    thresholds: criterion settings to try
-    criterion: confidence | entropy | patience | similarity
-    kv_policy: propagate | copy | catch_up
+    split: split to sweep on (the development split, to choose alpha or the draft setting)
+    mode: early_exit (sweep thresholds) | speculative (sweep draft settings)
+    thresholds: early exit: criterion settings to try
+    criterion: early exit: confidence | entropy | patience | similarity
+    kv_policy: early exit: propagate | copy | catch_up
+    draft_layers: speculative: drafting exits to try (default: every exit)
+    draft_lengths: speculative: fixed draft lengths to try (default: 2 4 8)
+    draft_thresholds: speculative: adaptive settings to try (draft while confidence >= t, at most the longest length)
+    speed_images: speculative: images timed per setting (batch 1, interleaved, median of 3)
     max_new_tokens: generation length limit
     batch_size: images per generate call
     limit: use only the first N samples
-    overwrite: replace sweep.json and sweep.png already in `out` (kept until the new ones are written)
+    overwrite: replace the results already in `out` (kept until the new ones are written)
     progress: show progress bars
     """
     check.dataset_name(dataset)
+    check.choice("mode", mode, ("early_exit", "speculative"))
     settings = list(thresholds or PAPER_THRESHOLDS)
     check.decoding(criterion, settings, kv_policy, 1, max_new_tokens, threshold_name="thresholds")
+    for name, values in (("draft_layers", draft_layers), ("draft_lengths", draft_lengths)):
+        for v in values or []:
+            check.positive_int(name, v)
+    for t in draft_thresholds or []:
+        check.number("draft_thresholds", t, 0.0, 1.0)
+    check.positive_int("speed_images", speed_images)
     check.positive_int("batch_size", batch_size)
     check.optional(check.positive_int, "limit", limit)
     _check_inputs(backbone, exits)
-    with claim_output(out, results=("sweep.json", "sweep.png"), overwrite=overwrite):
-        _sweep(backbone, exits, out, dataset, data, images, questions, split, settings, criterion, kv_policy,
-               max_new_tokens, batch_size, limit, progress)
+    results = ("speculative.json",) if mode == "speculative" else ("sweep.json", "sweep.png")
+    with claim_output(out, results=results, overwrite=overwrite):
+        if mode == "speculative":
+            _sweep_speculative(backbone, exits, out, dataset, data, images, questions, split, draft_layers,
+                               draft_lengths or [2, 4, 8], draft_thresholds or [], speed_images, max_new_tokens,
+                               batch_size, limit, progress)
+        else:
+            _sweep(backbone, exits, out, dataset, data, images, questions, split, settings, criterion, kv_policy,
+                   max_new_tokens, batch_size, limit, progress)
 
 
 def _sweep(backbone, exits, out, dataset, data, images, questions, split, settings, criterion, kv_policy,
@@ -423,6 +495,60 @@ def _sweep(backbone, exits, out, dataset, data, images, questions, split, settin
     write_json(Path(out) / "sweep.json", {str(k): v for k, v in rows.items()})
     plot_sweep({f"{criterion}": rows}, Path(out) / "sweep.png")
     print(f"wrote {Path(out) / 'sweep.json'} and {Path(out) / 'sweep.png'}")
+
+
+def _sweep_speculative(backbone, exits, out, dataset, data, images, questions, split, draft_layers, draft_lengths,
+                       draft_thresholds, speed_images, max_new_tokens, batch_size, limit, progress) -> None:
+    from freevlm.demo import system_info
+    from freevlm.eval.evaluate import decode, speed_comparison
+    from freevlm.train.batches import VQA_TEMPLATE, Example
+
+    task, samples = _samples(dataset, split, data, images, questions, limit=limit)
+    if task == "caption":
+        examples = [Example(x.image_id, x.image_path, CAPTION_PROMPT, None) for x in samples]
+    elif task in ("vqa", "gqa", "vizwiz"):
+        examples = [Example(x.question_id, x.image_path, VQA_TEMPLATE.format(x.question), None) for x in samples]
+        max_new_tokens = min(max_new_tokens, 10)
+    else:
+        raise FreeVLMError("sweep supports caption and VQA datasets")
+    vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+    layers = list(draft_layers or vlm.exits.layers)
+    bad = [x for x in layers if x not in vlm.exits.layers]
+    if bad:
+        raise FreeVLMError(f"--draft-layers {bad} are not exits of {exits} (its exits: {vlm.exits.layers})")
+    grid = [(e, k, None) for e in layers for k in draft_lengths]
+    grid += [(e, max(draft_lengths), t) for e in layers for t in draft_thresholds]
+    full_opts = DecodeOptions(mode="full", max_new_tokens=max_new_tokens)
+    reference = {p["key"]: p["prediction"] for p in decode(vlm, examples, full_opts, batch_size=batch_size,
+                                                           progress=progress, desc="full depth").preds}
+    rows, paths = [], {}
+    for e, k, t in grid:
+        opts = DecodeOptions(mode="speculative", draft_layer=e, draft_length=k, draft_threshold=t,
+                             max_new_tokens=max_new_tokens)
+        d = decode(vlm, examples, opts, batch_size=batch_size, progress=progress, desc=f"exit {e}, {k} drafts")
+        same = sum(p["prediction"] == reference[p["key"]] for p in d.preds)
+        name = f"e{e}-k{k}" + (f"-a{t:g}" if t is not None else "")
+        paths[name] = opts
+        rows.append({"name": name, "draft_layer": e, "draft_length": k, "draft_threshold": t,
+                     "identical_outputs": same, "outputs": len(d.preds),
+                     **d.speculative.to_json(vlm.backbone.lm.num_layers)})
+    timing = speed_comparison(vlm, examples[:speed_images], full_opts, also=paths, repeats=3)
+    for row in rows:
+        row["tokens_per_second"] = timing[row["name"]]["tokens_per_second"]
+        row["vs_full_depth"] = row["tokens_per_second"] / timing["full_depth"]["tokens_per_second"]
+        row["vs_hf_generate"] = row["tokens_per_second"] / timing["hf_generate"]["tokens_per_second"]
+    best = max(rows, key=lambda r: r["tokens_per_second"])
+    record = {"best": best, "settings": rows, "split": split, "dataset": dataset, "examples": len(examples),
+              "speed_images": min(speed_images, len(examples)),
+              "full_depth_tokens_per_second": timing["full_depth"]["tokens_per_second"],
+              "hf_generate_tokens_per_second": timing["hf_generate"]["tokens_per_second"], "machine": system_info()}
+    print(markdown_table(["setting", "accepted", "tokens/verification", "layer calls/token", "identical", "tokens/s",
+                          "vs full", "vs HF"],
+                         [[r["name"], r["acceptance_rate"], r["tokens_per_verification"], r["layer_calls_per_token"],
+                           f"{r['identical_outputs']}/{r['outputs']}", r["tokens_per_second"], r["vs_full_depth"],
+                           r["vs_hf_generate"]] for r in rows]))
+    write_json(Path(out) / "speculative.json", record)
+    print(f"best: {best['name']} ({best['vs_full_depth']:.2f}x full depth); wrote {Path(out) / 'speculative.json'}")
 
 
 def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: bool = False, seeds: int = 3,

@@ -104,7 +104,7 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, p
     shown = [alpha] if alpha == DEFAULT_ALPHA else [alpha, DEFAULT_ALPHA]
     print(f"[5/5] test split: full depth vs FREE at alpha={' and '.join(map(str, shown))}; wall-clock on "
           f"{speed_images} images, batch 1")
-    full = evaluate_captions(vlm, test, DecodeOptions(use_exits=False), progress=progress)
+    full = evaluate_captions(vlm, test, DecodeOptions(mode="full"), progress=progress)
     free = {a: evaluate_captions(vlm, test, DecodeOptions(threshold=a), progress=progress) for a in shown}
     speed_examples = [Example(s.image_id, s.image_path, CAPTION_PROMPT, None) for s in test[:speed_images]]
     wall = {a: speed_comparison(vlm, speed_examples, DecodeOptions(threshold=a), repeats=3, batch_size=1)

@@ -258,7 +258,7 @@ class SeedRun:
         cfg, res = self.cfg, self.results
         bb = self.finetuned()
         full = EarlyExitVLM(bb)
-        res["backbone"] = self.test_row(full, DecodeOptions(use_exits=False), wall=False)
+        res["backbone"] = self.test_row(full, DecodeOptions(mode="full"), wall=False)
         layers = list(range(1, bb.lm.num_layers))  # Fig. 3's vanilla early exit: a DeeBLIP head after every layer
         found, trained = self.methods(bb, (*cfg.methods, *cfg.ablations),
                                       extra_linear={PER_LAYER: ("deebert", layers)} if cfg.per_layer else None)
@@ -269,7 +269,7 @@ class SeedRun:
         free_opts = DecodeOptions(threshold=res["methods"]["FREE"]["setting"])
         res["noise"] = {}
         for sigma in cfg.noise_sigmas:
-            a = self.captions(full, self.test, DecodeOptions(use_exits=False), pixel_noise=sigma,
+            a = self.captions(full, self.test, DecodeOptions(mode="full"), pixel_noise=sigma,
                               noise_seed=self.seed)
             b = self.captions(free, self.test, free_opts, pixel_noise=sigma, noise_seed=self.seed)
             res["noise"][str(sigma)] = {"backbone": a.metrics, "FREE": b.metrics, "FREE_speed": b.speed,
@@ -287,7 +287,7 @@ class SeedRun:
         """Stage 1, then FREE and the baselines: the other backbones' tables (5, 7, 8) and semi-supervised VQA (2)."""
         bb = self.finetuned()
         res = {"split": self.results["split"], "backbone": self.test_row(
-            EarlyExitVLM(bb), DecodeOptions(use_exits=False), wall=False, official=self.task.name == "caption")}
+            EarlyExitVLM(bb), DecodeOptions(mode="full"), wall=False, official=self.task.name == "caption")}
         res.update(self.methods(bb, self.cfg.methods)[0])
         return res
 
@@ -303,11 +303,11 @@ class SeedRun:
                 questions.append(e)
         pseudo = greedy_targets(bb, questions, max_new_tokens=5, progress=self.progress)
         res = {"split": self.results["split"],
-               "backbone": self.test_row(full, DecodeOptions(use_exits=False), wall=False, official=False)}
+               "backbone": self.test_row(full, DecodeOptions(mode="full"), wall=False, official=False)}
         found, trained = self.methods(bb, self.cfg.methods, examples=pseudo, free_variant="kd")
         res.update(found)
         samples = load_synthetic_visdial(self.data_root)[: dialogs * 3]
-        res["visdial"] = {"backbone": evaluate_visdial(full, samples, DecodeOptions(use_exits=False),
+        res["visdial"] = {"backbone": evaluate_visdial(full, samples, DecodeOptions(mode="full"),
                                                      progress=self.progress).metrics}
         for name, exits in trained.items():
             m = METHODS[name]
@@ -319,7 +319,7 @@ class SeedRun:
 
     def nocaps(self, bb, full, trained) -> dict:
         out = {}
-        rows = {"backbone": (full, DecodeOptions(use_exits=False))}
+        rows = {"backbone": (full, DecodeOptions(mode="full"))}
         for name in self.cfg.methods:
             m = METHODS[name]
             rows[name] = (EarlyExitVLM(bb, trained[name]), DecodeOptions(
@@ -362,7 +362,7 @@ class SeedRun:
             for layer in layers:
                 r = self.captions(EarlyExitVLM(bb, _forced(stack, layer)), self.dev, force)
                 curves[name][layer] = 100 * r.metrics["CIDEr"]
-        full = self.captions(EarlyExitVLM(bb), self.dev, DecodeOptions(use_exits=False))
+        full = self.captions(EarlyExitVLM(bb), self.dev, DecodeOptions(mode="full"))
         for curve in curves.values():
             curve[n] = 100 * full.metrics["CIDEr"]
         return curves

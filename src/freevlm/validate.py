@@ -139,6 +139,17 @@ def decoding(criterion: str, thresholds: Sequence[float], kv_policy: str, num_be
     positive_int("max_new_tokens", max_new_tokens)
 
 
+def drafting(mode: str, draft_layer: Any, draft_length: Any, draft_threshold: Any) -> None:
+    """The decoding mode and speculative decoding's draft settings (checked whatever the mode, since a bad value
+    given with the wrong mode is still a mistake worth a line)."""
+    from freevlm.generation.api import MODES
+
+    choice("mode", mode, MODES)
+    optional(positive_int, "draft_layer", draft_layer)
+    positive_int("draft_length", draft_length)
+    optional(number, "draft_threshold", draft_threshold, 0.0, 1.0)
+
+
 def dataset_name(name: str) -> str:
     from freevlm.data.datasets import DATASETS
 

@@ -40,7 +40,7 @@ def test_candidate_scores_come_from_the_layer_each_token_leaves_at(tmp_path):
     cands = [Example("k", examples[0].image_path, "a photo of", t) for t in ("a red square", "a blue circle")]
     exits = build_exits(backbone.lm, ExitSpec("frozen-head", [2, 4]))
     vlm = EarlyExitVLM(backbone, exits)
-    full, layers = candidate_log_likelihoods(vlm, cands, DecodeOptions(use_exits=False))
+    full, layers = candidate_log_likelihoods(vlm, cands, DecodeOptions(mode="full"))
     assert set(layers) == {backbone.lm.num_layers}
     expected = _target_logprob(backbone, cands, lambda tf: tf.logits)
     assert all(abs(a - b) < 1e-4 for a, b in zip(full, expected))
@@ -59,8 +59,8 @@ def test_visdial_ranks_the_candidate_the_model_prefers(tmp_path):
     sample = DialogSample("1", examples[0].image_path, "a picture", [], "what is it", cands, gt_index=1)
     assert dialog_prompt(sample) == "a picture. Q: what is it A:"
     scores, _ = candidate_log_likelihoods(
-        vlm, [Example("1", sample.image_path, dialog_prompt(sample), c) for c in cands], DecodeOptions(use_exits=False))
-    result = evaluate_visdial(vlm, [sample], DecodeOptions(use_exits=False))
+        vlm, [Example("1", sample.image_path, dialog_prompt(sample), c) for c in cands], DecodeOptions(mode="full"))
+    result = evaluate_visdial(vlm, [sample], DecodeOptions(mode="full"))
     expected_rank = 1 + sum(s >= scores[1] for i, s in enumerate(scores) if i != 1)
     assert result.predictions[0]["rank"] == expected_rank
     assert abs(result.metrics["MRR"] - 1 / expected_rank) < 1e-12
@@ -71,7 +71,7 @@ def test_vqa_evaluation_scores_each_question(tmp_path, monkeypatch):
     samples = [VQASample(f"q{i}", "1", e.image_path, "what color", ["red"] * 10, "other") for i, e in
                enumerate(examples[:3])]
     vlm = EarlyExitVLM(backbone)
-    result = evaluate_vqa(vlm, samples, DecodeOptions(use_exits=False, max_new_tokens=3), progress=False)
+    result = evaluate_vqa(vlm, samples, DecodeOptions(mode="full", max_new_tokens=3), progress=False)
     by_key = {p["key"]: p for p in result.predictions}
     for s in samples:
         expected = 1.0 if by_key[s.question_id]["prediction"] == "red" else 0.0

@@ -7,7 +7,7 @@ time spent inside `generate`, for the side-by-side comparison see `speed_compari
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from accelerate import PartialState
@@ -22,6 +22,7 @@ from freevlm.eval.visdial import gt_rank, visdial_metrics
 from freevlm.eval.vqa import aggregate_vqa, gqa_accuracy, vizwiz_answerability, vqa_accuracy
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.generation.criteria import make_criterion
+from freevlm.generation.speculative import SpeculativeStats
 from freevlm.losses import IGNORE
 from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Collator, Example, encode_prompts
 from freevlm.train.forward import teacher_forced
@@ -49,12 +50,24 @@ def _chunks(items, size):
         yield items[i : i + size]
 
 
+@dataclass
+class Decoded:
+    """Predictions of one decode pass over examples, with the work and time spent (summed over processes)."""
+
+    preds: list[dict]  # key, prediction, exit_layers
+    full: float  # reference (full-depth) work of the generated tokens, in parameters touched
+    actual: float  # work actually done
+    seconds: float  # time inside generate (the slowest process's)
+    speculative: SpeculativeStats | None = None
+
+
 def decode(vlm: EarlyExitVLM, examples: list[Example], options: DecodeOptions, *, batch_size: int = 32,
-           progress: bool = True, pixel_noise: float = 0.0, noise_seed: int = 0, desc: str = "decode"):
-    """Decode every example (this process's shard of them); returns per-example predictions and work totals."""
+           progress: bool = True, pixel_noise: float = 0.0, noise_seed: int = 0, desc: str = "decode") -> Decoded:
+    """Decode every example (this process's shard of them); predictions and work totals of all processes."""
     state = PartialState()
     cost = CostModel.from_modules(vlm.backbone.lm, vlm.exits)
     preds, full, actual, seconds = [], 0.0, 0.0, 0.0
+    spec = SpeculativeStats() if options.mode == "speculative" else None
     with state.split_between_processes(examples) as shard:
         batches = list(_chunks(shard, batch_size))
         bar = tqdm(batches, desc=desc, disable=not (progress and state.is_main_process), leave=False)
@@ -66,23 +79,28 @@ def decode(vlm: EarlyExitVLM, examples: list[Example], options: DecodeOptions, *
                 preds.append({"key": e.key, "prediction": text, "exit_layers": layers})
             step_full, step_actual = work_totals(res.records, res.live_rows, cost)
             full, actual = full + step_full, actual + step_actual
-    totals = gather_object([(full, actual, seconds)])
+            if spec is not None:
+                spec.add(res.speculative)
+    totals = gather_object([(full, actual, seconds, spec)])
     preds = gather_object(preds)
-    full = sum(t[0] for t in totals)
-    actual = sum(t[1] for t in totals)
-    seconds = max(t[2] for t in totals)
-    return preds, full, actual, seconds
+    if spec is not None:
+        spec = SpeculativeStats()
+        for t in totals:
+            spec.add(t[3])
+    return Decoded(preds, sum(t[0] for t in totals), sum(t[1] for t in totals), max(t[2] for t in totals), spec)
 
 
-def _speed(preds, full, actual, seconds, num_layers, exit_layers) -> tuple[dict, dict]:
-    layers = [layer for p in preds for layer in p["exit_layers"]]
+def _speed(d: Decoded, num_layers: int, exit_layers: list[int]) -> tuple[dict, dict]:
+    layers = [layer for p in d.preds for layer in p["exit_layers"]]
     speed = {
         "parameter_speedup": parameter_speedup(layers, num_layers),
-        "compute_speedup": full / actual if actual else 1.0,
+        "compute_speedup": d.full / d.actual if d.actual else 1.0,
         "tokens": len(layers),
-        "seconds": seconds,
-        "tokens_per_second": len(layers) / seconds if seconds else 0.0,
+        "seconds": d.seconds,
+        "tokens_per_second": len(layers) / d.seconds if d.seconds else 0.0,
     }
+    if d.speculative is not None:
+        speed["speculative"] = d.speculative.to_json(num_layers)
     return speed, exit_fractions(layers, exit_layers, num_layers)
 
 
@@ -94,11 +112,12 @@ def evaluate_captions(vlm, samples: list[CaptionSample], options: DecodeOptions,
                       official: bool = True, spice: bool = False, **decode_kwargs) -> EvalResult:
     """BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap; `official=False`: in-process BLEU-4 and CIDEr only)."""
     examples = [Example(s.image_id, s.image_path, prompt, None) for s in samples]
-    preds, full, actual, seconds = decode(vlm, examples, options, desc="captions", **decode_kwargs)
+    decoded = decode(vlm, examples, options, desc="captions", **decode_kwargs)
+    preds = decoded.preds
     refs = {s.image_id: s.captions for s in samples}
     hyps = {p["key"]: p["prediction"] for p in preds}
     metrics = caption_metrics(hyps, refs, spice=spice) if official else fast_caption_metrics(hyps, refs)
-    speed, fractions = _speed(preds, full, actual, seconds, vlm.backbone.lm.num_layers, _exit_layers(vlm))
+    speed, fractions = _speed(decoded, vlm.backbone.lm.num_layers, _exit_layers(vlm))
     return EvalResult("caption", metrics, speed, fractions, asdict(options), preds)
 
 
@@ -106,7 +125,8 @@ def evaluate_vqa(vlm, samples: list[VQASample], options: DecodeOptions, *, metri
                  template: str = VQA_TEMPLATE, **decode_kwargs) -> EvalResult:
     """VQA accuracy (VQAv2 / OK-VQA / VizWiz, + VizWiz answerability) or GQA exact match."""
     examples = [Example(s.question_id, s.image_path, template.format(s.question), None) for s in samples]
-    preds, full, actual, seconds = decode(vlm, examples, options, desc=metric, **decode_kwargs)
+    decoded = decode(vlm, examples, options, desc=metric, **decode_kwargs)
+    preds = decoded.preds
     by_key = {p["key"]: p for p in preds}
     records = []
     for s in samples:
@@ -120,7 +140,7 @@ def evaluate_vqa(vlm, samples: list[VQASample], options: DecodeOptions, *, metri
         said = [by_key[s.question_id]["prediction"].strip().lower() == "unanswerable" for s in samples]
         metrics.update({f"answerability/{k}": v for k, v in
                         vizwiz_answerability(said, [bool(s.answerable) for s in samples]).items()})
-    speed, fractions = _speed(preds, full, actual, seconds, vlm.backbone.lm.num_layers, _exit_layers(vlm))
+    speed, fractions = _speed(decoded, vlm.backbone.lm.num_layers, _exit_layers(vlm))
     return EvalResult(metric, metrics, speed, fractions, asdict(options), preds)
 
 
@@ -138,7 +158,7 @@ def candidate_log_likelihoods(vlm, examples: list[Example], options: DecodeOptio
     log-probability is read from the exit where it fires, or from the final layer. With exits off it is the
     backbone's own log-likelihood.
     """
-    bb, exits = vlm.backbone, vlm.exits if options.use_exits else None
+    bb, exits = vlm.backbone, vlm.exits if options.uses_exits else None
     criterion = make_criterion(options.criterion, options.threshold) if exits is not None else None
     collate = Collator(bb, train=True)
     device = vlm.device
@@ -195,23 +215,27 @@ def evaluate_visdial(vlm, samples: list[DialogSample], options: DecodeOptions, b
 
 
 def speed_comparison(vlm, examples: list[Example], options: DecodeOptions, *, repeats: int = 3,
-                     batch_size: int = 1, hf_generate: bool = True, pixel_noise: float = 0.0) -> dict:
-    """Tokens/s of early-exit decoding vs our full-depth decoding vs the VLM's own `generate`, side by side.
+                     batch_size: int = 1, hf_generate: bool = True, pixel_noise: float = 0.0,
+                     also: dict[str, DecodeOptions] | None = None) -> dict:
+    """Tokens/s of decoding with `options` vs our full depth vs the VLM's own `generate`, side by side.
 
-    Every path decodes the same examples with the same settings; the early-exit and full-depth paths produce their
-    own number of tokens, so tokens/s (not seconds) is compared. Median of `repeats` after one warm-up.
-    `hf_generate=False` leaves out transformers' `generate` (and the ratios against it). `pixel_noise` (Table 6)
-    perturbs the images of both of our paths alike; it needs `hf_generate=False`.
+    Paths are named by mode ("early_exit" / "speculative"), plus "full_depth", "hf_generate" and any `also` paths
+    (name -> options). Every path decodes the same examples; early exit produces its own tokens, so tokens/s (not
+    seconds) is compared. Paths alternate item by item; median of `repeats` after one warm-up. `ratios` holds every
+    path's tokens/s over full depth's and over transformers'. `hf_generate=False` leaves transformers out;
+    `pixel_noise` (Table 6) perturbs the images of our paths alike and needs `hf_generate=False`.
     """
     if pixel_noise and hf_generate:
         raise ValueError("pixel_noise applies to freevlm's decoding paths only; pass hf_generate=False")
     bb = vlm.backbone
     batches = list(_chunks(examples, batch_size))
+    paths = {} if options.mode == "full" else {options.mode: options}
+    paths.update(also or {})
+    paths["full_depth"] = replace(options, mode="full")
 
-    def vlm_item(chunk, use_exits: bool):
+    def vlm_item(chunk, opts: DecodeOptions):
         images, prompts = [e.image_path for e in chunk], [e.prompt for e in chunk]
-        return lambda: sum(len(t) for t in vlm.generate(images, prompts, options, use_exits=use_exits,
-                                                        pixel_noise=pixel_noise, tokenizer_decode=False).trace)
+        return lambda: vlm.generate(images, prompts, opts, pixel_noise=pixel_noise, tokenizer_decode=False).num_tokens
 
     def hf_item(chunk):
         enc = encode_prompts(bb, [load_image(e.image_path) for e in chunk], [e.prompt for e in chunk])
@@ -226,16 +250,17 @@ def speed_comparison(vlm, examples: list[Example], options: DecodeOptions, *, re
 
         return fn
 
-    runs = {"early_exit": [vlm_item(c, True) for c in batches], "full_depth": [vlm_item(c, False) for c in batches]}
+    runs = {name: [vlm_item(c, opts) for c in batches] for name, opts in paths.items()}
     if hf_generate:
         runs["hf_generate"] = [hf_item(c) for c in batches]
     with torch.no_grad():
         result = measure_throughput(runs, repeats=repeats)
-    ee, fd = result["early_exit"]["tokens_per_second"], result["full_depth"]["tokens_per_second"]
-    result["ratios"] = {"early_exit_vs_full_depth": ee / fd}
+    fd = result["full_depth"]["tokens_per_second"]
+    ratios = {f"{name}_vs_full_depth": result[name]["tokens_per_second"] / fd for name in paths if name != "full_depth"}
     if hf_generate:
         hf = result["hf_generate"]["tokens_per_second"]
-        result["ratios"].update(early_exit_vs_hf_generate=ee / hf, full_depth_vs_hf_generate=fd / hf)
+        ratios.update({f"{name}_vs_hf_generate": result[name]["tokens_per_second"] / hf for name in paths})
+    result["ratios"] = ratios
     return result
 
 

@@ -3,6 +3,12 @@
     >>> vlm = EarlyExitVLM.from_pretrained("path/to/blip2-opt-2.7b", exits="runs/free/exits")
     >>> out = vlm.generate(images, ["a photo of"] * len(images), threshold=0.8, num_beams=5)
     >>> out.texts, out.sequences, out.exit_layers   # per-token exit layers (N = the final layer)
+    >>> out = vlm.generate(images, prompts, mode="speculative", draft_layer=3)   # lossless: full depth's tokens
+    >>> out.speculative.acceptance_rate, out.speculative.tokens_per_verification
+
+Three modes: `early_exit` (FREE: tokens leave at the first confident exit; lossy), `full` (every layer; the
+reference) and `speculative` (the exit at `draft_layer` drafts up to `draft_length` tokens, the remaining layers
+verify them in one pass; the output is full depth's).
 """
 
 from __future__ import annotations
@@ -15,22 +21,37 @@ from PIL import Image
 
 from freevlm.backbones import load_backbone
 from freevlm.data.images import load_image
+from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitStack, load_exits
 from freevlm.generation.criteria import make_criterion
 from freevlm.generation.decode import GenerationResult, generate_from_inputs
 from freevlm.generation.kv import SkipPolicy
+from freevlm.generation.speculative import DraftSettings
 from freevlm.train.batches import encode_prompts
+
+MODES = ("early_exit", "full", "speculative")
 
 
 @dataclass
 class DecodeOptions:
-    criterion: str = "confidence"  # confidence | entropy | patience | similarity
-    threshold: float = 0.8  # alpha for confidence (the paper's default), or the criterion's one setting
-    kv_policy: str = "propagate"  # what skipped layers get: propagate | copy | catch_up (see generation/kv.py)
+    mode: str = "early_exit"  # early_exit | full | speculative (see the module docstring)
+    criterion: str = "confidence"  # early exit: confidence | entropy | patience | similarity
+    threshold: float = 0.8  # early exit: alpha for confidence (the paper's default), or the criterion's one setting
+    kv_policy: str = "propagate"  # early exit: what skipped layers get: propagate | copy | catch_up (generation/kv.py)
     propagate_from: str = "hidden"  # propagate only: the exited backbone state ("hidden") or the exit's output
-    use_exits: bool = True  # False: full-depth decoding through the same engine (the reference path)
+    draft_layer: int | None = None  # speculative: the drafting exit's layer (None: the first exit)
+    draft_length: int = 8  # speculative: drafts per round at most
+    draft_threshold: float | None = None  # speculative: stop drafting once the exit's confidence falls below this
     max_new_tokens: int = 30
     num_beams: int = 1  # Table 10 uses 5
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise FreeVLMError(f"unknown decoding mode {self.mode!r}; expected one of {', '.join(MODES)}")
+
+    @property
+    def uses_exits(self) -> bool:
+        return self.mode != "full"
 
 
 class EarlyExitVLM:
@@ -52,9 +73,12 @@ class EarlyExitVLM:
     def generate(self, images, prompts: list[str], options: DecodeOptions | None = None, *, pixel_noise: float = 0.0,
                  noise_seed: int = 0, tokenizer_decode: bool = True, **overrides) -> GenerationResult:
         """Generate for a batch of images (PIL images or paths) and prompts; `overrides` set DecodeOptions fields
-        or go to transformers' `generate` (length_penalty, do_sample, ...)."""
+        (`use_exits=False` is short for `mode="full"`) or are transformers-named generation settings
+        (length_penalty, do_sample, top_p, num_return_sequences, ...)."""
         opts = options or DecodeOptions()
         fields = set(DecodeOptions.__dataclass_fields__)
+        if overrides.pop("use_exits", True) is False:
+            overrides["mode"] = "full"
         opts = DecodeOptions(**{**opts.__dict__, **{k: v for k, v in overrides.items() if k in fields}})
         hf_kwargs = {k: v for k, v in overrides.items() if k not in fields}
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
@@ -66,10 +90,18 @@ class EarlyExitVLM:
             pixels = pixels + pixel_noise * torch.randn(pixels.shape, generator=g).to(pixels)
         ids, mask = enc.pop("input_ids"), enc.pop("attention_mask")
         lm_inputs = self.backbone.prepare(pixels, ids, mask, **enc)
-        criterion = make_criterion(opts.criterion, opts.threshold) if (opts.use_exits and self.exits) else None
+        criterion = draft = None
+        exits = self.exits if opts.uses_exits else None
+        if opts.mode == "speculative":
+            if self.exits is None:
+                raise FreeVLMError("speculative mode drafts with an exit: load exits (--exits) first")
+            layer = opts.draft_layer if opts.draft_layer is not None else self.exits.layers[0]
+            draft = DraftSettings(layer, opts.draft_length, opts.draft_threshold)
+        elif exits is not None:
+            criterion = make_criterion(opts.criterion, opts.threshold)
         tokenizer = self.backbone.processor.tokenizer if tokenizer_decode else None
         return generate_from_inputs(
-            self.backbone.lm, self.exits if opts.use_exits else None, lm_inputs, criterion=criterion,
+            self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft,
             policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
             generation_config=self.backbone.model.generation_config, max_new_tokens=opts.max_new_tokens,
             num_beams=opts.num_beams, **hf_kwargs,

@@ -72,17 +72,21 @@ class KVCache:
         first = int(lengths[0])
         self.length = first if bool((lengths == first).all()) else None
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Rows follow `index` (beam search, or expanding a prompt to several beams/samples)."""
+    def reorder(self, index: torch.Tensor, in_place: bool = False) -> None:
+        """Rows follow `index` (beam search, or expanding a prompt to several beams/samples). `in_place` keeps every
+        tensor where it is (captured CUDA graphs read these addresses); it needs as many rows as before."""
+        def move(t, dim):
+            if t is None:
+                return None
+            moved = t.index_select(dim, index)
+            return t.copy_(moved) if in_place else moved
+
         for name in ("keys", "values", "exit_keys", "exit_values", "cross_keys", "cross_values", "exit_cross_keys",
                      "exit_cross_values"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(1, index))
-        self.not_pad = self.not_pad.index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
-        if self.encoder_bias is not None:
-            self.encoder_bias = self.encoder_bias.index_select(0, index)
+            setattr(self, name, move(getattr(self, name), 1))
+        self.not_pad = move(self.not_pad, 0)
+        self.lengths = move(self.lengths, 0)
+        self.encoder_bias = move(self.encoder_bias, 0)
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Span:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # Llama: (cos, sin), (B, q, hd)
     bias: torch.Tensor | None = None  # T5: additive (B|1, H, q, kv_len) relative bias + mask
     cross_bias: torch.Tensor | None = None  # T5: (B, 1, 1, S) encoder mask (additive)
+    index: torch.Tensor | None = None  # static step: (1,) device tensor of the column every row writes (CUDA graphs)
 
     def select(self, keep: torch.Tensor) -> Span:
         """The same span for a subset of its rows (`keep`: indices into this span's rows)."""
@@ -141,6 +146,10 @@ def make_span(cache: KVCache, q: int, positions: torch.Tensor, start: int | None
 
 def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span) -> None:
     """Write new K/V (R, H, q, hd) of the span's rows into one layer's slot (B, H, T, hd)."""
+    if span.index is not None:  # the static step: every row, one column given on the device
+        cache_k.index_copy_(2, span.index, k)
+        cache_v.index_copy_(2, span.index, v)
+        return
     if span.start is not None:
         end = span.start + span.q
         if span.rows is None:

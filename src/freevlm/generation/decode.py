@@ -279,21 +279,23 @@ def _beam_search(engine: Engine, logits: torch.Tensor, s: DecodeSettings, batch:
 @torch.no_grad()
 def generate_from_inputs(
     lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
-    generation_config=None, draft: DraftSettings | None = None, trace: bool = False, **generate_kwargs,
+    generation_config=None, draft: DraftSettings | None = None, trace: bool = False, static: bool | None = None,
+    **generate_kwargs,
 ) -> GenerationResult:
     """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
     `generate_kwargs` are transformers-named settings (see `DecodeSettings`: max_new_tokens, num_beams, do_sample,
     top_p, length_penalty, num_return_sequences, ...); `generation_config` supplies the model's defaults (its EOS and
     pad ids). Modes: with `criterion` and exits, early exit; with `draft`, lossless speculative decoding drafted by
-    the exit at `draft.layer`; otherwise full depth.
+    the exit at `draft.layer`; otherwise full depth. `static`: static-shape decode steps (CUDA graphs on a GPU;
+    default: on CUDA only; see `graphs.py`).
     """
     start = time.perf_counter()
     s = DecodeSettings.from_kwargs(generation_config, lm.config, **generate_kwargs)
     if draft is not None:
-        engine = Engine(lm, exits, policy=policy, trace=trace, draft_layer=draft.layer)
+        engine = Engine(lm, exits, policy=policy, trace=trace, draft_layer=draft.layer, static=False)
     else:
-        engine = Engine(lm, exits, criterion, policy, trace=trace)
+        engine = Engine(lm, exits, criterion, policy, trace=trace, static=static)
     batch = lm_inputs.inputs_embeds.shape[0]
     logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=draft.max_draft + 1 if draft else 0)
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences

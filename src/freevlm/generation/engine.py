@@ -82,8 +82,9 @@ class Engine:
     """Decodes a batch on one backbone LM with (optionally) its exits. One instance per generate call."""
 
     def __init__(self, lm, exits=None, criterion=None, policy: SkipPolicy | None = None, *, trace: bool = False,
-                 draft_layer: int | None = None):
-        """`draft_layer`: speculative decoding's drafting exit; only its cache is kept, and no exit decides."""
+                 draft_layer: int | None = None, static: bool | None = None):
+        """`draft_layer`: speculative decoding's drafting exit; only its cache is kept, and no exit decides.
+        `static`: decode steps with static shapes (`graphs.py`), as CUDA graphs on a GPU; default: on CUDA."""
         self.lm = lm
         self.kernel = kernel_for(lm)
         self.n = lm.num_layers
@@ -111,6 +112,8 @@ class Engine:
         self.pending: list[_Pending] = []
         self.cache: KVCache | None = None
         self._rows: torch.Tensor | None = None
+        self.static = static
+        self._static_step = None
 
     # ----------------------------------------------------------------------------------------------------------
     def prefill(self, lm_inputs, max_new_tokens: int, extra_columns: int = 0) -> torch.Tensor:
@@ -155,9 +158,26 @@ class Engine:
         cache.advance(p)
         return logits
 
+    def _static_ok(self) -> bool:
+        if self.static is None:
+            self.static = self.cache.keys.device.type == "cuda"
+        return (self.static and not self.policy.batch_moves_together and self.cache.length is not None
+                and getattr(self.kernel, "static_rope", True))
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) at the next column; returns next-token logits (B, V)."""
         cache, col = self.cache, self.cache.length
+        if self._static_ok():
+            from freevlm.generation.graphs import StaticStep
+
+            if self._static_step is None or self._static_step.tokens.shape[0] != tokens.shape[0]:
+                self._static_step = StaticStep(self)
+            logits, exit_layer, events = self._static_step.step(tokens, col)
+            for event in events:
+                fill_skipped(self, event)
+            self.log.append(_StepLog(exit_layer.clone(), False, None))
+            cache.advance(1)
+            return logits
         positions = self._base + col  # (B, 1)
         h0 = self.kernel.embed_tokens(tokens[:, None], positions)
         span = self._prepare(make_span(cache, 1, positions, start=col))
@@ -170,8 +190,10 @@ class Engine:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search; expanding rows to beams or samples)."""
-        self.cache.reorder(index)
-        self._base = self._base.index_select(0, index)
+        in_place = self._static_step is not None and index.shape[0] == self.cache.batch
+        self.cache.reorder(index, in_place=in_place)
+        base = self._base.index_select(0, index)
+        self._base = self._base.copy_(base) if in_place else base
         self._rows = torch.arange(index.shape[0], device=index.device)
         for p in self.pending:
             p.hidden = p.hidden.index_select(0, index)

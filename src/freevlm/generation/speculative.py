@@ -54,6 +54,13 @@ class SpeculativeStats:
     exit_calls: int = 0  # exit-transformer x token calls
     per_round: list[int] = field(default_factory=list)  # tokens emitted per verification
 
+    def add(self, other: SpeculativeStats | None) -> None:
+        if other is None:
+            return
+        for name in ("rounds", "drafted", "accepted", "tokens", "layer_calls", "exit_calls"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.per_round.extend(other.per_round)
+
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0

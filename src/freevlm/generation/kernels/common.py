@@ -22,6 +22,17 @@ def activation(name: str):
     return fast.get(name) or ACT2FN[name]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that one token of one row is a matrix-vector product: on CPU `addmv` on the row-major weight is
+    2-3x faster than the `addmm` F.linear dispatches to (3.6 vs 10.5 us for 128x128 here), and batch-1 decoding is
+    nothing but such products."""
+    if x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == 1:
+        v = x.view(-1)
+        y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)
+        return y.view(1, 1, -1)
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, t5: bool = False) -> torch.Tensor:
     """Llama's RMSNorm (computed in fp32, cast back before the weight) or T5's (cast after, for half weights)."""
     dtype = x.dtype

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from freevlm.generation.cache import Span, self_attention
-from freevlm.generation.kernels.common import KVStack, activation, merge_heads, rms_norm, split_heads
+from freevlm.generation.kernels.common import KVStack, activation, linear, merge_heads, rms_norm, split_heads
 
 
 @dataclass
@@ -111,13 +111,13 @@ class LlamaKernel:
     def layer(self, w: LlamaLayer, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, span: Span,
               cross=None) -> torch.Tensor:
         h = rms_norm(x, w.ln1_w, w.eps1)
-        q = self._apply_rope(split_heads(F.linear(h, w.q_w, w.q_b), self.head_dim), span.rope)
-        k = self._apply_rope(split_heads(F.linear(h, w.k_w, w.k_b), self.head_dim), span.rope)
-        v = split_heads(F.linear(h, w.v_w, w.v_b), self.head_dim)
+        q = self._apply_rope(split_heads(linear(h, w.q_w, w.q_b), self.head_dim), span.rope)
+        k = self._apply_rope(split_heads(linear(h, w.k_w, w.k_b), self.head_dim), span.rope)
+        v = split_heads(linear(h, w.v_w, w.v_b), self.head_dim)
         a = self_attention(q, k, v, cache_k, cache_v, span, self.scale)
-        x = x + F.linear(merge_heads(a), w.o_w, w.o_b)
+        x = x + linear(merge_heads(a), w.o_w, w.o_b)
         h = rms_norm(x, w.ln2_w, w.eps2)
-        return x + F.linear(self.act(F.linear(h, w.gate_w, w.gate_b)) * F.linear(h, w.up_w, w.up_b), w.down_w,
+        return x + linear(self.act(linear(h, w.gate_w, w.gate_b)) * linear(h, w.up_w, w.up_b), w.down_w,
                             w.down_b)
 
     # --- propagation ---------------------------------------------------------------------------------------------
@@ -142,4 +142,4 @@ class LlamaKernel:
         return rms_norm(x, *self.norm)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.final_norm(x), self.head_w)
+        return linear(self.final_norm(x), self.head_w)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from freevlm.generation.cache import Span, self_attention
-from freevlm.generation.kernels.common import KVStack, activation, merge_heads, split_heads
+from freevlm.generation.kernels.common import KVStack, activation, linear, merge_heads, split_heads
 
 
 @dataclass
@@ -91,15 +91,15 @@ class OPTKernel:
               cross=None) -> torch.Tensor:
         """x (R, q, D) -> (R, q, D); writes this layer's K/V for the span into cache_k / cache_v (B, H, T, hd)."""
         h = self._norm(x, w.ln1_w, w.ln1_b, w.eps1) if self.pre_norm else x
-        q = split_heads(F.linear(h, w.q_w, w.q_b), self.head_dim)
-        k = split_heads(F.linear(h, w.k_w, w.k_b), self.head_dim)
-        v = split_heads(F.linear(h, w.v_w, w.v_b), self.head_dim)
+        q = split_heads(linear(h, w.q_w, w.q_b), self.head_dim)
+        k = split_heads(linear(h, w.k_w, w.k_b), self.head_dim)
+        v = split_heads(linear(h, w.v_w, w.v_b), self.head_dim)
         a = self_attention(q, k, v, cache_k, cache_v, span, self.scale)
-        x = x + F.linear(merge_heads(a), w.o_w, w.o_b)
+        x = x + linear(merge_heads(a), w.o_w, w.o_b)
         if not self.pre_norm:
             x = self._norm(x, w.ln1_w, w.ln1_b, w.eps1)
         h = self._norm(x, w.ln2_w, w.ln2_b, w.eps2) if self.pre_norm else x
-        x = x + F.linear(self.act(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+        x = x + linear(self.act(linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
         return x if self.pre_norm else self._norm(x, w.ln2_w, w.ln2_b, w.eps2)
 
     # --- propagation: skipped layers' K/V from one state, all layers at once --------------------------------------
@@ -129,4 +129,4 @@ class OPTKernel:
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.final_norm(x), self.head_w)
+        return linear(self.final_norm(x), self.head_w)

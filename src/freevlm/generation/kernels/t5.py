@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from freevlm.generation.cache import Span, self_attention
-from freevlm.generation.kernels.common import KVStack, activation, merge_heads, rms_norm, split_heads
+from freevlm.generation.kernels.common import KVStack, activation, linear, merge_heads, rms_norm, split_heads
 
 
 @dataclass
@@ -105,32 +105,32 @@ class T5Kernel:
 
     def cross_kv(self, w: T5Layer, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, D) encoder output -> this block's cross-attention K, V: (B, H, S, hd)."""
-        return split_heads(F.linear(encoder_states, w.ck_w), self.head_dim), split_heads(
-            F.linear(encoder_states, w.cv_w), self.head_dim)
+        return split_heads(linear(encoder_states, w.ck_w), self.head_dim), split_heads(
+            linear(encoder_states, w.cv_w), self.head_dim)
 
     # --- one block -----------------------------------------------------------------------------------------------
     def layer(self, w: T5Layer, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, span: Span,
               cross=None) -> torch.Tensor:
         """cross = (K, V, additive mask) of this block's cross-attention, already restricted to the span's rows."""
         h = rms_norm(x, w.ln1_w, w.eps, t5=True)
-        q = split_heads(F.linear(h, w.q_w), self.head_dim)
-        k = split_heads(F.linear(h, w.k_w), self.head_dim)
-        v = split_heads(F.linear(h, w.v_w), self.head_dim)
+        q = split_heads(linear(h, w.q_w), self.head_dim)
+        k = split_heads(linear(h, w.k_w), self.head_dim)
+        v = split_heads(linear(h, w.v_w), self.head_dim)
         a = self_attention(q, k, v, cache_k, cache_v, span, 1.0, additive=span.bias)
-        x = x + F.linear(merge_heads(a), w.o_w)
+        x = x + linear(merge_heads(a), w.o_w)
         h = rms_norm(x, w.ln_cross_w, w.eps, t5=True)
         ck, cv, cmask = cross
-        q = split_heads(F.linear(h, w.cq_w), self.head_dim)
+        q = split_heads(linear(h, w.cq_w), self.head_dim)
         a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cmask, scale=1.0)
-        x = x + F.linear(merge_heads(a), w.co_w)
+        x = x + linear(merge_heads(a), w.co_w)
         h = rms_norm(x, w.ln2_w, w.eps, t5=True)
         if self.gated:
-            f = self.act(F.linear(h, w.wi_0)) * F.linear(h, w.wi_1)
+            f = self.act(linear(h, w.wi_0)) * linear(h, w.wi_1)
         else:
-            f = self.act(F.linear(h, w.wi))
+            f = self.act(linear(h, w.wi))
         if f.dtype != w.wo.dtype:
             f = f.to(w.wo.dtype)
-        return x + F.linear(f, w.wo)
+        return x + linear(f, w.wo)
 
     # --- propagation ---------------------------------------------------------------------------------------------
     def kv_stack(self, ws: list[T5Layer]) -> KVStack:
@@ -154,4 +154,4 @@ class T5Kernel:
         x = self.final_norm(x)
         if self.output_scale is not None:
             x = x * self.output_scale
-        return F.linear(x, self.head_w)
+        return linear(x, self.head_w)

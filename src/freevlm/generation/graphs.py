@@ -1,0 +1,130 @@
+"""The decode step with static shapes, captured as CUDA graphs on a GPU.
+
+A small LM at batch 1 is launch-bound: a layer is ~25 kernels of microseconds each, and Python issues them one by
+one. `StaticStep` makes the per-token work between two exit decisions one replayable CUDA graph (gpt-fast's and
+vLLM's approach): every row and every cache column take part (attention masks the columns past the token's own), the
+token's column is a device tensor, and K/V are written with `index_copy_` at that column, so the same graph serves
+every step. The step is cut into segments at the exits that decide: layers (e_k, e_k+1] plus the exit at e_k+1
+(its transformer, the head, the logits); between segments the host asks the criterion, which is the one host sync
+per exit decision. Full depth is one segment, one graph per token.
+
+Rows that leave keep riding through the later segments (static shapes: the batch cannot shrink inside a graph); what
+they compute there is overwritten afterwards by the skip policy's fill (`kv.py`), so the caches and tokens are those
+of the dynamic engine (tested on CPU, where the same segment functions run eagerly), and the work records still count
+what each row needed. Not captured (they run on the dynamic path): catch-up, whose token groups change shape from step
+to step; speculative verification blocks; RoPE types that rescale with the sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from freevlm.generation.cache import Span
+
+
+@dataclass
+class _SegmentOut:
+    x: torch.Tensor  # (B, 1, D) hidden state after the segment's last layer
+    prev: torch.Tensor | None  # (B, D) the last layer's input (the similarity criterion compares the two)
+    state: torch.Tensor | None  # (B, D) the exit's output state
+    logits: torch.Tensor  # (B, V) the exit's (or the final head's) logits
+
+
+class StaticStep:
+    """One decode step per call, over static buffers; CUDA graphs on CUDA, the same functions eagerly elsewhere."""
+
+    def __init__(self, engine, capture: bool | None = None):
+        self.engine = engine
+        cache = engine.cache
+        device = cache.keys.device
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
+        self.col = torch.zeros(1, dtype=torch.long, device=device)
+        self.columns = torch.arange(cache.max_len, device=device)
+        deciding = engine.exit_list if engine.checking else []
+        bounds = [0, *deciding, engine.n]
+        self.segments = list(zip(bounds[:-1], bounds[1:]))
+        self.outputs: dict[int, _SegmentOut] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def span(self) -> Span:
+        """Every row at column `self.col`, attending over all cache columns up to it (built inside the graph)."""
+        e, cache = self.engine, self.engine.cache
+        j = self.columns
+        allowed = (j <= self.col)[None, :] & (cache.not_pad | (j == self.col)[None, :])  # (B, T)
+        cols = self.col.expand(cache.batch, 1)
+        span = Span(None, 1, cache.max_len, cols, e._base + self.col, allowed[:, None, None, :], index=self.col)
+        return e._prepare(span)
+
+    def _segment(self, i: int) -> _SegmentOut:
+        e, k = self.engine, self.engine.kernel
+        lo, hi = self.segments[i]
+        span = self.span()
+        x = k.embed_tokens(self.tokens[:, None], span.positions) if i == 0 else self.outputs[i - 1].x
+        prev = x
+        for layer in range(lo + 1, hi + 1):
+            prev = x
+            x = e.run_layer(layer, x, span)
+        ex = e.exit_at.get(hi) if hi < e.n else None
+        if ex is None:
+            return _SegmentOut(x, None, None, k.logits(x[:, -1]))
+        state = e.run_exit(ex, x, span) if ex.uses_cache else x
+        return _SegmentOut(x, prev[:, -1], state[:, -1], ex.logits(k, state[:, -1]))
+
+    def _run(self, i: int) -> _SegmentOut:
+        if not self.capture:
+            self.outputs[i] = self._segment(i)
+            return self.outputs[i]
+        if i not in self.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (allocator, cuBLAS workspaces)
+                for _ in range(2):
+                    self.outputs[i] = self._segment(i)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[i] = self._segment(i)
+            self.graphs[i] = graph
+        self.graphs[i].replay()
+        return self.outputs[i]
+
+    def step(self, tokens: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Decode one token per row at column `col`: (logits (B, V), exit layer per row (B,), exit events)."""
+        from freevlm.generation.engine import ExitEvent
+
+        e = self.engine
+        self.tokens.copy_(tokens)
+        self.col.fill_(col)
+        b = tokens.shape[0]
+        if not e.checking:
+            out = self._run(0)
+            return out.logits, e._full_exit_layer(b, tokens.device), []
+        logits, exit_layer, crit_state = e._new_outputs(b, e.cache.keys)
+        rows = e._rows
+        active = torch.ones(b, dtype=torch.bool, device=tokens.device)
+        events = []
+        for i, (_, hi) in enumerate(self.segments):
+            seg = self._run(i)
+            if hi == e.n:
+                logits[active] = seg.logits[active].to(logits.dtype)
+                break
+            ex = e.exit_at[hi]
+            go = e.criterion(crit_state, rows, seg.logits if e.criterion.needs_logits else None, seg.x[:, -1],
+                             seg.prev) & active
+            left, remaining = (int(v) for v in torch.stack([go.sum(), (active & ~go).sum()]).tolist())  # one sync
+            if left:
+                logits[go] = seg.logits[go].to(logits.dtype)
+                exit_layer[go] = hi
+                source = seg.state if e.policy.source == "exit" else seg.x[:, -1]
+                idx = go.nonzero()[:, 0]
+                span = self.span() if e.kernel.family == "llama" else None
+                rope = None if span is None else (span.rope[0][idx, -1], span.rope[1][idx, -1])
+                events.append(ExitEvent(idx, hi, ex.slot, source[idx].clone(), self.col.expand(idx.shape[0]), rope))
+                active = active & ~go
+            if not remaining:
+                break
+        return logits, exit_layer, events
