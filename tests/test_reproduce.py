@@ -82,8 +82,14 @@ def test_quick_reproduce_writes_a_report(tmp_path):
 
     folder = reproduce(tmp_path, quick=True, progress=False, methods=["DeeBLIP", "LeeBERT", "MuE"])
     text = (folder / "README.md").read_text()
-    for heading in ("Table 4", "Table 1", "Table 6", "Table 11", "Fig. 4b", "Fig. 3", "Table 9", "claims"):
+    for heading in ("Table 4", "Table 1", "Table 6", "Table 11", "Fig. 4b", "Fig. 3", "CapFilt rankers", "Table 9",
+                    "claims"):
         assert heading in text
+    rankers = text.split("## CapFilt rankers")[1].split("## ")[0]
+    rows = [line.split("|")[1].strip() for line in rankers.splitlines() if line.startswith("|")][2:]
+    assert [r.split()[0] for r in rows] == ["random", "backbone", "tiny", "oracle"]
+    assert "ranked by the embedded default's tiny CLIP" in text
+    assert (tmp_path / "pretrain-s0" / "clip" / "config.json").is_file()
     table4 = text.split("## Table 4")[1].split("## ")[0]
     rows = [line.split("|")[1].strip() for line in table4.splitlines() if line.startswith("|")]
     assert rows[2:] == ["backbone (full depth)", "FREE", "DeeBLIP", "LeeBERT", "MuE", "no-adversarial"]

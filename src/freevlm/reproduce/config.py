@@ -8,6 +8,7 @@ from freevlm.baselines import BASELINES
 from freevlm.data.synthetic import SyntheticConfig
 from freevlm.default import DefaultConfig
 from freevlm.demo import demo_stage1, demo_stage2
+from freevlm.train.contrastive import ClipConfig
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.pretrain import WarmupConfig
 from freevlm.train.stage1 import Stage1Config
@@ -32,6 +33,8 @@ class ReproduceConfig:
     per_layer: bool = True  # Fig. 3
     unsupervised: bool = True  # Table 9: KD vs CapFilt
     capfilt_images: int = 200  # images pseudo-labelled by CapFilt (10 candidates each)
+    capfilt_ranker: str = "tiny-clip"  # Table 9's ranker: the embedded default's CLIP, likelihood, random or a folder
+    ranker_images: int = 100  # dev images whose samples every ranker ranks (the rankers table; 100 = the whole dev)
     visdial_dialogs: int = 20  # --full: dialogues (3 rounds x 100 candidates each) scored for VisDial MRR
 
 
@@ -46,11 +49,13 @@ def quick_config() -> ReproduceConfig:
         pretrain=Stage1Config(train_parts=("vision", "qformer", "projection", "lm"), optim=OptimConfig(lr=2e-3),
                               loop=LoopConfig(epochs=1, batch_size=32)),
         warmup=WarmupConfig(steps=10, batch_size=32),
+        clip=ClipConfig(hidden=32, ffn=64, layers=1, patch_size=16, hard_negatives=1,
+                        loop=LoopConfig(epochs=1, batch_size=64)),
     )
     return ReproduceConfig(
         default=default, stage1=Stage1Config(loop=LoopConfig(epochs=1, batch_size=16)),
         stage2=ExitTrainConfig(exit_layers=[2, 4], discriminator_hidden=64, discriminator_lr=1e-4,
                                optim=OptimConfig(lr=1e-3, warmup_steps=2), loop=LoopConfig(epochs=1, batch_size=16)),
         seeds=1, methods=("FREE", "DeeBLIP", "MuE"), dev_images=12, test_images=12, nocaps_images=4, speed_images=2,
-        noise_sigmas=(0.0, 1.0), capfilt_images=8,
+        noise_sigmas=(0.0, 1.0), capfilt_images=8, ranker_images=8,
     )

@@ -16,11 +16,12 @@ from freevlm.backbones import load_backbone
 from freevlm.baselines import METHODS
 from freevlm.data.splits import split_by_image, split_record
 from freevlm.data.synthetic import load_synthetic_captions, load_synthetic_vqa
-from freevlm.default import describe_default, pretrained_default
+from freevlm.default import default_clip_path, describe_default, pretrained_default
 from freevlm.eval.efficiency import trainable_parameters_per_exit
 from freevlm.eval.evaluate import evaluate_captions, evaluate_vqa, speed_comparison
 from freevlm.exits import ExitSpec, ExitStack, build_exits
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
+from freevlm.rankers import CaptionRanker, load_ranker
 from freevlm.reproduce.config import ReproduceConfig
 from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Example, caption_examples, vqa_examples
 from freevlm.train.loop import LoopConfig
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from freevlm.reproduce.tables.base import Table
 
 PER_LAYER = "per-layer-linear"  # Fig. 3's linear head after every layer, trained in the method loop's linear pass
+TINY_CLIP = "tiny-clip"  # ReproduceConfig.capfilt_ranker: the embedded default's own CLIP (from pretrained_default)
 
 
 def prompt_examples(samples) -> list[Example]:
@@ -117,6 +119,11 @@ class SeedRun:
         """Another run of this seed in `out/name` (another task or backbone), sharing the configuration."""
         return SeedRun(self.cfg, self.seed, pretrained or self.pretrained, self.data_root, self.out / name,
                        self.progress, task=task, root=self.root)
+
+    def ranker(self, spec: str | None = None) -> CaptionRanker:
+        """A CapFilt ranker: `spec` (default: the configuration's), where "tiny-clip" is the default's own CLIP."""
+        spec = spec or self.cfg.capfilt_ranker
+        return load_ranker(default_clip_path(self.root, self.cfg.default) if spec == TINY_CLIP else spec, self.seed)
 
     def _loop(self, loop: LoopConfig) -> LoopConfig:
         return replace(loop, seed=self.seed, progress=self.progress)

@@ -12,6 +12,7 @@ from freevlm.reproduce.tables import (
     fig3,
     fig4a,
     fig4b,
+    rankers,
     table1,
     table2,
     table3,
@@ -34,6 +35,7 @@ TABLES: tuple[Table, ...] = (
     table11.TABLE,  # exit fractions
     fig4b.TABLE,  # speedup vs quality; FREE's quality vs alpha
     fig3.TABLE,  # per-layer quality (after exit_quality)
+    rankers.TABLE,  # CapFilt's rankers: top-2 precision on dev (random, likelihood, tiny CLIP)
     table9.TABLE,  # unsupervised: KD vs CapFilt
     table2.TABLE,  # --full: VQA, semi-supervised
     table3.TABLE,  # --full: unsupervised VQA + VisDial
