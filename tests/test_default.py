@@ -10,6 +10,7 @@ import torch
 from freevlm.backbones.tiny import TinySize
 from freevlm.data.synthetic import SyntheticConfig, corpus_text
 from freevlm.default import DefaultConfig, build_default_model, default_tokenizer, describe_default
+from freevlm.train.contrastive import ClipConfig
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.pretrain import WarmupConfig
 from freevlm.train.stage1 import Stage1Config
@@ -38,6 +39,8 @@ def tiny_default() -> DefaultConfig:
         pretrain=Stage1Config(train_parts=("vision", "qformer", "projection", "lm"),
                               optim=OptimConfig(lr=2e-3), loop=LoopConfig(epochs=1, batch_size=32)),
         warmup=WarmupConfig(steps=5, batch_size=32),
+        clip=ClipConfig(hidden=32, ffn=64, layers=1, patch_size=16, hard_negatives=1,
+                        loop=LoopConfig(epochs=1, batch_size=64)),
     )
 
 
@@ -76,3 +79,41 @@ def test_pretraining_is_bit_reproducible_on_one_machine(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     _, other = pretrained_default(tmp_path / "c", tiny_default(), seed=1, progress=False)
     assert any(not torch.equal(states[0][k], v) for k, v in other.model.state_dict().items())
+
+
+def test_the_tiny_clip_is_a_clip_folder_cached_beside_the_backbone_and_retrained_alone(tmp_path):
+    from dataclasses import replace
+
+    from freevlm.default import default_clip_path, pretrained_default
+    from freevlm.rankers import ClipRanker, load_ranker
+
+    cfg = tiny_default()
+    pretrained_default(tmp_path, cfg, seed=0, progress=False)
+    folder = default_clip_path(tmp_path, cfg)
+    assert folder == tmp_path / "pretrain-s0" / "clip"
+    assert isinstance(load_ranker(folder), ClipRanker)  # what `--ranker PATH` does
+    backbone_file = tmp_path / "pretrain-s0" / "backbone" / "model.safetensors"
+    stamps = backbone_file.stat().st_mtime_ns, (folder / "model.safetensors").read_bytes()
+    pretrained_default(tmp_path, cfg, seed=0, progress=False)  # cached: nothing retrains
+    assert (backbone_file.stat().st_mtime_ns, (folder / "model.safetensors").read_bytes()) == stamps
+    pretrained_default(tmp_path, replace(cfg, clip=replace(cfg.clip, hard_negatives=0)), seed=0, progress=False)
+    assert backbone_file.stat().st_mtime_ns == stamps[0]  # another CLIP configuration retrains the CLIP only
+    assert (folder / "model.safetensors").read_bytes() != stamps[1]
+
+
+@pytest.mark.slow
+def test_the_embedded_default_clip_ranks_a_true_caption_above_a_wrong_one_for_most_images(tmp_path):
+    """The default's own tiny CLIP, as `freevlm demo` / `reproduce` train it (about half a minute on 2 cores), on 300
+    validation images it never saw: a loose bound; the reproduce report's rankers table gives the measured rates."""
+    from freevlm.data.synthetic import load_synthetic_captions
+    from freevlm.default import _pretrained_clip, prepare_data
+    from freevlm.rankers import load_ranker
+    from freevlm.reproduce.tables.rankers import pairwise
+
+    cfg = DefaultConfig()
+    data_root = prepare_data(tmp_path / "data", cfg)
+    folder = _pretrained_clip(tmp_path, cfg, seed=0, progress=False)  # the CLIP alone; no backbone is needed here
+    rates = pairwise({"CLIP": load_ranker(folder)}, None, load_synthetic_captions(data_root, "val")[:300], cfg.data)
+    print(rates)
+    assert rates["CLIP"]["true_over_near_miss"] > 0.6  # one attribute or one object changed
+    assert rates["CLIP"]["true_over_other_image"] > 0.6

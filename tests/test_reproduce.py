@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from freevlm.reproduce import _interp, _verdict, claims, quick_config
+from freevlm.reproduce import quick_config
+from freevlm.reproduce.claims import _interp, _verdict, claims
 
 
 def test_interpolating_a_speedup_quality_curve():
@@ -81,8 +82,14 @@ def test_quick_reproduce_writes_a_report(tmp_path):
 
     folder = reproduce(tmp_path, quick=True, progress=False, methods=["DeeBLIP", "LeeBERT", "MuE"])
     text = (folder / "README.md").read_text()
-    for heading in ("Table 4", "Table 1", "Table 6", "Table 11", "Fig. 4b", "Fig. 3", "Table 9", "claims"):
+    for heading in ("Table 4", "Table 1", "Table 6", "Table 11", "Fig. 4b", "Fig. 3", "CapFilt rankers", "Table 9",
+                    "claims"):
         assert heading in text
+    rankers = text.split("## CapFilt rankers")[1].split("## ")[0]
+    rows = [line.split("|")[1].strip() for line in rankers.splitlines() if line.startswith("|")][2:]
+    assert [r.split()[0] for r in rows] == ["random", "backbone", "tiny", "oracle"]
+    assert "ranked by the embedded default's tiny CLIP" in text
+    assert (tmp_path / "pretrain-s0" / "clip" / "config.json").is_file()
     table4 = text.split("## Table 4")[1].split("## ")[0]
     rows = [line.split("|")[1].strip() for line in table4.splitlines() if line.startswith("|")]
     assert rows[2:] == ["backbone (full depth)", "FREE", "DeeBLIP", "LeeBERT", "MuE", "no-adversarial"]
@@ -118,3 +125,27 @@ def test_quick_full_reproduce_covers_vqa_visdial_and_other_backbones(tmp_path):
     for heading in ("Table 2", "Table 3", "VisDial MRR", "Table 5", "Table 7", "Table 8"):
         assert heading in text
     assert_wall_column(text, ("Table 2", "Table 3", "Table 5", "Table 7", "Table 8"))
+
+
+def test_a_table_is_a_module_with_a_measurement_stored_at_its_key_and_a_section_in_order(tmp_path):
+    from freevlm.reproduce.report import write_report
+    from freevlm.reproduce.run import _store
+    from freevlm.reproduce.tables import TABLES
+    from freevlm.reproduce.tables.base import Table, section
+
+    names = [t.render.__module__.rsplit(".", 1)[1] for t in TABLES]
+    assert names.index("exit_quality") < names.index("fig3")  # Fig. 3 reads the exit-quality measurement
+    result: dict = {}
+    _store(result, ("other_backbones", "fam", "caption"), {"x": 1})
+    _store(result, ("other_backbones", "fam", "vqa"), {"x": 2})
+    assert result == {"other_backbones": {"fam": {"caption": {"x": 1}, "vqa": {"x": 2}}}}
+
+    cfg = quick_config()
+    cfg.methods, cfg.ablations, cfg.noise_sigmas = ("FREE",), (), ()
+    extra = Table(lambda rep: section("Extra", f"value {rep.col(['extra', 'v'])}") if rep.has("extra") else [])
+    runs = [{"extra": {"v": 0.25}}, {"extra": {"v": 0.35}}]
+    write_report(tmp_path / "r", cfg, runs, {}, 1.0, quick=True, full=False, tables=[extra, extra],
+                 provenance={"src_tree": "t", "commit": "c" * 12, "dirty": False, "status": ""})
+    text = (tmp_path / "r" / "README.md").read_text()
+    assert text.count("## Extra\n\nvalue 30.0 ± 7.1\n") == 2
+    assert text.index("## Extra") < text.index("## The paper's claims")

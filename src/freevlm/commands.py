@@ -50,19 +50,20 @@ def make_data(out: Path, seed: int = 0) -> None:
 
 
 def pretrain(out: Path = Path("runs/default"), seed: int = 0, progress: bool = True) -> None:
-    """Build and pretrain the embedded default VLM (tiny BLIP-2 with an OPT LM) on the synthetic train split.
+    """Build and pretrain the embedded default VLM (tiny BLIP-2, OPT LM) and its tiny CLIP on the synthetic train split.
 
     out: folder for the data and the pretrained backbone (out/pretrain-s<seed>/backbone)
     seed: model and data-order seed
     progress: show progress bars
     """
-    from freevlm.default import DefaultConfig, describe_default, pretrained_default
+    from freevlm.default import DefaultConfig, default_clip_path, describe_default, pretrained_default
 
     check.non_negative_int("seed", seed)
     with claim_output(out):
         _, backbone = pretrained_default(out, DefaultConfig(), seed=seed, progress=progress)
     print(json.dumps(describe_default(backbone), indent=2))
     print(f"backbone: {Path(out) / f'pretrain-s{seed}' / 'backbone'}")
+    print(f"CapFilt ranker (tiny CLIP, for train-exits --ranker): {default_clip_path(out, seed=seed)}")
 
 
 def _examples(task: str, samples: list) -> list:
@@ -164,8 +165,8 @@ def train_exits(
     images: Path | None = None, questions: Path | None = None, split: str = "val",
     exit_layers: list[int] | None = None, seed_layer: str = "next", epochs: int | None = None,
     batch_size: int = 16, lr: float = 1e-5, warmup_steps: int = 500, adversarial_weight: float | None = None,
-    kl_direction: str = "exit_to_final", candidates: int = 10, keep: int = 2, train_fraction: float = 0.8,
-    seed: int = 0, resume: bool = False, progress: bool = True,
+    kl_direction: str = "exit_to_final", candidates: int = 10, keep: int = 2, ranker: str = "likelihood",
+    train_fraction: float = 0.8, seed: int = 0, resume: bool = False, progress: bool = True,
 ) -> None:
     """Stage 2: train exits on a frozen backbone; writes an exit-only checkpoint to out/exits (§3.3-3.4, baselines).
 
@@ -185,8 +186,9 @@ def train_exits(
     warmup_steps: linear warm-up steps (Table 10: 500)
     adversarial_weight: weight of the generator loss (default: the variant's)
     kl_direction: exit_to_final (the paper's KL(p_i||p_N)) or final_to_exit
-    candidates: CapFilt captions sampled per image
-    keep: CapFilt captions kept per image
+    candidates: CapFilt captions sampled per image (nucleus, top-p 0.9)
+    keep: CapFilt captions kept per image (distinct ones)
+    ranker: CapFilt ranker: a CLIP folder (paper: clip-vit-large-patch14), a BLIP-2 ITM folder, likelihood or random
     train_fraction: share of the split's images trained on
     seed: seed of the split, data order and initialisation
     resume: continue from the run folder's last checkpoint
@@ -195,6 +197,7 @@ def train_exits(
     from freevlm.backbones import load_backbone
     from freevlm.exits import SEED_LAYER_CHOICES, validate_exit_layers
     from freevlm.losses import KL_DIRECTIONS
+    from freevlm.rankers import load_ranker
     from freevlm.train.pseudo import capfilt_targets, greedy_targets
     from freevlm.train.stage2 import VARIANTS, variant_config
     from freevlm.train.stage2 import train_exits as run
@@ -212,6 +215,7 @@ def train_exits(
         raise FreeVLMError(f"--keep must be an integer in 1..--candidates ({candidates}), got {keep}")
     cfg = variant_config(variant, exit_layers=exit_layers, seed_layer=seed_layer, kl_direction=kl_direction,
                          optim=OptimConfig(name="adamw", lr=lr, warmup_steps=warmup_steps))
+    rank = load_ranker(ranker, seed=seed) if VARIANTS[variant][3] == "capfilt" else None  # bad folders fail first
     cfg.loop.batch_size, cfg.loop.seed, cfg.loop.progress = batch_size, seed, progress
     if epochs is not None:
         cfg.loop.epochs = epochs
@@ -233,7 +237,7 @@ def train_exits(
             examples = greedy_targets(bb, _unique_images(examples), progress=progress)
         elif targets == "capfilt":
             examples, _ = capfilt_targets(bb, _unique_images(examples), num_candidates=candidates, keep=keep,
-                                          seed=seed, progress=progress)
+                                          ranker=rank, seed=seed, progress=progress)
         _, means = run(bb, examples, cfg, out, resume=resume)
         write_json(Path(out) / "split.json", record)
     print(f"exit training done: {means}; exits: {Path(out) / 'exits'}")

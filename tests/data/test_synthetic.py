@@ -18,6 +18,7 @@ from freevlm.data.synthetic import (
     canonical_caption,
     caption_attribute_recall,
     caption_is_correct,
+    caption_meaning,
     corpus_text,
     load_synthetic_captions,
     load_synthetic_nocaps,
@@ -27,6 +28,7 @@ from freevlm.data.synthetic import (
     read_synthetic_config,
     synthetic_paths,
     write_synthetic,
+    wrong_captions,
 )
 from freevlm.errors import FreeVLMError
 
@@ -176,6 +178,26 @@ def test_every_reference_caption_is_correct_for_its_image_only(root):
             canonical_caption([o]) for o in first.extra["objects"]
         )
         assert caption_is_correct(first.captions[0], other.extra["objects"]) == same
+
+
+def test_wrong_captions_are_near_misses_in_the_grammar_and_meanings_ignore_phrasing(root):
+    import random
+
+    rng = random.Random(0)
+    vocab = set(corpus_text(TINY))
+    for sample in _all_caption_samples(root):
+        objects = sample.extra["objects"]
+        assert len({caption_meaning(c) for c in sample.captions}) == 1  # references differ in phrasing only
+        for wrong in wrong_captions(objects, rng, TINY, k=4):
+            assert not caption_is_correct(wrong, objects)
+            assert set(wrong.split()) <= vocab
+            said, truth = Counter(dict(caption_meaning(wrong))), Counter(dict(caption_meaning(sample.captions[0])))
+            # one change: one attribute of one object (two objects differ) or one object more or fewer
+            assert sum(((said - truth) + (truth - said)).values()) in (1, 2)
+    one = [{"size": "small", "colour": "red", "shape": "circle", "position": "left"}]
+    single = SyntheticConfig(colours=("red",), shapes=("circle",), sizes=("small",), min_objects=1, max_objects=1)
+    with pytest.raises(FreeVLMError, match="allows no wrong caption"):
+        wrong_captions(one, rng, single)
 
 
 def test_caption_is_correct_on_hand_built_objects():

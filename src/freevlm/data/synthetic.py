@@ -338,6 +338,39 @@ def _reference_captions(objects: list[dict], rng: random.Random, k: int) -> list
     return refs + [refs[i % len(refs)] for i in range(k - len(refs))]
 
 
+def wrong_captions(objects: list[dict], rng: random.Random, c: SyntheticConfig, k: int = 1) -> list[str]:
+    """`k` near-miss captions for `objects`: each changes one thing (an object's size, colour or shape to another seen
+    value, or one object more or fewer) and is phrased like a reference caption (random prefix, order and positions).
+    `caption_is_correct` is False for every one. They are the hard negatives of the tiny CLIP's contrastive training
+    and the wrong captions a ranker is tested against: a sampled caption is usually wrong in one attribute, rarely in
+    everything."""
+    key = lambda o: (o["size"], o["colour"], o["shape"])  # noqa: E731
+    truth = Counter(key(o) for o in objects)
+    pools = {"size": c.sizes, "colour": c.colours, "shape": c.shapes}
+    out = []
+    while len(out) < k:
+        objs = [dict(o) for o in objects]
+        kinds = [kind for kind in pools if len(pools[kind]) > 1]
+        kinds += ["add"] if len(objs) < c.max_objects else []
+        kinds += ["remove"] if len(objs) > max(1, c.min_objects) else []
+        if not kinds:
+            raise FreeVLMError("this synthetic config allows no wrong caption (one size, colour, shape and count)")
+        kind = rng.choice(kinds)
+        if kind == "add":
+            objs.append({"size": rng.choice(c.sizes), "colour": rng.choice(c.colours), "shape": rng.choice(c.shapes),
+                         "position": rng.choice(list(POSITION_PHRASE))})
+        elif kind == "remove":
+            objs.pop(rng.randrange(len(objs)))
+        else:
+            o = rng.choice(objs)
+            o[kind] = rng.choice([v for v in pools[kind] if v != o[kind]])
+        if Counter(key(o) for o in objs) == truth:  # e.g. an added twin of a removed object: draw again
+            continue
+        groups = _groups(objs)
+        out.append(_caption(rng.sample(groups, len(groups)), rng.choice(CAPTION_PREFIXES), rng.random() < 0.5))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------- questions
 
 QUESTION_KINDS = ("colour", "shape", "count", "yesno", "position")
@@ -805,10 +838,20 @@ def caption_is_correct(caption: str, objects: list[dict]) -> bool:
     counts expanded, equals the truth. Order and position phrases are ignored; a mention missing an attribute, an
     invented object or an omitted one makes it wrong."""
     truth = Counter((o["size"], o["colour"], o["shape"]) for o in objects)
+    return _stated(caption) == truth
+
+
+def _stated(caption: str) -> Counter:
     said: Counter = Counter()
     for count, size, colour, shape in parse_caption(caption):
         said[size, colour, shape] += count
-    return +said == truth
+    return +said
+
+
+def caption_meaning(caption: str) -> tuple:
+    """What a caption states, independent of phrasing: the sorted (size, colour, shape) -> count multiset. Two
+    captions with equal meanings are both correct or both wrong for any image (`caption_is_correct`)."""
+    return tuple(sorted(_stated(caption).items(), key=str))
 
 
 def caption_attribute_recall(caption: str, objects: list[dict]) -> float:

@@ -2,24 +2,24 @@
 
 - Knowledge distillation needs token positions to distil at: we use the backbone's own greedy caption of each image
   (full depth), so the exits learn p_N along the text the backbone would produce. No human label is read.
-- CapFilt: the backbone samples `num_candidates` captions per image (nucleus sampling, as BLIP's CapFilt), a scorer
-  ranks them, and the top `keep` become labels. The paper ranks with CLIP ViT-L/14, which is not available offline;
-  the scorer is pluggable and the default is the backbone's own image-text likelihood (the length-normalised log
-  probability of the caption given the image), which needs nothing beyond the backbone.
+- CapFilt: the backbone samples `num_candidates` captions per image (nucleus sampling, top-p 0.9, as BLIP's
+  CapFilt), a ranker scores them against the image (`freevlm.rankers`: CLIP as the paper, a BLIP-2 ITM head, or the
+  backbone's own likelihood), and the top `keep` distinct captions become labels. Empty samples are dropped and a
+  caption sampled twice is one candidate (scored once, kept at most once); ties in score go to the caption sampled
+  more often, then to the one sampled first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Protocol
+from collections import Counter
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
 from freevlm.generation.api import EarlyExitVLM
-from freevlm.losses import IGNORE
-from freevlm.train.batches import Collator, Example
-from freevlm.train.forward import teacher_forced
+from freevlm.rankers import CaptionRanker, LikelihoodRanker
+from freevlm.train.batches import Example
 
 
 def _chunks(items, size):
@@ -33,61 +33,68 @@ def greedy_targets(backbone, examples: list[Example], batch_size: int = 16, max_
     vlm = EarlyExitVLM(backbone)
     out = []
     for chunk in tqdm(list(_chunks(examples, batch_size)), desc="pseudo-labels", disable=not progress, leave=False):
-        res = vlm.generate([e.image_path for e in chunk], [e.prompt for e in chunk], use_exits=False,
+        res = vlm.generate([e.image_path for e in chunk], [e.prompt for e in chunk], mode="full",
                            max_new_tokens=max_new_tokens)
         out.extend(replace(e, target=t) for e, t in zip(chunk, res.texts))
     return out
 
 
-class CaptionScorer(Protocol):
-    def __call__(self, backbone, candidates: list[Example]) -> torch.Tensor:
-        """A score per candidate (higher = better match of caption and image)."""
-        ...
+def sample_captions(backbone, examples: list[Example], *, num_candidates: int = 10, top_p: float = 0.9,
+                    seed: int = 0, batch_size: int = 8, max_new_tokens: int = 30,
+                    progress: bool = True) -> list[list[str]]:
+    """`num_candidates` nucleus samples per example from the backbone at full depth, as generated (empty ones too)."""
+    vlm = EarlyExitVLM(backbone)
+    torch.manual_seed(seed)
+    out = []
+    for chunk in tqdm(list(_chunks(examples, batch_size)), desc="capfilt: sampling", disable=not progress,
+                      leave=False):
+        res = vlm.generate([e.image_path for e in chunk], [e.prompt for e in chunk], mode="full",
+                           max_new_tokens=max_new_tokens, do_sample=True, top_p=top_p,
+                           num_return_sequences=num_candidates)
+        out.extend(res.texts[i * num_candidates : (i + 1) * num_candidates] for i in range(len(chunk)))
+    return out
 
 
-@dataclass
-class LikelihoodScorer:
-    """Mean log-probability per token of the candidate caption given the image, under the backbone's final layer."""
+def distinct_captions(samples: list[str]) -> list[tuple[str, int]]:
+    """(caption, times sampled) per distinct non-empty sample, in first-sampled order; whitespace is normalised."""
+    counts = Counter(" ".join(t.split()) for t in samples)
+    counts.pop("", None)
+    return list(counts.items())  # a Counter keeps first-insertion order
 
-    batch_size: int = 32
 
-    @torch.no_grad()
-    def __call__(self, backbone, candidates: list[Example]) -> torch.Tensor:
-        collate = Collator(backbone, train=True)
-        scores = []
-        for chunk in _chunks(candidates, self.batch_size):
-            batch = collate(chunk).to(next(backbone.model.parameters()).device)
-            tf = teacher_forced(backbone, batch, keep=set(), logits=True)
-            mask = tf.targets != IGNORE
-            logp = torch.log_softmax(tf.logits.float(), -1)
-            tok = logp.gather(-1, tf.targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores.append((tok * mask).sum(-1) / mask.sum(-1).clamp(min=1))
-        return torch.cat(scores).cpu()
+def rank_captions(candidates: list[tuple[str, int]], scores: list[float]) -> list[int]:
+    """Indices of `candidates` best first: by score, ties to the more often sampled caption, then the earlier one."""
+    return sorted(range(len(candidates)), key=lambda i: (-scores[i], -candidates[i][1], i))
+
+
+def rank_samples(backbone, examples: list[Example], samples: list[list[str]], ranker: CaptionRanker,
+                 batch_size: int = 8) -> dict[str, list[tuple[str, float]]]:
+    """Per example key: its distinct sampled captions with their scores, best first (one ranker call per
+    `batch_size` examples, so a ranker batches across images)."""
+    ranked = {}
+    for chunk in _chunks(list(zip(examples, samples)), batch_size):
+        per_image = [(e, distinct_captions(texts)) for e, texts in chunk]
+        flat = [replace(e, target=text) for e, cands in per_image for text, _ in cands]
+        scores = ranker(backbone, flat).tolist() if flat else []
+        at = 0
+        for e, cands in per_image:
+            own, at = scores[at : at + len(cands)], at + len(cands)
+            if cands:
+                ranked[e.key] = [(cands[i][0], float(own[i])) for i in rank_captions(cands, own)]
+    return ranked
 
 
 def capfilt_targets(backbone, examples: list[Example], *, num_candidates: int = 10, keep: int = 2,
-                    scorer: CaptionScorer | None = None, batch_size: int = 8, max_new_tokens: int = 30,
+                    ranker: CaptionRanker | None = None, batch_size: int = 8, max_new_tokens: int = 30,
                     top_p: float = 0.9, seed: int = 0, progress: bool = True) -> tuple[list[Example], dict]:
-    """CapFilt pseudo-labels: `keep` examples per input image, from `num_candidates` sampled captions each.
+    """CapFilt pseudo-labels: up to `keep` distinct captions per input image, the ranker's best of
+    `num_candidates` samples (an image whose samples are all empty gets none).
 
-    Returns the new examples and, per image key, all candidates with their scores (for inspection and tests).
+    Returns the new examples and, per image key, its distinct candidates with their scores, best first.
     """
-    scorer = scorer or LikelihoodScorer()
-    vlm = EarlyExitVLM(backbone)
-    torch.manual_seed(seed)
-    kept, ranked = [], {}
-    for chunk in tqdm(list(_chunks(examples, batch_size)), desc="capfilt", disable=not progress, leave=False):
-        res = vlm.generate([e.image_path for e in chunk], [e.prompt for e in chunk], use_exits=False,
-                           max_new_tokens=max_new_tokens, do_sample=True, top_p=top_p,
-                           num_return_sequences=num_candidates)
-        per_image = [[replace(e, target=t) for t in res.texts[i * num_candidates : (i + 1) * num_candidates] if t]
-                     for i, e in enumerate(chunk)]
-        flat = [c for cands in per_image for c in cands]
-        all_scores = scorer(backbone, flat).split([len(c) for c in per_image]) if flat else []  # one call per chunk
-        for e, cands, scores in zip(chunk, per_image, all_scores):
-            if not cands:
-                continue
-            order = torch.argsort(scores, descending=True).tolist()
-            ranked[e.key] = [(cands[j].target, float(scores[j])) for j in order]
-            kept.extend(cands[j] for j in order[:keep])
+    ranker = ranker or LikelihoodRanker()
+    samples = sample_captions(backbone, examples, num_candidates=num_candidates, top_p=top_p, seed=seed,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    ranked = rank_samples(backbone, examples, samples, ranker, batch_size)
+    kept = [replace(e, target=text) for e in examples for text, _ in ranked.get(e.key, [])[:keep]]
     return kept, ranked
