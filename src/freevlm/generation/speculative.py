@@ -21,6 +21,7 @@ one-token steps but in other shapes, which can reorder float additions (differen
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -116,19 +117,24 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
     emitted = [1] * b
     done = (torch.isin(cur, eos) if eos.numel() else torch.zeros(b, dtype=torch.bool, device=device)).tolist()
     done = [d or s.max_new_tokens == 1 for d in done]
+    lengths = cache.lengths.tolist()  # host copy of the per-row columns: no device sync to plan a round
     while not all(done):
         rows_list = [r for r in range(b) if not done[r]]
-        rows = torch.tensor(rows_list, device=device)
         r_count = len(rows_list)
-        start = cache.lengths[rows]  # (R,) the column of each row's current token
+        rows = None if r_count == b else torch.tensor(rows_list, device=device)  # None: every row (no gathers)
+        starts = [lengths[r] for r in rows_list]
+        aligned = starts[0] if len(set(starts)) == 1 else None  # same columns for every row: slices, not scatters
+        start = torch.tensor(starts, device=device)  # (R,) the column of each row's current token
+        span_at = functools.partial(_span_at, engine, rows, aligned, start)
+
         room = max(s.max_new_tokens - emitted[r] for r in rows_list)
         limit = min(draft.max_draft, room - 1)
-        tok = cur[rows]
+        tok = cur if rows is None else cur[rows]
         hs, drafts, draft_probs = [], [], []
         stopped = torch.zeros(r_count, dtype=torch.bool, device=device)
         i = 0
         while True:
-            span = engine.span(rows, (start + i)[:, None])
+            span = span_at(i)
             h = k.embed_tokens(tok[:, None], span.positions)
             for layer in range(1, e + 1):
                 h = engine.run_layer(layer, h, span)
@@ -155,7 +161,7 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
                     limit = i  # feed this last draft through 1..e too, so that it is verified
         m = len(hs)  # block: the current token + m - 1 drafts
         block = torch.cat(hs, 1)  # (R, m, D)
-        span = engine.span(rows, start[:, None] + torch.arange(m, device=device)[None])
+        span = span_at(0, m)
         x = block
         for layer in range(e + 1, n + 1):
             x = engine.run_layer(layer, x, span)
@@ -188,7 +194,7 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
         full = kept == m - 1  # every draft kept: the last block token's exit K/V are still missing
         if ex.uses_cache and bool(full.any()):
             sel = full.nonzero()[:, 0]
-            last = engine.span(rows[sel], (start[sel] + m - 1)[:, None])
+            last = engine.span(sel if rows is None else rows[sel], (start[sel] + m - 1)[:, None])
             engine.run_exit(ex, block[sel, -1:], last)  # only its K/V are needed: exactly what this layer writes
             stats.exit_calls += int(sel.numel())
         new = torch.zeros((r_count, m), dtype=torch.long, device=device)
@@ -218,11 +224,22 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
             stats.tokens += emitted_now
             stats.per_round.append(emitted_now)
             engine.log[-1].tokens[r] = emitted_now
-        cache.lengths[rows] = start + kept + 1
-        cache.length = None
-        cur[rows] = nxt
+        for j, r in enumerate(rows_list):
+            lengths[r] = starts[j] + counts[j]
+        cache.set_lengths(torch.tensor(lengths, device=device))
+        if rows is None:
+            cur = nxt
+        else:
+            cur[rows] = nxt
     steps = max(emitted)
     return out[:, :steps], emitted
+
+
+def _span_at(engine, rows, aligned: int | None, start: torch.Tensor, offset: int, q: int = 1):
+    """The span of q tokens per row starting `offset` columns after each row's current token."""
+    if aligned is not None:
+        return engine.aligned_span(rows, aligned + offset, q)
+    return engine.span(rows, start[:, None] + offset + torch.arange(q, device=start.device)[None])
 
 
 def _speculative_log(engine, rows, b, e, m, counts, full, exit_cache):
