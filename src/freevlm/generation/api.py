@@ -23,7 +23,7 @@ from freevlm.backbones import load_backbone
 from freevlm.data.images import load_image
 from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitStack, load_exits
-from freevlm.generation.criteria import make_criterion
+from freevlm.generation.criteria import Gated, make_criterion
 from freevlm.generation.decode import GenerationResult, generate_from_inputs
 from freevlm.generation.kv import SkipPolicy
 from freevlm.generation.speculative import DraftSettings
@@ -42,6 +42,9 @@ class DecodeOptions:
     draft_layer: int | None = None  # speculative: the drafting exit's layer (None: the first exit)
     draft_length: int = 8  # speculative: drafts per round at most
     draft_threshold: float | None = None  # speculative: stop drafting once the exit's confidence falls below this
+    exit_layers: list[int] | None = None  # early exit: the exits checked (a plan's subset; None: every exit)
+    gates: str | None = None  # early exit: a folder of exit gates (from `freevlm plan`); checks run where they open
+    gate_threshold: float = 0.5  # early exit: a gate opens where its probability exceeds this
     max_new_tokens: int = 30
     num_beams: int = 1  # Table 10 uses 5
 
@@ -64,6 +67,22 @@ class EarlyExitVLM:
                         dtype: torch.dtype | None = None) -> EarlyExitVLM:
         bb = load_backbone(backbone, dtype=dtype, device=device)
         return cls(bb, load_exits(exits, bb.lm) if exits is not None else None)
+
+    def load_gates(self, folder: str | Path):
+        """Exit gates from a folder (cached per folder): refused if they were trained for other exits."""
+        from freevlm.generation.gates import exits_fingerprint, load_gates
+
+        key = str(Path(folder).resolve())
+        cache = self.__dict__.setdefault("_gates", {})
+        if key not in cache:
+            fingerprint = exits_fingerprint(self.exits) if self.exits is not None else None
+            gates, _ = load_gates(folder, self.backbone.lm.hidden_size, fingerprint)
+            unknown = [x for x in gates.layers if self.exits is None or x not in self.exits.layers]
+            if unknown:
+                raise FreeVLMError(f"gates in {folder} are for exits {gates.layers}, not all loaded "
+                                   f"({self.exits.layers if self.exits is not None else 'no exits'})")
+            cache[key] = gates.to(self.device)
+        return cache[key]
 
     @property
     def device(self) -> torch.device:
@@ -99,9 +118,11 @@ class EarlyExitVLM:
             draft = DraftSettings(layer, opts.draft_length, opts.draft_threshold)
         elif exits is not None:
             criterion = make_criterion(opts.criterion, opts.threshold)
+            if opts.gates is not None:
+                criterion = Gated(criterion, self.load_gates(opts.gates), opts.gate_threshold)
         tokenizer = self.backbone.processor.tokenizer if tokenizer_decode else None
         return generate_from_inputs(
-            self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft,
+            self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft, check_layers=opts.exit_layers,
             policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
             generation_config=self.backbone.model.generation_config, max_new_tokens=opts.max_new_tokens,
             num_beams=opts.num_beams, **hf_kwargs,

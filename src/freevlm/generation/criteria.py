@@ -46,7 +46,7 @@ class Entropy:
     needs_logits: bool = True
 
     def __post_init__(self):
-        if self.threshold < 0:
+        if not self.threshold >= 0:  # also refuses NaN, which compares False with everything
             raise FreeVLMError(f"entropy threshold must be >= 0, got {self.threshold}")
 
     def never_exits(self) -> bool:
@@ -66,8 +66,10 @@ class Patience:
     needs_logits: bool = True
 
     def __post_init__(self):
-        if self.patience < 1:
-            raise FreeVLMError(f"patience must be >= 1, got {self.patience}")
+        if isinstance(self.patience, float) and self.patience.is_integer():
+            self.patience = int(self.patience)
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise FreeVLMError(f"patience must be a whole number >= 1, got {self.patience}")
 
     def never_exits(self) -> bool:
         return False
@@ -107,6 +109,40 @@ class Similarity:
         return sim > self.threshold
 
 
+@dataclass
+class Gated:
+    """Any criterion behind cheap exit gates (`gates.py`): at each exit the gate reads h_i first; only where it opens
+    do the exit transformer and head run and the wrapped criterion decide. Used by the propagate / copy policies
+    (under catch-up, whose exits run for whole token groups anyway, the wrapped criterion decides alone)."""
+
+    base: Confidence | Entropy | Patience | Similarity
+    gates: object  # ExitGates
+    threshold: float = 0.5  # open where the gate's probability exceeds this
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise FreeVLMError(f"gate threshold must lie in [0, 1], got {self.threshold}")
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.base.needs_logits
+
+    def never_exits(self) -> bool:
+        return self.base.never_exits()
+
+    def new_step(self, batch_size: int, device: torch.device) -> dict:
+        return self.base.new_step(batch_size, device)
+
+    def open(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(R,) bool: check the exit at `layer` for these rows' states h_i (R, D)."""
+        if layer not in self.gates.layers:
+            return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        return torch.sigmoid(self.gates(layer, hidden)) > self.threshold
+
+    def __call__(self, state, rows, logits, hidden, prev_hidden) -> torch.Tensor:
+        return self.base(state, rows, logits, hidden, prev_hidden)
+
+
 CRITERIA = {"confidence": Confidence, "entropy": Entropy, "patience": Patience, "similarity": Similarity}
 
 
@@ -114,4 +150,4 @@ def make_criterion(name: str, value: float) -> Confidence | Entropy | Patience |
     """A criterion from its name and its one setting (alpha, entropy threshold, patience, similarity)."""
     if name not in CRITERIA:
         raise FreeVLMError(f"unknown exit criterion {name!r}; expected one of {', '.join(CRITERIA)}")
-    return CRITERIA[name](int(value)) if name == "patience" else CRITERIA[name](float(value))
+    return CRITERIA[name](value) if name == "patience" else CRITERIA[name](float(value))

@@ -280,7 +280,7 @@ def _beam_search(engine: Engine, logits: torch.Tensor, s: DecodeSettings, batch:
 def generate_from_inputs(
     lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
     generation_config=None, draft: DraftSettings | None = None, trace: bool = False, static: bool | None = None,
-    **generate_kwargs,
+    check_layers: list[int] | None = None, **generate_kwargs,
 ) -> GenerationResult:
     """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
@@ -295,7 +295,7 @@ def generate_from_inputs(
     if draft is not None:
         engine = Engine(lm, exits, policy=policy, trace=trace, draft_layer=draft.layer, static=False)
     else:
-        engine = Engine(lm, exits, criterion, policy, trace=trace, static=static)
+        engine = Engine(lm, exits, criterion, policy, trace=trace, static=static, check_layers=check_layers)
     batch = lm_inputs.inputs_embeds.shape[0]
     logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=draft.max_draft + 1 if draft else 0)
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences

@@ -27,7 +27,7 @@ from freevlm.errors import FreeVLMError
 from freevlm.generation.cache import KVCache, Span, make_span
 from freevlm.generation.kernels import kernel_for
 from freevlm.generation.kernels.common import ExitKernel
-from freevlm.generation.kv import SkipPolicy, fill_skipped
+from freevlm.generation.kv import SkipPolicy, fill_exit_kv, fill_skipped
 
 
 @dataclass
@@ -42,6 +42,11 @@ class StepRecord:
     kv_copies: torch.Tensor  # skipped cache slots filled by copying the exit layer's K/V
     prefill: bool = False  # True for the prompt's step (which runs every layer whatever the exits decide)
     tokens: torch.Tensor | None = None  # tokens the step produced per row (None: one each; speculative rounds: more)
+    gates: torch.Tensor | None = None  # exit gates asked (cheap predictors on h_i; see `generation/gates.py`)
+
+    def __post_init__(self):
+        if self.gates is None:
+            self.gates = torch.zeros_like(self.layers)
 
     @classmethod
     def zeros(cls, batch: int, num_layers: int, device, prefill: bool) -> StepRecord:
@@ -55,6 +60,7 @@ class _StepLog:
     exit_layer: torch.Tensor  # (B,) long
     prefill: bool
     together: tuple[int, int] | None  # (layer tokens, exit tokens) when every row ran the same layers
+    gates: list | None = None  # gated steps: (exit layer, batch rows, gate open per row) per gate asked
 
 
 @dataclass
@@ -82,9 +88,10 @@ class Engine:
     """Decodes a batch on one backbone LM with (optionally) its exits. One instance per generate call."""
 
     def __init__(self, lm, exits=None, criterion=None, policy: SkipPolicy | None = None, *, trace: bool = False,
-                 draft_layer: int | None = None, static: bool | None = None):
+                 draft_layer: int | None = None, static: bool | None = None, check_layers: list[int] | None = None):
         """`draft_layer`: speculative decoding's drafting exit; only its cache is kept, and no exit decides.
-        `static`: decode steps with static shapes (`graphs.py`), as CUDA graphs on a GPU; default: on CUDA."""
+        `static`: decode steps with static shapes (`graphs.py`), as CUDA graphs on a GPU; default: on CUDA.
+        `check_layers`: the exits to check (a subset of the trained ones, e.g. a plan's); the others never run."""
         self.lm = lm
         self.kernel = kernel_for(lm)
         self.n = lm.num_layers
@@ -102,9 +109,14 @@ class Engine:
             self.exit_list = [draft_layer]
             self.exit_at[draft_layer] = ExitKernel(exits.at(draft_layer), self.kernel, 0)
         elif self.checking:
-            self.exit_list = list(exits.layers)
-            for i, (layer, module) in enumerate(zip(exits.layers, exits.exits)):
-                self.exit_at[layer] = ExitKernel(module, self.kernel, i)
+            self.exit_list = list(exits.layers) if check_layers is None else sorted(set(check_layers))
+            unknown = [x for x in self.exit_list if x not in exits.layers]
+            if unknown or not self.exit_list:
+                raise FreeVLMError(f"exits to check {check_layers} must be a non-empty subset of the trained exits "
+                                   f"{list(exits.layers)}")
+            for i, layer in enumerate(self.exit_list):
+                self.exit_at[layer] = ExitKernel(exits.at(layer), self.kernel, i)
+        self.gated = self.checking and hasattr(criterion, "open")  # a gate decides whether an exit is checked
         self.fills_exits = bool(self.exit_at)  # the prefill runs the exits (to fill their caches)
         self.uses_exit_cache = any(e.uses_cache for e in self.exit_at.values())
         self.calls: list[tuple[str, int, int]] | None = [] if trace else None
@@ -162,7 +174,7 @@ class Engine:
         if self.static is None:
             self.static = self.cache.keys.device.type == "cuda"
         return (self.static and not self.policy.batch_moves_together and self.cache.length is not None
-                and getattr(self.kernel, "static_rope", True))
+                and getattr(self.kernel, "static_rope", True) and not self.gated)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) at the next column; returns next-token logits (B, V)."""
@@ -288,6 +300,7 @@ class Engine:
         out, exit_layer, crit_state = self._new_outputs(b, h0)
         active = self._rows
         x, start = h0, span.start
+        gate_log: list = []
         layer_tokens = exit_tokens = 0
         stop = self.n
         for layer in range(1, self.n + 1):
@@ -308,10 +321,18 @@ class Engine:
                 state = self.run_exit(ex, x, span)
                 exit_tokens += x.shape[1]
             if self.checking and active.numel():
-                go = self._decide(ex, layer, state[active, -1], x[active, -1], prev[active, -1], active, crit_state,
-                                  out, exit_layer)
+                asked = active
+                if self.gated:  # the exit ran (its cache needs every token); only open rows are asked
+                    opened = self.criterion.open(layer, x[active, -1])
+                    gate_log.append((layer, active, opened))
+                    asked = active[opened]
+                go = None
+                if asked.numel():
+                    go = self._decide(ex, layer, state[asked, -1], x[asked, -1], prev[asked, -1], asked, crit_state,
+                                      out, exit_layer)
                 if go is not None:
-                    active = active[~go]
+                    leaving = asked[go]
+                    active = active[~torch.isin(active, leaving)]
             if not active.numel() and not prefill:
                 stop = layer
                 break
@@ -322,7 +343,7 @@ class Engine:
             self.pending = kept + [_Pending(stop, start + i, x[:, i : i + 1]) for i in range(x.shape[1])]
         elif not prefill:
             self.pending = []
-        self.log.append(_StepLog(exit_layer, prefill, (layer_tokens, exit_tokens)))
+        self.log.append(_StepLog(exit_layer, prefill, (layer_tokens, exit_tokens), gate_log or None))
         return out
 
     def _step_per_row(self, h0: torch.Tensor, span: Span) -> torch.Tensor:
@@ -339,14 +360,18 @@ class Engine:
         rows = self._rows
         x = h0
         events: list[ExitEvent] = []
+        gate_log: list = []
         for layer in range(1, self.n + 1):
             prev = x
             x = self.run_layer(layer, x, span)
             ex = self.exit_at.get(layer)
             if ex is None:
                 continue
-            state = self.run_exit(ex, x, span) if ex.uses_cache else x
-            go = self._decide(ex, layer, state[:, -1], x[:, -1], prev[:, -1], rows, crit_state, out, exit_layer)
+            if self.gated:
+                go, state = self._gated_decision(ex, layer, x, prev, span, rows, crit_state, out, exit_layer, gate_log)
+            else:
+                state = self.run_exit(ex, x, span) if ex.uses_cache else x
+                go = self._decide(ex, layer, state[:, -1], x[:, -1], prev[:, -1], rows, crit_state, out, exit_layer)
             if go is None:
                 continue
             source = state if self.policy.source == "exit" else x
@@ -361,8 +386,38 @@ class Engine:
             out[rows] = self.kernel.logits(x[:, -1]).to(out.dtype)
         for event in events:
             fill_skipped(self, event)
-        self.log.append(_StepLog(exit_layer, False, None))
+        self.log.append(_StepLog(exit_layer, False, None, gate_log or None))
         return out
+
+    def _gated_decision(self, ex, layer, x, prev, span, rows, crit_state, out, exit_layer, gate_log):
+        """A gate on h_i first: rows it keeps closed run neither the exit transformer nor the head (their exit
+        K/V are projected from h_i, exactly what the exit layer would write); the others are checked as usual.
+        Returns (leaving mask over `rows` or None, the exit's state with rows where the gate was closed = h_i)."""
+        opened = self.criterion.open(layer, x[:, -1])  # (R,) bool
+        n_open = int(opened.sum())
+        gate_log.append((layer, rows, opened))
+        if n_open == rows.numel():
+            state = self.run_exit(ex, x, span) if ex.uses_cache else x
+            return self._decide(ex, layer, state[:, -1], x[:, -1], prev[:, -1], rows, crit_state, out,
+                                exit_layer), state
+        if ex.uses_cache:
+            closed = (~opened).nonzero()[:, 0]
+            fill_exit_kv(self, ex, x[closed, -1], rows[closed], span.cols[closed, -1],
+                         None if span.rope is None else (span.rope[0][closed, -1], span.rope[1][closed, -1]))
+        if not n_open:
+            return None, x
+        idx = opened.nonzero()[:, 0]
+        sub = span.select(idx)
+        state_open = self.run_exit(ex, x[idx], sub) if ex.uses_cache else x[idx]
+        go_open = self._decide(ex, layer, state_open[:, -1], x[idx, -1], prev[idx, -1], rows[idx], crit_state, out,
+                               exit_layer)
+        if go_open is None:
+            return None, x
+        go = torch.zeros(rows.numel(), dtype=torch.bool, device=x.device)
+        go[idx] = go_open
+        state = x.clone()
+        state[idx] = state_open
+        return go, state
 
     def _full_exit_layer(self, b: int, device) -> torch.Tensor:
         if getattr(self, "_full", None) is None or self._full.shape[0] != b:
@@ -397,12 +452,23 @@ class Engine:
             else:
                 checked = torch.zeros(b)
                 rec.heads += 1
+            opened = None
+            if entry.gates is not None:  # a gate was asked at each exit reached; only open ones were checked
+                opened = torch.zeros(b)
+                for _, rows, is_open in entry.gates:
+                    opened.index_add_(0, rows.cpu(), is_open.float().cpu())
+                rec.gates += checked
+                rec.heads = (opened if needs_logits else 1 - reached_final) + reached_final
             if entry.together is not None:
                 rec.layers += entry.together[0]
                 rec.exit_layers += entry.together[1]
             else:
                 rec.layers += exit_layer.float()
-                if self.uses_exit_cache:
+                if opened is not None:
+                    if self.uses_exit_cache:
+                        rec.exit_layers += opened
+                        rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
+                elif self.uses_exit_cache:
                     rec.exit_layers += checked
                 skipped = (self.n - exit_layer).float()
                 if self.uses_exit_cache:

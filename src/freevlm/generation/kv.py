@@ -23,6 +23,8 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+import torch
+
 from freevlm.errors import FreeVLMError
 from freevlm.generation.kernels.common import KVStack
 
@@ -45,16 +47,30 @@ class SkipPolicy:
         return self.name == "catch_up"
 
 
-# Stacked projection weights per (owner of the layers, kernel family): built once, rebuilt when a weight changes.
+# Stacked projection weights per owner of the layers (the LM adapter, an ExitStack) and per layer set: built once,
+# rebuilt when a weight changes.
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _stack(owner, kernel, weights) -> KVStack:
-    stack = _STACKS.get(owner)
+def _stack(owner, key: tuple, kernel, weights) -> KVStack:
+    per_owner = _STACKS.setdefault(owner, {})
+    stack = per_owner.get(key)
     if stack is None or not stack.fresh():
-        stack = kernel.kv_stack(weights)
-        _STACKS[owner] = stack
+        stack = per_owner[key] = kernel.kv_stack(weights)
     return stack
+
+
+def _exit_stack(engine) -> KVStack:
+    exits = [engine.exit_at[layer].layer for layer in engine.exit_list]
+    return _stack(engine.exits_owner, tuple(engine.exit_list), engine.kernel, exits)
+
+
+def fill_exit_kv(engine, ex, state: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, rope=None) -> None:
+    """The K/V that exit `ex`'s transformer would write for inputs `state` (R, D), without running the layer (a gate
+    kept the exit closed): exact, since a layer's K/V depend on its input alone."""
+    cache = engine.cache
+    k, v = engine.kernel.project_kv(_exit_stack(engine), ex.slot, ex.slot + 1, state, rope)
+    _write(cache.exit_keys[ex.slot : ex.slot + 1], cache.exit_values[ex.slot : ex.slot + 1], rows, cols, k, v)
 
 
 def _write(keys, values, rows, cols, k, v) -> None:
@@ -71,13 +87,11 @@ def fill_skipped(engine, event) -> None:
     rows, cols = event.rows, event.cols
     if engine.policy.name == "propagate":
         if e < n:
-            stack = _stack(engine.lm, kernel, kernel.layers)
+            stack = _stack(engine.lm, ("layers",), kernel, kernel.layers)
             k, v = kernel.project_kv(stack, e, n, event.state, event.rope)
             _write(cache.keys[e:n], cache.values[e:n], rows, cols, k, v)
         if idx + 1 < n_exits:
-            exits = [engine.exit_at[layer].layer for layer in engine.exit_list]
-            stack = _stack(engine.exits_owner, kernel, exits)
-            k, v = kernel.project_kv(stack, idx + 1, n_exits, event.state, event.rope)
+            k, v = kernel.project_kv(_exit_stack(engine), idx + 1, n_exits, event.state, event.rope)
             _write(cache.exit_keys[idx + 1 :], cache.exit_values[idx + 1 :], rows, cols, k, v)
         return
     if e < n:  # copy: the exit layer's own K/V

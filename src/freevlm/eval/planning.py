@@ -1,0 +1,223 @@
+"""`freevlm plan`: choose the exits to check, the threshold, the gates and the speculative draft setting on the
+development split, from the cost model measured here; then check the plan on the test split.
+
+The search itself (candidate prediction) is `generation/plan.py`; this module feeds it data: teacher-forced
+statistics, gates trained on the training split, real decodes of the development split for quality, and the
+verification on test (predicted vs measured tokens/s, quality drop).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from freevlm.eval.efficiency import measure_throughput
+from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, evaluate_vqa
+from freevlm.generation.api import DecodeOptions
+from freevlm.generation.costs import MeasuredCosts, measure_costs, predict_seconds
+from freevlm.generation.gates import (
+    evaluate_gates,
+    exits_fingerprint,
+    gate_features,
+    gate_hidden_size,
+    save_gates,
+    train_gates,
+)
+from freevlm.generation.plan import full_depth_seconds, predict_candidates, shortlist
+from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Example, caption_examples, vqa_examples
+
+
+def _quality(vlm, task: str, samples, options: DecodeOptions, batch_size: int, progress: bool) -> float:
+    """Development-split quality x100: in-process CIDEr for captions, VQA accuracy otherwise."""
+    if task == "caption":
+        return 100 * evaluate_captions(vlm, samples, options, official=False, batch_size=batch_size,
+                                       progress=progress).metrics["CIDEr"]
+    return 100 * evaluate_vqa(vlm, samples, options, metric=task, batch_size=batch_size,
+                              progress=progress).metrics["accuracy"]
+
+
+def _prompts(task: str, samples) -> list[Example]:
+    if task == "caption":
+        return [Example(s.image_id, s.image_path, CAPTION_PROMPT, None) for s in samples]
+    return [Example(s.question_id, s.image_path, VQA_TEMPLATE.format(s.question), None) for s in samples]
+
+
+def _forced(task: str, samples) -> list[Example]:
+    return caption_examples(samples, every_caption=False) if task == "caption" else vqa_examples(samples)
+
+
+def default_costs(vlm, samples, task: str) -> MeasuredCosts:
+    """The cost model at batch 1, with the per-call cost of one real image."""
+    first = _prompts(task, samples[:1])[0]
+    return measure_costs(vlm, call=lambda: vlm.generate([first.image_path], [first.prompt], mode="full",
+                                                         max_new_tokens=1, tokenizer_decode=False))
+
+
+def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: MeasuredCosts | None = None,
+              max_quality_drop: float = 1.0, thresholds=PAPER_THRESHOLDS, max_exits: int = 3, candidates: int = 8,
+              kv_policies: tuple[str, ...] = ("propagate", "catch_up"), draft_lengths=(2, 4, 8),
+              draft_thresholds=(0.5,), spec_images: int = 16,
+              max_new_tokens: int = 30, batch_size: int = 32, progress: bool = True) -> dict:
+    """The plan (see `generation/plan.py`) as a JSON-ready dict; gates are saved under `out/gates/`."""
+    start = time.perf_counter()
+    bb, exits = vlm.backbone, vlm.exits
+    lm = bb.lm
+    n = lm.num_layers
+    layers = list(exits.layers)
+    if task != "caption":
+        max_new_tokens = min(max_new_tokens, 10)
+    costs = costs or default_costs(vlm, dev_samples, task)
+    # 1. teacher-forced statistics; gates per threshold on the training split, reported on dev
+    train_f = gate_features(bb, exits, _forced(task, train_samples), layers)
+    dev_f = gate_features(bb, exits, _forced(task, dev_samples), layers)
+    layer_params = sum(p.numel() for p in lm.layers[0].parameters())
+    inner = gate_hidden_size(lm.hidden_size, layer_params)
+    alphas = [float(a) for a in thresholds if a < 1.0]  # alpha = 1 never exits: that is full depth
+    gate_open, gate_reports, gate_dirs = {}, {}, {}
+    fingerprint = exits_fingerprint(exits)
+    for alpha in alphas:
+        gates = train_gates(train_f, alpha, lm.hidden_size, inner)
+        gate_reports[alpha] = evaluate_gates(gates, dev_f, alpha).to_json()
+        with torch.no_grad():
+            gate_open[alpha] = {layer: torch.sigmoid(gates(layer, dev_f[layer][0])) > 0.5 for layer in layers}
+        folder = Path(out) / "gates" / f"alpha-{alpha:g}"
+        save_gates(folder, gates, {"alpha": alpha, "exits_fingerprint": fingerprint,
+                                   "parameters_per_gate": gates.parameters_per_gate(),
+                                   "layer_parameters": layer_params})
+        gate_dirs[alpha] = folder
+    # 2. predictions for every candidate
+    transformer = exits.spec.kind == "transformer"
+    cands = [c for policy in kv_policies
+             for c in predict_candidates(dev_f, gate_open, costs, n, alphas, max_exits, policy, transformer)]
+    full_seconds = full_depth_seconds(costs, n)
+    faster = [c for c in cands if c.seconds_per_token < full_seconds]
+    # 3. real decodes of dev, fastest first, until one keeps quality within the bound
+    base = DecodeOptions(max_new_tokens=max_new_tokens)
+    full_quality = _quality(vlm, task, dev_samples, DecodeOptions(mode="full", max_new_tokens=max_new_tokens),
+                            batch_size, progress)
+    tried, chosen = [], None
+    bar = tqdm(total=candidates, desc="plan: dev decodes", disable=not progress, leave=False)
+    failed_agreement = dict.fromkeys(kv_policies, -1.0)
+    for c in shortlist(faster, len(faster)):
+        if len(tried) >= candidates:
+            break
+        # quality falls as agreement with the final layer falls: after a candidate misses the bound, only
+        # candidates that agree more are worth a decode (per KV policy: approximate caches lose quality of their
+        # own, which agreement on teacher-forced states does not see)
+        if c.agreement <= failed_agreement[c.kv_policy]:
+            continue
+        bar.update()
+        opts = DecodeOptions(**{**asdict(base), "threshold": c.threshold, "exit_layers": list(c.exits),
+                                "kv_policy": c.kv_policy,
+                                "gates": str(gate_dirs[c.threshold]) if c.gated else None})
+        quality = _quality(vlm, task, dev_samples, opts, batch_size, False)
+        tried.append({"exits": list(c.exits), "threshold": c.threshold, "gated": c.gated, "kv_policy": c.kv_policy,
+                      "predicted_seconds_per_token": c.seconds_per_token,
+                      "predicted_speedup": full_seconds / c.seconds_per_token, "agreement": c.agreement,
+                      "dev_quality": quality, "quality_drop": full_quality - quality})
+        if full_quality - quality <= max_quality_drop:
+            chosen = tried[-1]
+            break
+        failed_agreement[c.kv_policy] = max(failed_agreement[c.kv_policy], c.agreement)
+    bar.close()
+    early_exit = {"exits": [], "threshold": 1.0, "gated": False, "gates": None, "kv_policy": "propagate",
+                  "predicted_speedup": 1.0, "dev_quality": full_quality, "quality_drop": 0.0}
+    if chosen is not None:
+        early_exit = {**chosen, "gate_threshold": 0.5,
+                      "gates": str(gate_dirs[chosen["threshold"]].relative_to(out)) if chosen["gated"] else None}
+    # 4. speculative: decode a dev subset per draft setting; the cost model predicts each one's speed
+    spec_rows = _speculative_settings(vlm, task, dev_samples[:spec_images], layers, draft_lengths, draft_thresholds,
+                                      costs, max_new_tokens, progress) if transformer else []
+    speculative = max(spec_rows, key=lambda r: r["predicted_tokens_per_second"]) if spec_rows else None
+    return {"format": "freevlm-plan/1", "task": task, "quality_metric": "CIDEr" if task == "caption" else "accuracy",
+            "max_quality_drop": max_quality_drop, "dev_quality_full": full_quality,
+            "early_exit": early_exit, "speculative": speculative, "evaluated": tried,
+            "speculative_settings": spec_rows, "candidates_predicted": len(cands),
+            "full_depth_seconds_per_token": full_seconds,
+            "gate_reports": {str(a): r for a, r in gate_reports.items()}, "gate_parameters": inner,
+            "costs": costs.to_json(), "seconds": time.perf_counter() - start}
+
+
+def _speculative_settings(vlm, task, samples, layers, lengths, thresholds, costs, max_new_tokens, progress):
+    rows = []
+    examples = _prompts(task, samples)
+    grid = [(e, k, None) for e in layers for k in lengths] + [(e, max(lengths), t) for e in layers for t in thresholds]
+    for e, k, t in tqdm(grid, desc="plan: draft settings", disable=not progress, leave=False):
+        opts = DecodeOptions(mode="speculative", draft_layer=e, draft_length=k, draft_threshold=t,
+                             max_new_tokens=max_new_tokens)
+        tokens = seconds = 0.0
+        accepted = drafted = 0
+        for ex in examples:
+            res = vlm.generate([ex.image_path], [ex.prompt], opts, tokenizer_decode=False)
+            tokens += res.num_tokens
+            seconds += predict_seconds(res, costs, e)
+            accepted += res.speculative.accepted
+            drafted += res.speculative.drafted
+        rows.append({"draft_layer": e, "draft_length": k, "draft_threshold": t,
+                     "acceptance_rate": accepted / drafted if drafted else 0.0,
+                     "predicted_tokens_per_second": tokens / seconds if seconds else 0.0})
+    return rows
+
+
+def verify_plan(vlm, plan: dict, task: str, samples, *, speed_images: int = 16, repeats: int = 3,
+                batch_size: int = 32, plan_folder: Path | None = None, progress: bool = True) -> dict:
+    """On the test split: the plan's quality drop, and its predicted vs measured tokens/s (batch 1, interleaved)."""
+    from freevlm.generation.plan import apply_plan
+
+    costs = MeasuredCosts.from_json(plan["costs"])
+    max_new = 30 if task == "caption" else 10
+    paths = {"full_depth": DecodeOptions(mode="full", max_new_tokens=max_new)}
+    resolved = dict(plan)
+    if plan_folder is not None and plan["early_exit"].get("gates"):
+        resolved["early_exit"] = {**plan["early_exit"], "gates": str(Path(plan_folder) / plan["early_exit"]["gates"])}
+    ee = apply_plan(DecodeOptions(max_new_tokens=max_new), resolved)
+    if ee.mode == "early_exit":
+        paths["early_exit_plan"] = ee
+    if plan.get("speculative"):
+        paths["speculative_plan"] = apply_plan(DecodeOptions(mode="speculative", max_new_tokens=max_new), resolved)
+    quality = {name: _quality(vlm, task, samples, opts, batch_size, progress) for name, opts in paths.items()}
+    examples = _prompts(task, samples[:speed_images])
+    predicted = {}
+    for name, opts in paths.items():
+        tokens = seconds = 0.0
+        for ex in examples:
+            res = vlm.generate([ex.image_path], [ex.prompt], opts, tokenizer_decode=False)
+            tokens += res.num_tokens
+            seconds += predict_seconds(res, costs, opts.draft_layer)
+        predicted[name] = tokens / seconds if seconds else 0.0
+
+    def item(ex, opts):
+        return lambda: vlm.generate([ex.image_path], [ex.prompt], opts, tokenizer_decode=False).num_tokens
+
+    def hf(ex):
+        from freevlm.data.images import load_image
+        from freevlm.train.batches import encode_prompts
+
+        enc = encode_prompts(vlm.backbone, [load_image(ex.image_path)], [ex.prompt])
+        eos = vlm.backbone.lm.config.eos_token_id
+
+        def fn():
+            out = vlm.backbone.hf_generate(max_new_tokens=max_new, do_sample=False, **enc)
+            gen = out[:, 1:] if vlm.backbone.lm.is_encoder_decoder else out[:, enc["input_ids"].shape[1]:]
+            row = gen[0].tolist()
+            return next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
+
+        return fn
+
+    runs = {name: [item(ex, opts) for ex in examples] for name, opts in paths.items()}
+    runs["hf_generate"] = [hf(ex) for ex in examples]
+    with torch.no_grad():
+        timing = measure_throughput(runs, repeats=repeats)
+    measured = {k: v["tokens_per_second"] for k, v in timing.items()}
+    out = {"quality": quality, "quality_drop": {k: quality["full_depth"] - v for k, v in quality.items()},
+           "within_bound": {k: quality["full_depth"] - v <= plan["max_quality_drop"] for k, v in quality.items()},
+           "predicted_tokens_per_second": predicted, "measured_tokens_per_second": measured,
+           "prediction_error": {k: predicted[k] / measured[k] - 1 for k in predicted},
+           "vs_full_depth": {k: measured[k] / measured["full_depth"] for k in measured},
+           "vs_hf_generate": {k: measured[k] / measured["hf_generate"] for k in measured},
+           "speed_images": len(examples)}
+    return out

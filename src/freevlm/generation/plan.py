@@ -1,0 +1,157 @@
+"""Exit planning from measured costs: which exits to check, at what threshold, gated or not, and which exit drafts.
+
+The paper leaves exit placement "unexplored" (§7) and its speedup never charges a check that did not fire. The
+planner charges everything, in seconds measured on the machine at hand (`costs.py`):
+
+1. teacher-forced statistics per exit on the development split: confidence, agreement with the final layer, the
+   gates' decisions (gates are trained on the training split, one set per threshold);
+2. every candidate configuration (a subset of the trained exits of at most `max_exits`, a threshold alpha, gates on
+   or off) gets a predicted decode time per token from those statistics and the cost model;
+3. candidates are decoded for real on the development split, fastest prediction first, until one keeps the quality
+   within the user's bound (`max_quality_drop`: CIDEr x100 for captions, accuracy points for VQA); that one is the
+   plan (full depth when none does);
+4. speculative decoding: each drafting exit and draft length is decoded on a development subset (it is lossless, so
+   only its speed matters) and the fastest by the cost model is kept.
+
+The plan is a JSON file (`plan.json`) that `generate`, `evaluate`, `sweep` and `reproduce` accept with `--plan`;
+its gates live beside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from freevlm.errors import FreeVLMError
+from freevlm.generation.costs import MeasuredCosts
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class Candidate:
+    exits: tuple[int, ...]  # the exits checked
+    threshold: float  # alpha
+    gated: bool
+    kv_policy: str
+    seconds_per_token: float  # predicted decode time per token (cost model x teacher-forced statistics)
+    agreement: float  # share of dev positions whose chosen exit agrees with the final layer
+
+    @property
+    def name(self) -> str:
+        return f"exits {list(self.exits)}, alpha {self.threshold:g}, {self.kv_policy}{', gated' if self.gated else ''}"
+
+
+def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]] | None, costs: MeasuredCosts,
+                       num_layers: int, thresholds, max_exits: int, policy: str = "propagate",
+                       exit_transformers: bool = True) -> list[Candidate]:
+    """Predicted time per token of every (subset, alpha, gates) on teacher-forced dev features.
+
+    `features[layer] = (h, confidence, agrees)` per dev position; `gate_open[alpha][layer]` the gates' decisions.
+    A position leaves at the first checked exit whose gate is open (if gated) and whose confidence exceeds alpha.
+    """
+    layers = sorted(features)
+    positions = features[layers[0]][1].shape[0]
+    # what a skipped layer costs: a K/V projection (propagate), a copy, or (catch-up) running later inside the next
+    # deep token's block, where one more token per layer costs far less than a layer of its own
+    fill = {"propagate": costs.kv_projection, "copy": costs.kv_copy, "catch_up": costs.block_marginal()}[policy]
+    out = []
+    subsets = [c for r in range(1, max_exits + 1) for c in itertools.combinations(layers, r)]
+    for alpha in thresholds:
+        for subset, gated in itertools.product(subsets, (False, True)):
+            if gated and (gate_open is None or alpha not in gate_open):
+                continue
+            undecided = torch.ones(positions, dtype=torch.bool)
+            seconds = torch.full((positions,), costs.step)
+            agree = torch.zeros(positions, dtype=torch.bool)
+            prev = 0
+            for i, layer in enumerate(subset):
+                seconds += undecided * (layer - prev) * costs.layer
+                prev = layer
+                _, conf, agrees = features[layer]
+                if gated:
+                    opened = gate_open[alpha][layer]
+                    seconds += undecided * costs.gate
+                    checked = undecided & opened
+                    closed = undecided & ~opened
+                    if exit_transformers:
+                        # the closed exit's K/V: projected from h_i (catch-up runs the exit for its cache anyway)
+                        seconds += closed * (costs.exit_layer if policy == "catch_up" else costs.kv_projection)
+                else:
+                    checked = undecided
+                seconds += checked * ((costs.exit_layer if exit_transformers else 0.0) + costs.head)
+                fires = checked & (conf > alpha)
+                agree |= fires & agrees
+                skipped = (num_layers - layer) + (len(subset) - i - 1 if exit_transformers else 0)
+                seconds += fires * skipped * fill
+                undecided &= ~fires
+            seconds += undecided * ((num_layers - prev) * costs.layer + costs.head)
+            agree |= undecided
+            out.append(Candidate(subset, float(alpha), gated, policy, float(seconds.mean()),
+                                 float(agree.float().mean())))
+    return out
+
+
+def full_depth_seconds(costs: MeasuredCosts, num_layers: int) -> float:
+    return costs.step + num_layers * costs.layer + costs.head
+
+
+def shortlist(candidates: list[Candidate], limit: int) -> list[Candidate]:
+    """The fastest predictions first; among candidates predicted within 2% of each other, the more agreeing one."""
+    ranked = sorted(candidates, key=lambda c: (round(c.seconds_per_token, 7), -c.agreement))
+    out, seen = [], set()
+    for c in ranked:
+        key = (c.exits, c.threshold, c.gated, c.kv_policy)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def write_plan(folder: str | Path, plan: dict) -> Path:
+    from freevlm.outputs import write_json
+
+    return write_json(Path(folder) / PLAN_FILE, plan)
+
+
+def read_plan(path: str | Path) -> dict:
+    """A plan written by `freevlm plan` (the file or its folder), with its gate folder resolved."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PLAN_FILE
+    try:
+        plan = json.loads(path.read_text())
+        plan["early_exit"], plan.get("speculative")
+    except FileNotFoundError:
+        raise FreeVLMError(f"plan not found: {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise FreeVLMError(f"not a freevlm plan ({path}): {err!r}") from None
+    gates = plan["early_exit"].get("gates")
+    if gates:
+        plan["early_exit"]["gates"] = str((path.parent / gates).resolve())
+    return plan
+
+
+def apply_plan(options, plan: dict):
+    """Decoding options with the plan's settings for their mode (early exit: exits checked, alpha, gates;
+    speculative: the drafting exit and length). Full depth is unchanged."""
+    from dataclasses import replace
+
+    if options.mode == "early_exit":
+        ee = plan["early_exit"]
+        if not ee.get("exits"):  # the plan is full depth: no exit configuration met the quality bound
+            return replace(options, mode="full")
+        return replace(options, threshold=ee["threshold"], exit_layers=list(ee["exits"]),
+                       gates=ee.get("gates") if ee.get("gated") else None,
+                       gate_threshold=ee.get("gate_threshold", 0.5), kv_policy=ee.get("kv_policy", options.kv_policy))
+    if options.mode == "speculative" and plan.get("speculative"):
+        sp = plan["speculative"]
+        return replace(options, draft_layer=sp["draft_layer"], draft_length=sp["draft_length"],
+                       draft_threshold=sp.get("draft_threshold"))
+    return options
