@@ -49,7 +49,7 @@ def tiny_default() -> DefaultConfig:
 def test_demo_pipeline_end_to_end(tmp_path):
     from freevlm.demo import demo
 
-    report = demo(tmp_path, config=tiny_default(), speed_images=2, progress=False,
+    report = demo(tmp_path, config=tiny_default(), speed_images=2, progress=False, plan_train=16, plan_dev=8,
                   stage1=Stage1Config(loop=LoopConfig(epochs=1, batch_size=16)),
                   stage2=ExitTrainConfig(exit_layers=[2, 4], discriminator_hidden=64,
                                          optim=OptimConfig(lr=1e-3, warmup_steps=2),
@@ -60,9 +60,16 @@ def test_demo_pipeline_end_to_end(tmp_path):
     fractions = saved["free"]["exit_fractions"]
     assert set(fractions) == {"2", "4", "6"} and abs(sum(fractions.values()) - 1) < 1e-9
     assert saved["full_depth"]["speed"]["parameter_speedup"] == 1.0
-    assert set(saved["wall_clock"]) == {"early_exit", "full_depth", "hf_generate", "ratios"}
+    shown = {f"FREE alpha={a}" for a in {saved["alpha"], 0.8}}
+    assert set(saved["wall_clock"]) == {*shown, "FREE + plan", "speculative (lossless)", "full_depth", "hf_generate",
+                                        "ratios"}
     assert saved["free_at_table10_alpha"]["speed"]["parameter_speedup"] >= 1.0  # alpha 0.8 is always shown too
-    assert set(saved["wall_clock_at_table10_alpha"]) == set(saved["wall_clock"])
+    # lossless: the speculative mode's captions are full depth's
+    same, total = saved["speculative_identical_to_full"]
+    assert same == total == len(saved["full_depth"]["predictions"])
+    assert saved["speculative"]["metrics"] == saved["full_depth"]["metrics"]
+    assert set(saved["plan"]["early_exit"]["exits"]) <= {2, 4}
+    assert (tmp_path / "plan-s0" / "plan.json").is_file()
     assert (tmp_path / "free-s0" / "exits" / "exits.json").is_file()
 
 

@@ -29,6 +29,7 @@ COMMANDS = {
     "generate": commands.generate,
     "evaluate": commands.evaluate,
     "sweep": commands.sweep,
+    "plan": commands.plan,
     "reproduce": commands.reproduce,
 }
 

@@ -254,9 +254,16 @@ def _unique_images(examples):
 
 
 def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="early_exit", draft_layer=None,
-             draft_length=8, draft_threshold=None, draft_record=None) -> DecodeOptions:
+             draft_length=8, draft_threshold=None, draft_record=None, plan=None) -> DecodeOptions:
     """Decoding options from command arguments; a speculative record (`sweep --mode speculative`) supplies the
-    draft settings that were not given."""
+    draft settings that were not given; a plan (`freevlm plan`) replaces the early-exit settings (exits checked,
+    alpha, gates, KV policy) or the speculative draft settings with its own."""
+    if plan is not None:
+        from freevlm.generation.plan import apply_plan
+
+        opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
+                        draft_threshold, draft_record)
+        return apply_plan(opts, plan)
     if draft_record is not None:
         best = read_draft_record(draft_record)
         draft_layer = best["draft_layer"] if draft_layer is None else draft_layer
@@ -281,6 +288,26 @@ def read_draft_record(path: Path) -> dict:
         raise FreeVLMError(f"not a speculative sweep record ({path}): {err!r}") from None
 
 
+def _read_plan(plan: Path | None, exits: Path | None):
+    """A plan file (or folder) read before anything is claimed; it must come with the exits it was made for."""
+    if plan is None:
+        return None
+    from freevlm.generation.plan import read_plan
+
+    if exits is None:
+        raise FreeVLMError("--plan configures exits: give --exits (the exits the plan was made for)")
+    return read_plan(plan)
+
+
+def _vlm(backbone: Path, exits: Path | None, plan: dict | None) -> EarlyExitVLM:
+    vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+    if plan is not None:
+        from freevlm.eval.planning import check_plan
+
+        check_plan(plan, vlm.exits)
+    return vlm
+
+
 def _mode_of(mode: str, exits) -> str:
     if mode != "full" and exits is None:
         if mode == "speculative":
@@ -293,7 +320,8 @@ def generate(
     backbone: Path, image: list[Path], prompt: str = CAPTION_PROMPT, exits: Path | None = None,
     mode: str = "early_exit", criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate",
     num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
-    draft_threshold: float | None = None, draft_record: Path | None = None, compare: bool = True,
+    draft_threshold: float | None = None, draft_record: Path | None = None, plan: Path | None = None,
+    compare: bool = True,
 ) -> None:
     """Caption / answer images; print each token's exit layer, the speedups, and tokens/s beside full depth.
 
@@ -311,6 +339,7 @@ def generate(
     draft_length: speculative: drafts per round at most (default: the record's, else 8)
     draft_threshold: speculative: stop drafting when the exit's confidence falls below this (adaptive)
     draft_record: speculative: a speculative.json from `freevlm sweep --mode speculative` (or its folder)
+    plan: a plan.json from `freevlm plan` (or its folder): its exits, alpha, gates, KV policy / draft setting
     compare: also decode at full depth and with transformers' generate, and print tokens/s side by side
     """
     check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
@@ -320,9 +349,10 @@ def generate(
         if not Path(path).is_file():
             raise FreeVLMError(f"image not found: {path}")
     mode = _mode_of(mode, exits)
+    plan_ = _read_plan(plan, exits)
     opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
-                    draft_threshold, draft_record)
-    vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+                    draft_threshold, draft_record, plan_)
+    vlm = _vlm(backbone, exits, plan_)
     res = vlm.generate(list(image), [prompt] * len(image), opts)
     tok = vlm.backbone.processor.tokenizer
     n = vlm.backbone.lm.num_layers
@@ -354,8 +384,8 @@ def evaluate(
     images: Path | None = None, questions: Path | None = None, split: str = "test", domain: str | None = None,
     mode: str = "early_exit", criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate",
     num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
-    draft_threshold: float | None = None, draft_record: Path | None = None, batch_size: int = 16,
-    official: bool = True, noise: float = 0.0, limit: int | None = None, overwrite: bool = False,
+    draft_threshold: float | None = None, draft_record: Path | None = None, plan: Path | None = None,
+    batch_size: int = 16, official: bool = True, noise: float = 0.0, limit: int | None = None, overwrite: bool = False,
     progress: bool = True,
 ) -> None:
     """Evaluate a backbone (with or without exits) on a dataset split; write predictions + metrics + exit stats.
@@ -379,6 +409,7 @@ def evaluate(
     draft_length: speculative: drafts per round at most (default: the record's, else 8)
     draft_threshold: speculative: stop drafting when the exit's confidence falls below this
     draft_record: speculative: speculative.json from `freevlm sweep --mode speculative` (or its folder)
+    plan: a plan.json from `freevlm plan` (or its folder): its exits, alpha, gates, KV policy / draft setting
     batch_size: images per generate call (per process); VisDial: candidate answers scored per forward pass
     official: caption metrics through pycocoevalcap with Java (else in-process BLEU-4 and CIDEr only)
     noise: std of Gaussian noise added to the normalised pixel values (Table 6)
@@ -394,11 +425,12 @@ def evaluate(
     check.optional(check.positive_int, "limit", limit)
     _check_inputs(backbone, exits)
     mode = _mode_of(mode, exits)
+    plan_ = _read_plan(plan, exits)
     opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
-                    draft_threshold, draft_record)
+                    draft_threshold, draft_record, plan_)
     with claim_output(out, file=True, overwrite=overwrite):
         task, samples = _samples(dataset, split, data, images, questions, domain, limit)
-        vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+        vlm = _vlm(backbone, exits, plan_)
         common = dict(batch_size=batch_size, progress=progress, pixel_noise=noise)
         if task == "caption":
             result = evaluate_captions(vlm, samples, opts, official=official, **common)
@@ -420,8 +452,9 @@ def sweep(
     images: Path | None = None, questions: Path | None = None, split: str = "val", mode: str = "early_exit",
     thresholds: list[float] | None = None, criterion: str = "confidence", kv_policy: str = "propagate",
     draft_layers: list[int] | None = None, draft_lengths: list[int] | None = None,
-    draft_thresholds: list[float] | None = None, speed_images: int = 16, max_new_tokens: int = 30,
-    batch_size: int = 16, limit: int | None = None, overwrite: bool = False, progress: bool = True,
+    draft_thresholds: list[float] | None = None, plan: Path | None = None, speed_images: int = 16,
+    max_new_tokens: int = 30, batch_size: int = 16, limit: int | None = None, overwrite: bool = False,
+    progress: bool = True,
 ) -> None:
     """Early exit: quality and speedups per threshold (default alpha in {0.5, ..., 1.0}) -> sweep.json + sweep.png.
     Speculative: acceptance and measured tokens/s per draft setting; the fastest is recorded -> speculative.json.
@@ -441,6 +474,8 @@ def sweep(
     draft_layers: speculative: drafting exits to try (default: every exit)
     draft_lengths: speculative: fixed draft lengths to try (default: 2 4 8)
     draft_thresholds: speculative: adaptive settings to try (draft while confidence >= t, at most the longest length)
+    plan: a plan.json from `freevlm plan`: early exit sweeps alpha over the plan's exits, KV policy and gates (the
+        gates trained for each alpha); speculative tries the plan's draft layer unless --draft-layers is given
     speed_images: speculative: images timed per setting (batch 1, interleaved, median of 3)
     max_new_tokens: generation length limit
     batch_size: images per generate call
@@ -461,28 +496,41 @@ def sweep(
     check.positive_int("batch_size", batch_size)
     check.optional(check.positive_int, "limit", limit)
     _check_inputs(backbone, exits)
+    plan_ = _read_plan(plan, exits)
+    if plan_ is not None and mode == "early_exit" and not plan_["early_exit"].get("exits"):
+        raise FreeVLMError(f"the plan {plan} keeps no exit (full depth met no quality bound): nothing to sweep")
+    if plan_ is not None and mode == "speculative" and draft_layers is None and plan_.get("speculative"):
+        draft_layers = [plan_["speculative"]["draft_layer"]]
     results = ("speculative.json",) if mode == "speculative" else ("sweep.json", "sweep.png")
     with claim_output(out, results=results, overwrite=overwrite):
         if mode == "speculative":
             _sweep_speculative(backbone, exits, out, dataset, data, images, questions, split, draft_layers,
                                draft_lengths or [2, 4, 8], draft_thresholds or [], speed_images, max_new_tokens,
-                               batch_size, limit, progress)
+                               batch_size, limit, progress, plan_)
         else:
             _sweep(backbone, exits, out, dataset, data, images, questions, split, settings, criterion, kv_policy,
-                   max_new_tokens, batch_size, limit, progress)
+                   max_new_tokens, batch_size, limit, progress, plan_)
 
 
 def _sweep(backbone, exits, out, dataset, data, images, questions, split, settings, criterion, kv_policy,
-           max_new_tokens, batch_size, limit, progress) -> None:
+           max_new_tokens, batch_size, limit, progress, plan=None) -> None:
+    from dataclasses import replace
+
     from freevlm.eval.plots import plot_sweep
+    from freevlm.generation.plan import plan_gates
 
     task, samples = _samples(dataset, split, data, images, questions, limit=limit)
     if task not in ("caption", "vqa", "gqa", "vizwiz"):
         raise FreeVLMError("sweep supports caption and VQA datasets")
-    vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+    vlm = _vlm(backbone, exits, plan)
     rows = {}
     for t in settings:
         opts = _options(criterion, t, kv_policy, 1, max_new_tokens)
+        if plan is not None:
+            ee = plan["early_exit"]
+            opts = replace(opts, exit_layers=list(ee["exits"]), kv_policy=ee.get("kv_policy", kv_policy),
+                           gates=plan_gates(plan, t) if ee.get("gated") and criterion == "confidence" else None,
+                           gate_threshold=ee.get("gate_threshold", 0.5))
         if task == "caption":
             r = evaluate_captions(vlm, samples, opts, official=False, batch_size=batch_size, progress=progress)
             quality = ("CIDEr", 100 * r.metrics["CIDEr"])
@@ -502,7 +550,7 @@ def _sweep(backbone, exits, out, dataset, data, images, questions, split, settin
 
 
 def _sweep_speculative(backbone, exits, out, dataset, data, images, questions, split, draft_layers, draft_lengths,
-                       draft_thresholds, speed_images, max_new_tokens, batch_size, limit, progress) -> None:
+                       draft_thresholds, speed_images, max_new_tokens, batch_size, limit, progress, plan=None) -> None:
     from freevlm.demo import system_info
     from freevlm.eval.evaluate import decode, speed_comparison
     from freevlm.train.batches import VQA_TEMPLATE, Example
@@ -515,7 +563,7 @@ def _sweep_speculative(backbone, exits, out, dataset, data, images, questions, s
         max_new_tokens = min(max_new_tokens, 10)
     else:
         raise FreeVLMError("sweep supports caption and VQA datasets")
-    vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+    vlm = _vlm(backbone, exits, plan)
     layers = list(draft_layers or vlm.exits.layers)
     bad = [x for x in layers if x not in vlm.exits.layers]
     if bad:
@@ -553,6 +601,108 @@ def _sweep_speculative(backbone, exits, out, dataset, data, images, questions, s
                            r["vs_hf_generate"]] for r in rows]))
     write_json(Path(out) / "speculative.json", record)
     print(f"best: {best['name']} ({best['vs_full_depth']:.2f}x full depth); wrote {Path(out) / 'speculative.json'}")
+
+
+def plan(
+    backbone: Path, exits: Path, out: Path, dataset: str = "synthetic", data: Path | None = None,
+    images: Path | None = None, questions: Path | None = None, split: str = "val", train_fraction: float = 0.8,
+    seed: int = 0, max_quality_drop: float = 1.0, thresholds: list[float] | None = None, max_exits: int = 3,
+    candidates: int = 8, kv_policies: list[str] | None = None, draft_lengths: list[int] | None = None,
+    train_limit: int | None = None, dev_limit: int | None = None, verify_split: str | None = "test",
+    verify_limit: int | None = None, speed_images: int = 16, overwrite: bool = False, progress: bool = True,
+) -> None:
+    """Choose which exits to check, alpha, gates and KV policy (and the speculative draft setting) for the fastest
+    predicted decoding within a quality bound on dev; writes plan.json, costs.json and gates/ into `out`.
+
+    backbone: transformers checkpoint folder
+    exits: exit checkpoint folder (e.g. exits at every layer: the plan keeps few)
+    out: output folder for the plan
+    dataset: dataset format (caption or VQA)
+    data: dataset root (synthetic) or annotation file
+    images: image folder (real datasets)
+    questions: questions file
+    split: the split the exits were trained on; its train part (as in train-exits) trains the gates, the rest is dev
+    train_fraction: the train part of `split` (train-exits' --train-fraction; same seed, same images)
+    seed: the seed of that split (train-exits' --seed)
+    max_quality_drop: largest drop of dev quality x100 allowed (CIDEr for captions, accuracy for VQA)
+    thresholds: alphas tried (default 0.5 ... 1.0)
+    max_exits: at most this many exits checked
+    candidates: dev decodes at most (fastest predictions first; stops at the first within the bound)
+    kv_policies: KV policies tried (default: propagate catch_up)
+    draft_lengths: speculative draft lengths tried (default: 2 4 8)
+    train_limit: gates: use only the first N training samples
+    dev_limit: use only the first N dev samples
+    verify_split: check the plan on this split (predicted vs measured tokens/s, quality); none: skip
+    verify_limit: verification: use only the first N samples
+    speed_images: verification: images timed (batch 1, interleaved, median of 3)
+    overwrite: replace a plan already in `out`
+    progress: show progress bars
+    """
+    from freevlm.eval.planning import make_plan, verify_plan
+    from freevlm.generation.kv import POLICIES
+    from freevlm.generation.plan import COSTS_FILE, PLAN_FILE, write_plan
+
+    check.dataset_name(dataset)
+    check.fraction("train_fraction", train_fraction)
+    check.non_negative_int("seed", seed)
+    check.number("max_quality_drop", max_quality_drop, 0.0)
+    alphas = list(thresholds or PAPER_THRESHOLDS)
+    check.decoding("confidence", alphas, "propagate", 1, 30, threshold_name="thresholds")
+    check.positive_int("max_exits", max_exits)
+    check.positive_int("candidates", candidates)
+    policies = check.choices("kv_policies", kv_policies or ["propagate", "catch_up"], POLICIES)
+    lengths = [check.positive_int("draft_lengths", k) for k in (draft_lengths or [2, 4, 8])]
+    for name, value in (("train_limit", train_limit), ("dev_limit", dev_limit), ("verify_limit", verify_limit)):
+        check.optional(check.positive_int, name, value)
+    check.positive_int("speed_images", speed_images)
+    _check_inputs(backbone, exits)
+    verify = verify_split not in (None, "", "none")
+    with claim_output(out, results=(PLAN_FILE, COSTS_FILE, "gates"), overwrite=overwrite):
+        task, samples = load_dataset(dataset, split, data, images, questions)
+        if task not in ("caption", "vqa", "gqa", "vizwiz"):
+            raise FreeVLMError("plan supports caption and VQA datasets")
+        train, dev = split_by_image(samples, seed, train_fraction)
+        train, dev = train[:train_limit], dev[:dev_limit]
+        if not train or not dev:
+            raise FreeVLMError(f"split {split!r} with --train-fraction {train_fraction} leaves {len(train)} train "
+                               f"and {len(dev)} dev samples: the plan needs both")
+        vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+        result = make_plan(vlm, task, train, dev, Path(out), max_quality_drop=max_quality_drop, thresholds=alphas,
+                           max_exits=max_exits, candidates=candidates, kv_policies=tuple(policies),
+                           draft_lengths=tuple(lengths), progress=progress)
+        result["split"] = split_record(train, dev, seed, train_fraction)
+        write_json(Path(out) / COSTS_FILE, result["costs"])
+        if verify:
+            _, test = _samples(dataset, verify_split, data, images, questions, limit=verify_limit)
+            result["verification"] = verify_plan(vlm, result, task, test, speed_images=speed_images,
+                                                 plan_folder=Path(out), progress=progress)
+        write_plan(out, result)
+    print_plan(result)
+    print(f"wrote {Path(out) / PLAN_FILE}; use it with --plan {Path(out)}")
+
+
+def print_plan(plan: dict) -> None:
+    """The plan in a few lines: what is checked, how fast it is predicted (and measured) to be."""
+    ee, sp = plan["early_exit"], plan.get("speculative")
+    metric = plan["quality_metric"]
+    if ee.get("exits"):
+        gates = "gated" if ee.get("gated") else "ungated"
+        print(f"early exit: check exits {ee['exits']} at alpha {ee['threshold']}, {gates}, KV policy "
+              f"{ee['kv_policy']}; predicted {ee['predicted_speedup']:.2f}x full depth; dev {metric} drop "
+              f"{ee['quality_drop']:.2f} (bound {plan['max_quality_drop']})")
+    else:
+        print(f"early exit: no configuration kept dev {metric} within {plan['max_quality_drop']} of full depth "
+              "while predicted faster: the plan decodes at full depth")
+    if sp:
+        adaptive = f", adaptive at {sp['draft_threshold']}" if sp.get("draft_threshold") is not None else ""
+        print(f"speculative: draft with exit {sp['draft_layer']}, {sp['draft_length']} drafts{adaptive}; "
+              f"{sp['acceptance_rate']:.0%} accepted on dev")
+    ver = plan.get("verification")
+    if ver:
+        rows = [[k, ver["predicted_tokens_per_second"].get(k, float("nan")), v, ver["vs_full_depth"][k],
+                 ver["vs_hf_generate"][k], ver["quality"].get(k, float("nan"))]
+                for k, v in ver["measured_tokens_per_second"].items()]
+        print(markdown_table(["path (test)", "predicted tok/s", "measured tok/s", "vs full", "vs HF", metric], rows))
 
 
 def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: bool = False, seeds: int = 3,

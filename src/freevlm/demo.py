@@ -4,9 +4,11 @@ setup -> fit -> validate, as the paper's protocol (§4) lays it out:
 1. synthetic data + tiny BLIP-2-architecture VLM, pretrained (cached);
 2. stage 1: fine-tune the backbone on 80% of the validation split (captions);
 3. stage 2: FREE exits (semi-supervised: CE + adversarial) on the same 80%;
-4. choose alpha on the other 20% (the development split);
+4. choose alpha on the other 20% (the development split), and plan: which exits to check, gates, KV policy, and
+   the speculative mode's drafting exit, from costs measured on this machine (`freevlm plan`);
 5. report on the test split: quality with and without exits, the three speedups, exit fractions, and wall-clock
-   tokens/s of early-exit decoding vs full-depth decoding vs transformers' generate, measured side by side.
+   tokens/s of full depth, FREE (at the chosen alpha and with its plan), lossless speculative decoding, and
+   transformers' generate, measured side by side.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from freevlm.data.splits import split_by_image, split_record
 from freevlm.data.synthetic import load_synthetic_captions
 from freevlm.default import DefaultConfig, describe_default, pretrained_default
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, select_threshold, speed_comparison
+from freevlm.eval.planning import make_plan
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
+from freevlm.generation.plan import apply_plan, write_plan
 from freevlm.outputs import write_json
 from freevlm.train.batches import CAPTION_PROMPT, Example, caption_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
@@ -67,7 +71,7 @@ def system_info() -> dict:
 
 def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, progress: bool = True,
          config: DefaultConfig | None = None, stage1: Stage1Config | None = None,
-         stage2: ExitTrainConfig | None = None) -> dict:
+         stage2: ExitTrainConfig | None = None, plan_train: int = 300, plan_dev: int = 40) -> dict:
     """Run the demo; `config`, `stage1`, `stage2` override the embedded default's settings (tests use tiny ones)."""
     out = Path(out)
     start = time.perf_counter()
@@ -98,21 +102,35 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, p
     sweep = {a: evaluate_captions(vlm, dev, DecodeOptions(threshold=a), official=False, progress=progress)
              for a in PAPER_THRESHOLDS}
     alpha = select_threshold(sweep, "CIDEr")
+    print("      plan: gates, exits to check, KV policy and the speculative draft setting from measured costs")
+    # the planner's gates see a subset of the training split and its dev decodes a subset of dev: a demo budget
+    plan = make_plan(vlm, "caption", train[:plan_train], dev[:plan_dev], out / f"plan-s{seed}", candidates=4,
+                     draft_lengths=(4, 8), spec_images=8, progress=progress)
+    write_plan(out / f"plan-s{seed}", plan)
+    planned = apply_plan(DecodeOptions(), plan)
+    speculative = apply_plan(DecodeOptions(mode="speculative"), plan)
 
     # The paper picks "the best-performing threshold" on dev, which can be alpha = 1 (no exit at all) when no exit
     # beats the final layer; Table 10 lists 0.8, so the demo also shows that setting side by side.
     shown = [alpha] if alpha == DEFAULT_ALPHA else [alpha, DEFAULT_ALPHA]
-    print(f"[5/5] test split: full depth vs FREE at alpha={' and '.join(map(str, shown))}; wall-clock on "
-          f"{speed_images} images, batch 1")
+    print(f"[5/5] test split: full depth, FREE at alpha={' and '.join(map(str, shown))}, FREE + plan, speculative; "
+          f"wall-clock on {speed_images} images, batch 1")
     full = evaluate_captions(vlm, test, DecodeOptions(mode="full"), progress=progress)
     free = {a: evaluate_captions(vlm, test, DecodeOptions(threshold=a), progress=progress) for a in shown}
+    with_plan = evaluate_captions(vlm, test, planned, progress=progress)
+    spec = evaluate_captions(vlm, test, speculative, progress=progress)
+    full_text = {p["key"]: p["prediction"] for p in full.predictions}
+    identical = sum(p["prediction"] == full_text[p["key"]] for p in spec.predictions)
     speed_examples = [Example(s.image_id, s.image_path, CAPTION_PROMPT, None) for s in test[:speed_images]]
-    wall = {a: speed_comparison(vlm, speed_examples, DecodeOptions(threshold=a), repeats=3, batch_size=1)
-            for a in shown}
+    # one interleaved run: every path's ratio to full depth and to transformers' generate is measured side by side
+    wall = speed_comparison(vlm, speed_examples, DecodeOptions(mode="full"), repeats=3, batch_size=1,
+                            also={**{f"FREE alpha={a}": DecodeOptions(threshold=a) for a in shown},
+                                  "FREE + plan": planned, "speculative (lossless)": speculative})
 
     quality_rows = []
     labels = {DEFAULT_ALPHA: f"FREE, alpha={DEFAULT_ALPHA} (Table 10)", alpha: f"FREE, alpha={alpha} (chosen on dev)"}
-    for name, r in (("BLIP-2-arch tiny (full depth)", full), *((labels[a], free[a]) for a in shown)):
+    for name, r in (("BLIP-2-arch tiny (full depth)", full), *((labels[a], free[a]) for a in shown),
+                    ("FREE + plan", with_plan), ("speculative (lossless)", spec)):
         m = r.metrics
         quality_rows.append([name, 100 * m["BLEU-4"], 100 * m["METEOR"], 100 * m["ROUGE-L"], 100 * m["CIDEr"],
                              r.speed["parameter_speedup"], r.speed["compute_speedup"]])
@@ -126,19 +144,33 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, p
     for a in shown:
         print(f"\nFraction of test tokens leaving at each exit, alpha={a} (last column: the final layer):")
         print(markdown_table([f"layer {k}" for k in free[a].exit_fractions], [list(free[a].exit_fractions.values())]))
-    for a in shown:
-        print(f"\nWall-clock, alpha={a}, batch 1, median of 3 after a warm-up (tokens/s):")
-        print(markdown_table(["path", "tokens/s", "tokens"],
-                             [[k, v["tokens_per_second"], v["tokens"]] for k, v in wall[a].items() if k != "ratios"]))
-        r = wall[a]["ratios"]
-        print(f"early exit / full depth = {r['early_exit_vs_full_depth']:.2f}x, early exit / HF generate = "
-              f"{r['early_exit_vs_hf_generate']:.2f}x (measured here: {system_info()['cpu']}, "
-              f"{torch.get_num_threads()} threads)")
+    ee, sp = plan["early_exit"], plan["speculative"]
+    print("\nPlan (dev split, costs measured here; `freevlm plan`):")
+    if ee["exits"]:
+        print(f"  early exit: check exits {ee['exits']} of {list(vlm.exits.layers)} at alpha {ee['threshold']}, "
+              f"{'gated' if ee['gated'] else 'ungated'}, KV policy {ee['kv_policy']}; dev CIDEr drop "
+              f"{ee['quality_drop']:.2f} (bound {plan['max_quality_drop']}), predicted {ee['predicted_speedup']:.2f}x "
+              "full depth")
+    else:
+        print(f"  early exit: no exit configuration kept dev CIDEr within {plan['max_quality_drop']}: full depth")
+    if sp:
+        print(f"  speculative: draft with exit {sp['draft_layer']}, up to {sp['draft_length']} drafts"
+              f"{'' if sp['draft_threshold'] is None else ', adaptive at ' + str(sp['draft_threshold'])}; "
+              f"{sp['acceptance_rate']:.0%} of drafts accepted on dev")
+    print(f"  speculative output equals full depth on {identical}/{len(spec.predictions)} test images")
+    print(f"\nWall-clock on {len(speed_examples)} test images, batch 1, paths interleaved, median of 3 after a "
+          f"warm-up ({system_info()['cpu']}, {torch.get_num_threads()} threads):")
+    names = [k for k in wall if k != "ratios"]
+    print(markdown_table(["path", "tokens/s", "tokens", "vs full depth", "vs HF generate"],
+                         [[k, wall[k]["tokens_per_second"], wall[k]["tokens"],
+                           wall[k]["tokens_per_second"] / wall["full_depth"]["tokens_per_second"],
+                           wall[k]["tokens_per_second"] / wall["hf_generate"]["tokens_per_second"]] for k in names]))
     report = {"alpha": alpha, "model": info, "split": split_record(train, dev, seed, 0.8), "seed": seed,
               "full_depth": full.to_json(), "free": free[alpha].to_json(),
               "free_at_table10_alpha": free[DEFAULT_ALPHA].to_json(),
-              "sweep": {str(a): r.to_json() for a, r in sweep.items()}, "wall_clock": wall[alpha],
-              "wall_clock_at_table10_alpha": wall[DEFAULT_ALPHA], "system": system_info(),
+              "free_plan": with_plan.to_json(), "speculative": spec.to_json(),
+              "speculative_identical_to_full": [identical, len(spec.predictions)], "plan": plan,
+              "sweep": {str(a): r.to_json() for a, r in sweep.items()}, "wall_clock": wall, "system": system_info(),
               "config": {"default": asdict(cfg), "stage1": asdict(s1), "stage2": asdict(s2)},
               "seconds": time.perf_counter() - start}
     write_json(out / "demo_report.json", report, default=str)

@@ -134,12 +134,25 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
                                       costs, max_new_tokens, progress) if transformer else []
     speculative = max(spec_rows, key=lambda r: r["predicted_tokens_per_second"]) if spec_rows else None
     return {"format": "freevlm-plan/1", "task": task, "quality_metric": "CIDEr" if task == "caption" else "accuracy",
+            "exits_fingerprint": fingerprint, "exit_layers": layers, "num_layers": n,
             "max_quality_drop": max_quality_drop, "dev_quality_full": full_quality,
             "early_exit": early_exit, "speculative": speculative, "evaluated": tried,
             "speculative_settings": spec_rows, "candidates_predicted": len(cands),
             "full_depth_seconds_per_token": full_seconds,
             "gate_reports": {str(a): r for a, r in gate_reports.items()}, "gate_parameters": inner,
             "costs": costs.to_json(), "seconds": time.perf_counter() - start}
+
+
+def check_plan(plan: dict, exits) -> None:
+    """Refuse a plan made for other exits (its exit subset, gates and draft layer would not mean the same)."""
+    from freevlm.errors import FreeVLMError
+
+    want = plan.get("exits_fingerprint")
+    if exits is None:
+        raise FreeVLMError("a plan configures exits: give the exits it was made for (--exits)")
+    if want is not None and want != exits_fingerprint(exits):
+        raise FreeVLMError(f"the plan was made for other exits (layers {plan.get('exit_layers')}); these are "
+                           f"layers {list(exits.layers)}: run `freevlm plan` on them")
 
 
 def _speculative_settings(vlm, task, samples, layers, lengths, thresholds, costs, max_new_tokens, progress):

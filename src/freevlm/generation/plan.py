@@ -30,6 +30,7 @@ from freevlm.errors import FreeVLMError
 from freevlm.generation.costs import MeasuredCosts
 
 PLAN_FILE = "plan.json"
+COSTS_FILE = "costs.json"  # the cost model measured for the plan, beside it (see docs/design.md)
 
 
 @dataclass
@@ -135,7 +136,14 @@ def read_plan(path: str | Path) -> dict:
     gates = plan["early_exit"].get("gates")
     if gates:
         plan["early_exit"]["gates"] = str((path.parent / gates).resolve())
+    plan["folder"] = str(path.parent.resolve())
     return plan
+
+
+def plan_gates(plan: dict, threshold: float) -> str | None:
+    """The plan's gates trained for `threshold` (`freevlm plan` trains one set per alpha), if it has them."""
+    folder = Path(plan.get("folder", ".")) / "gates" / f"alpha-{threshold:g}"
+    return str(folder) if folder.is_dir() else None
 
 
 def apply_plan(options, plan: dict):

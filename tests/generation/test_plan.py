@@ -1,0 +1,175 @@
+"""Exit planning: the measured cost model's shape, the planner's choice under known (fake) costs, and `--plan` end
+to end through the command line (plan -> evaluate / sweep / generate)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from freevlm.cli import main
+from freevlm.errors import FreeVLMError
+from freevlm.generation.api import DecodeOptions, EarlyExitVLM
+from freevlm.generation.costs import MeasuredCosts, measure_costs
+from freevlm.generation.plan import apply_plan, predict_candidates, read_plan, shortlist
+
+N = 4  # layers of the fake model
+
+
+def fake_costs(head: float) -> MeasuredCosts:
+    return MeasuredCosts(batch_size=1, cache_length=16, layer=1.0, exit_layer=0.0, head=head, gate=0.01,
+                         kv_projection=0.0, kv_copy=0.0, step=0.0, call=0.0, block={2: 1.2, 4: 1.6, 9: 2.6})
+
+
+def fake_features(positions: int = 8):
+    """Exit 1 is confident on the first half of the positions, exit 3 everywhere; both agree with the final layer."""
+    h = torch.zeros(positions, 2)
+    first = torch.tensor([0.95] * (positions // 2) + [0.1] * (positions - positions // 2))
+    agrees = torch.ones(positions, dtype=torch.bool)
+    return {1: (h, first, agrees), 3: (h, torch.full((positions,), 0.95), agrees)}
+
+
+def cheapest(head: float) -> tuple[int, ...]:
+    cands = predict_candidates(fake_features(), None, fake_costs(head), N, [0.8], max_exits=2,
+                               exit_transformers=False)
+    return shortlist(cands, 1)[0].exits
+
+
+def test_planner_checks_early_when_checks_are_cheap_and_late_when_the_head_is_expensive():
+    # head 0: exits [1, 3] cost 1 + 0.5 * 2 = 2 layers per token, [1] 2.5, [3] 3 -> check both
+    assert cheapest(head=0.0) == (1, 3)
+    # head 10 layers: [3] costs 3 + 10 = 13, [1] 1 + 10 + 0.5 * (3 + 10) = 17.5, [1, 3] 1 + 10 + 0.5 * 12 = 17
+    assert cheapest(head=10.0) == (3,)
+
+
+def test_predicted_seconds_follow_the_cost_model():
+    cands = predict_candidates(fake_features(), None, fake_costs(10.0), N, [0.8], max_exits=2,
+                               exit_transformers=False)
+    by = {c.exits: c.seconds_per_token for c in cands if not c.gated}
+    assert by == pytest.approx({(1,): 17.5, (3,): 13.0, (1, 3): 17.0})
+
+
+def test_gated_candidates_skip_the_head_where_the_gate_is_closed():
+    gate = {0.8: {1: torch.tensor([True] * 4 + [False] * 4), 3: torch.ones(8, dtype=torch.bool)}}
+    cands = predict_candidates(fake_features(), gate, fake_costs(10.0), N, [0.8], max_exits=2,
+                               exit_transformers=False)
+    by = {(c.exits, c.gated): c.seconds_per_token for c in cands}
+    # gated [1, 3]: 1 + gate + (open half: 10) ; shut half: 2 more layers + gate + 10 -> 1.01 + 5 + 0.5 * 12.01
+    assert by[((1, 3), True)] == pytest.approx(1 + 0.01 + 5 + 0.5 * (2 + 0.01 + 10))
+    assert by[((1, 3), True)] < by[((1, 3), False)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from freevlm.data.synthetic import SyntheticConfig, write_synthetic
+    from freevlm.default import build_default_model
+    from freevlm.exits import ExitSpec, build_exits, save_exits
+    from tests.test_default import tiny_default
+
+    root = tmp_path_factory.mktemp("plan")
+    data = write_synthetic(SyntheticConfig(n_train=4, n_val=10, n_test=4, n_nocaps=2, n_dialogs=2), root / "data")
+    bb = build_default_model(tiny_default(), seed=0)
+    bb.model.save_pretrained(root / "backbone")
+    bb.processor.save_pretrained(root / "backbone")
+    torch.manual_seed(0)
+    save_exits(root / "exits", bb.lm, build_exits(bb.lm, ExitSpec("transformer", [2, 4])), "tiny")
+    other = build_exits(bb.lm, ExitSpec("transformer", [2, 4]))  # initialised alike: perturbed, as training would
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_exits(root / "other-exits", bb.lm, other, "tiny")
+    return root, data.root
+
+
+def test_cost_model_has_every_kind_of_work(workspace):
+    root, _ = workspace
+    vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits")
+    costs = measure_costs(vlm, repeats=3, number=2)
+    for name in ("layer", "exit_layer", "head", "gate", "kv_projection", "kv_copy", "step"):
+        value = getattr(costs, name)
+        assert math.isfinite(value) and value > 0, name
+    assert sorted(costs.block) == [2, 4, 9] and all(v > 0 for v in costs.block.values())
+    assert costs.call == 0.0  # no representative call given
+    assert MeasuredCosts.from_json(json.loads(json.dumps(costs.to_json()))) == costs
+
+
+def run(*argv) -> None:
+    assert main([str(a) for a in argv]) == 0
+
+
+def test_plan_command_writes_a_plan_that_evaluate_and_sweep_accept(workspace, tmp_path, capsys):
+    root, data = workspace
+    common = ["--backbone", root / "backbone", "--exits", root / "exits", "--data", data]
+    run("plan", *common, "--out", tmp_path / "plan", "--thresholds", 0.5, 0.9, "--candidates", 2,
+        "--draft-lengths", 2, "--verify-limit", 2, "--speed-images", 1, "--no-progress")
+    printed = capsys.readouterr().out
+    assert "early exit:" in printed and "measured tok/s" in printed
+    plan = read_plan(tmp_path / "plan")
+    assert (tmp_path / "plan" / "costs.json").is_file() and (tmp_path / "plan" / "gates" / "alpha-0.5").is_dir()
+    assert set(plan["early_exit"]["exits"]) <= {2, 4}
+    assert plan["speculative"]["draft_layer"] in (2, 4) and plan["speculative"]["draft_length"] == 2
+    assert set(plan["verification"]["measured_tokens_per_second"]) >= {"full_depth", "hf_generate"}
+    # a second run into the same folder is refused without --overwrite
+    assert main([str(a) for a in ("plan", *common, "--out", tmp_path / "plan", "--no-progress")]) != 0
+    assert "already holds results" in capsys.readouterr().err
+
+    # a plan that checks only exit 2 at a threshold every token passes: every token leaves there
+    forced = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    forced["early_exit"] = {"exits": [2], "threshold": 0.001, "gated": False, "gates": None,
+                            "kv_policy": "catch_up"}
+    (tmp_path / "forced").mkdir()
+    (tmp_path / "forced" / "plan.json").write_text(json.dumps(forced))
+    run("evaluate", *common, "--plan", tmp_path / "forced", "--out", tmp_path / "eval.json", "--limit", 2,
+        "--no-official", "--no-progress")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    layers = {layer for p in result["predictions"] for layer in p["exit_layers"]}
+    assert layers == {2}
+    run("sweep", *common, "--plan", tmp_path / "forced", "--out", tmp_path / "sweep", "--thresholds", 0.001,
+        "--limit", 2, "--no-progress")
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["0.001"]["exit_fractions"]["2"] == 1.0
+
+
+def test_plan_settings_reach_the_decoding_options(tmp_path):
+    gates = tmp_path / "gates" / "alpha-0.7"
+    gates.mkdir(parents=True)
+    plan = {"early_exit": {"exits": [2], "threshold": 0.7, "gated": True, "gates": "gates/alpha-0.7",
+                           "gate_threshold": 0.4, "kv_policy": "catch_up"},
+            "speculative": {"draft_layer": 4, "draft_length": 3, "draft_threshold": 0.5}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    plan = read_plan(tmp_path)
+    ee = apply_plan(DecodeOptions(), plan)
+    assert (ee.exit_layers, ee.threshold, ee.kv_policy, ee.gate_threshold) == ([2], 0.7, "catch_up", 0.4)
+    assert ee.gates == str(gates.resolve())
+    sp = apply_plan(DecodeOptions(mode="speculative"), plan)
+    assert (sp.draft_layer, sp.draft_length, sp.draft_threshold) == (4, 3, 0.5)
+    full = apply_plan(DecodeOptions(), {**plan, "early_exit": {"exits": []}})
+    assert full.mode == "full"
+    assert apply_plan(replace(DecodeOptions(), mode="full"), plan).mode == "full"
+
+
+def test_a_plan_for_other_exits_is_refused(workspace, tmp_path, capsys):
+    from freevlm.eval.planning import check_plan
+    from freevlm.generation.gates import exits_fingerprint
+
+    root, data = workspace
+    vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits")
+    other = EarlyExitVLM.from_pretrained(root / "backbone", root / "other-exits")
+
+    plan = {"exits_fingerprint": exits_fingerprint(vlm.exits), "exit_layers": [2, 4]}
+    check_plan(plan, vlm.exits)
+    with pytest.raises(FreeVLMError, match="made for other exits"):
+        check_plan(plan, other.exits)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "plan.json").write_text(json.dumps({**plan, "early_exit": {"exits": [2], "threshold": 0.5}}))
+    code = main([str(a) for a in ("evaluate", "--backbone", root / "backbone", "--exits", root / "other-exits",
+                                  "--data", data, "--plan", tmp_path / "p", "--out", tmp_path / "e.json",
+                                  "--no-progress")])
+    assert code != 0 and "made for other exits" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "plan.json").write_text("{}")
+    code = main([str(a) for a in ("evaluate", "--backbone", root / "backbone", "--exits", root / "exits",
+                                  "--data", data, "--plan", tmp_path / "bad", "--out", tmp_path / "e2.json")])
+    assert code != 0 and "not a freevlm plan" in capsys.readouterr().err
