@@ -53,12 +53,12 @@ def test_reproduce_runs_the_methods_it_is_given(tmp_path, monkeypatch):
     seen = []
 
     def stop(cfg, out, full, progress):
-        seen.append(cfg.methods)
+        seen.append((cfg.methods, cfg.plan))
         raise rep.FreeVLMError("stopped before training")
 
     monkeypatch.setattr(rep, "_run_seeds", stop)
     assert main(["reproduce", "--quick", "--out", str(tmp_path), "--methods", "LeeBERT", "FREE", "LeeBERT"]) == 2
-    assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 2
-    assert seen == [("FREE", "LeeBERT"), ("FREE", "DeeBLIP", "MuE")]
+    assert main(["reproduce", "--quick", "--out", str(tmp_path), "--no-plan"]) == 2
+    assert seen == [(("FREE", "LeeBERT"), True), (("FREE", "DeeBLIP", "MuE"), False)]
     # the default run compares FREE with every baseline, the original LeeBERT included
     assert rep.ReproduceConfig().methods == ("FREE", "DeeBLIP", "PABEE-BLIP", "LeeBLIP", "LeeBERT", "MuE")

@@ -706,7 +706,8 @@ def print_plan(plan: dict) -> None:
 
 
 def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: bool = False, seeds: int = 3,
-              methods: list[str] | None = None, overwrite: bool = False, progress: bool = True) -> None:
+              methods: list[str] | None = None, plan: bool = True, overwrite: bool = False,
+              progress: bool = True) -> None:
     """Reproduce the paper's tables and figures on the embedded default; write a Markdown + PNG report folder.
 
     out: report and run folder
@@ -714,6 +715,9 @@ def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: boo
     full: also the other backbones and the full sweeps
     seeds: seeds per experiment (spread is reported as mean ± std)
     methods: methods compared with FREE (default: DeeBLIP PABEE-BLIP LeeBLIP LeeBERT MuE; --quick: DeeBLIP MuE)
+    plan: run `freevlm plan` on each seed's FREE exits (its dev split) and report "FREE + plan" rows (Table 4,
+        Fig. 4b) and the exit-plan section; --no-plan leaves it out (a plan file does not apply here: every seed
+        trains its own exits, and a plan is made for one set of exits)
     overwrite: replace the report already in `out` (trained runs in `out` are reused either way)
     progress: show progress bars
     """
@@ -724,5 +728,5 @@ def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: boo
     if methods is not None:
         check_methods(methods)  # before the output is claimed
     with claim_output(out, results=("report",), overwrite=overwrite):
-        run(out, quick=quick, full=full, seeds=seeds, progress=progress, methods=methods)
+        run(out, quick=quick, full=full, seeds=seeds, progress=progress, methods=methods, plan=plan)
 

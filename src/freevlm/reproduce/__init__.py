@@ -39,7 +39,7 @@ def _run_seeds(cfg: ReproduceConfig, out: Path, full: bool, progress: bool) -> t
 
 def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: bool = False, seeds: int = 3,
               progress: bool = True, config: ReproduceConfig | None = None,
-              methods: list[str] | tuple[str, ...] | None = None) -> Path:
+              methods: list[str] | tuple[str, ...] | None = None, plan: bool = True) -> Path:
     """Run the experiments and write `out/report`. `methods`: the methods compared with FREE (FREE is always run);
     None keeps the configuration's (by default every baseline)."""
     out = Path(out)
@@ -51,6 +51,7 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: boo
         cfg.methods = ("FREE", *dict.fromkeys(m for m in methods if m != "FREE"))
     if full:
         cfg.ablations = ("no-adversarial", "no-ce", "no-kd")
+    cfg.plan = cfg.plan and plan
     with shared_meteor():  # one METEOR JVM for every official score of the run
         per_seed, model_info = _run_seeds(cfg, out, full, progress)
     report_dir = out / "report"

@@ -36,6 +36,13 @@ class ReproduceConfig:
     capfilt_ranker: str = "tiny-clip"  # Table 9's ranker: the embedded default's CLIP, likelihood, random or a folder
     ranker_images: int = 100  # dev images whose samples every ranker ranks (the rankers table; 100 = the whole dev)
     visdial_dialogs: int = 20  # --full: dialogues (3 rounds x 100 candidates each) scored for VisDial MRR
+    plan: bool = True  # `freevlm plan` on each seed's FREE exits: the "FREE + plan" rows and the exit-plan section
+    speculative_dev_images: int = 16  # dev images (batch 1) timing each drafter's draft settings (tables/speculative)
+    plan_train_images: int | None = None  # training images the exit planner sees (None: the seed's whole split)
+    plan_dev_images: int | None = None  # dev images it decodes candidates on (None: the dev split)
+    plan_candidates: int = 8  # candidates it decodes on dev at most
+    plan_thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # alphas it trains gates for and predicts
+    plan_spec_images: int = 16  # dev images it decodes per draft setting
 
 
 def quick_config() -> ReproduceConfig:
@@ -57,5 +64,6 @@ def quick_config() -> ReproduceConfig:
         stage2=ExitTrainConfig(exit_layers=[2, 4], discriminator_hidden=64, discriminator_lr=1e-4,
                                optim=OptimConfig(lr=1e-3, warmup_steps=2), loop=LoopConfig(epochs=1, batch_size=16)),
         seeds=1, methods=("FREE", "DeeBLIP", "MuE"), dev_images=12, test_images=12, nocaps_images=4, speed_images=2,
-        noise_sigmas=(0.0, 1.0), capfilt_images=8, ranker_images=8,
+        noise_sigmas=(0.0, 1.0), capfilt_images=8, ranker_images=8, speculative_dev_images=4, plan_train_images=24,
+        plan_dev_images=8, plan_candidates=3, plan_spec_images=4, plan_thresholds=(0.7, 0.9),
     )

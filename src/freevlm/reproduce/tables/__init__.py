@@ -2,7 +2,10 @@
 
 A table is one module with a `TABLE` (see `base.Table`): an optional per-seed `measure` run after the method loop,
 and a `render` of its report section. Adding a table = adding a module + one line below. Order matters where one
-table's measurement reads another's: Fig. 3 reads the exit-quality table's FREE curve.
+table's measurement reads another's: Fig. 3 reads the exit-quality table's FREE curve. Every measurement runs
+before any section renders, so a section may read a later table's measurement (Table 4 and Fig. 4b show the exit
+plan's "FREE + plan" rows); the plan and speculative tables measure last, so they leave the others' numbers as
+they were.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from freevlm.reproduce.tables import (
     fig3,
     fig4a,
     fig4b,
+    plan,
     rankers,
+    speculative,
     table1,
     table2,
     table3,
@@ -37,6 +42,8 @@ TABLES: tuple[Table, ...] = (
     fig3.TABLE,  # per-layer quality (after exit_quality)
     rankers.TABLE,  # CapFilt's rankers: top-2 precision on dev (random, likelihood, tiny CLIP)
     table9.TABLE,  # unsupervised: KD vs CapFilt
+    plan.TABLE,  # `freevlm plan` on FREE's exits (Table 4 and Fig. 4b render its "FREE + plan" rows)
+    speculative.TABLE,  # lossless speculative decoding: FREE's vs the baselines' exits as drafters
     table2.TABLE,  # --full: VQA, semi-supervised
     table3.TABLE,  # --full: unsupervised VQA + VisDial
     table5.TABLE,  # --full: MiniGPT-4-shaped, captioning

@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 
 from freevlm.eval.plots import plot_exit_histogram, plot_sweep
+from freevlm.reproduce.tables import plan
 from freevlm.reproduce.tables.base import Report, Table, markdown_table, section
 
 
@@ -28,11 +29,19 @@ def render(report: Report) -> list[str]:
     rows = [[float(s), v["quality"], v["parameter_speedup"], v["compute_speedup"],
              report.col(["curves", "FREE", s, "wall_clock_vs_full_depth"], 1, 2)]
             for s, v in zip(runs[0]["curves"]["FREE"], curves["FREE"].values())]
+    planned = plan.fig4b_row(report)
+    note = []
+    if planned is not None:
+        rows.append(planned)
+        note = ["'FREE + plan': the configuration `freevlm plan` chose (" +
+                " / ".join(plan.describe(r["plan"]["choice"]) for r in runs) + ", per seed) decoded on this dev "
+                "split; the planner decoded its candidates on the first "
+                f"{runs[0]['plan']['dev_images']} dev images and charges every exit check it pays.", ""]
     return [*section("Fig. 4b — speedup vs quality (dev split, one point per setting)",
                      "![param](speedup_vs_quality_param.png) ![compute](speedup_vs_quality_compute.png)",
                      "![exits](exit_histogram.png)"),
             "### FREE: quality vs alpha (dev; CIDEr and the counted speedups are means over seeds, wall is mean ± "
-            "std)", "", markdown_table(["alpha", "CIDEr", "param", "compute", "wall"], rows), ""]
+            "std)", "", markdown_table(["alpha", "CIDEr", "param", "compute", "wall"], rows), "", *note]
 
 
 TABLE = Table(render)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from freevlm.reproduce.tables import plan
 from freevlm.reproduce.tables.base import Report, Table, markdown_table, section
 
 
@@ -18,10 +19,15 @@ def render(report: Report) -> list[str]:
                      col(p + ["wall_clock_vs_full_depth"], 1, 2), runs[0]["methods"][name]["criterion"] + " " +
                      "/".join(str(r["methods"][name]["setting"]) for r in runs),
                      f"{runs[0]['methods'][name]['trainable_per_exit']:,}"])
+    planned = plan.table4_row(report)
+    if planned is not None:
+        rows.insert(next((i + 1 for i, r in enumerate(rows) if r[0] == "FREE"), len(rows)), planned)
     return section("Table 4 — captioning, semi-supervised (synthetic test split; SPICE: real data only)",
                    "Each method at the setting that is best on dev (§4: 'the best-performing threshold'; ties to the "
                    "faster one). A setting of 1.0 means no token exits, so the row equals the backbone; the dev "
-                   "curves under Fig. 4b show every setting.",
+                   "curves under Fig. 4b show every setting."
+                   + (" 'FREE + plan': FREE's exits decoded with the configuration `freevlm plan` chose on train/dev "
+                      "(exits checked, alpha, gates, KV policy; see 'Exit plan')." if planned is not None else ""),
                    markdown_table(["model", "B@4", "CIDEr", "METEOR", "ROUGE-L", "param", "compute", "wall",
                                    "setting (per seed)", "trained params / exit"], rows))
 
