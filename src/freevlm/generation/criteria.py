@@ -112,8 +112,8 @@ class Similarity:
 @dataclass
 class Gated:
     """Any criterion behind cheap exit gates (`gates.py`): at each exit the gate reads h_i first; only where it opens
-    do the exit transformer and head run and the wrapped criterion decide. Used by the propagate / copy policies
-    (under catch-up, whose exits run for whole token groups anyway, the wrapped criterion decides alone)."""
+    do the exit transformer and head run and the wrapped criterion decide. Under catch-up, whose exit transformers
+    run for whole token groups anyway (their caches need every token), a closed gate saves the head only."""
 
     base: Confidence | Entropy | Patience | Similarity
     gates: object  # ExitGates

@@ -64,9 +64,7 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
     subsets = [c for r in range(1, max_exits + 1) for c in itertools.combinations(layers, r)]
     for alpha in thresholds:
         for subset, gated in itertools.product(subsets, (False, True)):
-            # gates act under propagate / copy only (catch-up runs its exits for whole token groups anyway:
-            # `criteria.Gated`), so a gated catch-up candidate would be the ungated one, mispriced
-            if gated and (gate_open is None or alpha not in gate_open or policy == "catch_up"):
+            if gated and (gate_open is None or alpha not in gate_open):
                 continue
             undecided = torch.ones(positions, dtype=torch.bool)
             seconds = torch.full((positions,), costs.step)
@@ -82,8 +80,8 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
                     checked = undecided & opened
                     closed = undecided & ~opened
                     if exit_transformers:
-                        # the closed exit's K/V: projected from h_i
-                        seconds += closed * costs.kv_projection
+                        # the closed exit's K/V: projected from h_i (catch-up runs the exit for its cache anyway)
+                        seconds += closed * (costs.exit_layer if policy == "catch_up" else costs.kv_projection)
                 else:
                     checked = undecided
                 seconds += checked * ((costs.exit_layer if exit_transformers else 0.0) + costs.head)
