@@ -71,7 +71,7 @@ def system_info() -> dict:
 
 def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, progress: bool = True,
          config: DefaultConfig | None = None, stage1: Stage1Config | None = None,
-         stage2: ExitTrainConfig | None = None, plan_train: int = 300, plan_dev: int = 40) -> dict:
+         stage2: ExitTrainConfig | None = None, plan_train: int = 300, plan_dev: int | None = None) -> dict:
     """Run the demo; `config`, `stage1`, `stage2` override the embedded default's settings (tests use tiny ones)."""
     out = Path(out)
     start = time.perf_counter()
@@ -103,7 +103,8 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, p
              for a in PAPER_THRESHOLDS}
     alpha = select_threshold(sweep, "CIDEr")
     print("      plan: gates, exits to check, KV policy and the speculative draft setting from measured costs")
-    # the planner's gates see a subset of the training split and its dev decodes a subset of dev: a demo budget
+    # the planner's gates see a subset of the training split (a demo budget); its quality bound is checked on the
+    # whole dev split: on 40 of its 100 images a plan that lost 12 test CIDEr passed the 1-CIDEr bound
     plan = make_plan(vlm, "caption", train[:plan_train], dev[:plan_dev], out / f"plan-s{seed}", candidates=4,
                      draft_lengths=(4, 8), spec_images=8, progress=progress)
     write_plan(out / f"plan-s{seed}", plan)

@@ -62,6 +62,17 @@ def test_gated_candidates_skip_the_head_where_the_gate_is_closed():
     assert by[((1, 3), True)] < by[((1, 3), False)]
 
 
+def test_catch_up_is_priced_by_how_many_exited_tokens_wait_together():
+    # exit 1 fires at positions 0 and 2-4: a run of 1 and a run of 3, each riding with the next deep token
+    conf = torch.tensor([0.95, 0.1, 0.95, 0.95, 0.95, 0.1, 0.1, 0.1])
+    features = {1: (torch.zeros(8, 2), conf, torch.ones(8, dtype=torch.bool))}
+    costs = replace(fake_costs(0.0), block={2: 1.5, 4: 1.8, 9: 2.6})
+    (cand,) = [c for c in predict_candidates(features, None, costs, N, [0.8], max_exits=1, policy="catch_up",
+                                             exit_transformers=False) if not c.gated]
+    # a deep token: 4 layers; the lone exited one: 1 layer + 3 owed at (1.5 - 1) / 1; the run of 3: 1 + 3 * 0.8 / 3
+    assert cand.seconds_per_token == pytest.approx((4 * 4 + (1 + 3 * 0.5) + 3 * (1 + 3 * 0.8 / 3)) / 8)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from freevlm.data.synthetic import SyntheticConfig, write_synthetic

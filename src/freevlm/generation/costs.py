@@ -55,12 +55,6 @@ class MeasuredCosts:
         d["block"] = {int(k): v for k, v in d.get("block", {}).items()}
         return cls(**d)
 
-    def block_marginal(self) -> float:
-        """One more token in a block, per layer (what a catch-up token costs when it rides with a deep one)."""
-        if 4 in self.block:
-            return max(0.0, (self.block[4] - self.layer) / 3)
-        return self.layer
-
     def block_layer(self, q: int) -> float:
         """One layer over q tokens per row, interpolated between measured block sizes."""
         if q <= 1 or not self.block:

@@ -58,8 +58,9 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
     layers = sorted(features)
     positions = features[layers[0]][1].shape[0]
     # what a skipped layer costs: a K/V projection (propagate), a copy, or (catch-up) running later inside the next
-    # deep token's block, where one more token per layer costs far less than a layer of its own
-    fill = {"propagate": costs.kv_projection, "copy": costs.kv_copy, "catch_up": costs.block_marginal()}[policy]
+    # deep token's block; that price depends on how many exited tokens wait together (`_catch_up_seconds`)
+    catch_up = policy == "catch_up"
+    fill = {"propagate": costs.kv_projection, "copy": costs.kv_copy, "catch_up": 0.0}[policy]
     out = []
     subsets = [c for r in range(1, max_exits + 1) for c in itertools.combinations(layers, r)]
     for alpha in thresholds:
@@ -68,6 +69,7 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
                 continue
             undecided = torch.ones(positions, dtype=torch.bool)
             seconds = torch.full((positions,), costs.step)
+            waiting = torch.zeros(positions)  # catch-up: the layers (and exits) each exited position still owes
             agree = torch.zeros(positions, dtype=torch.bool)
             prev = 0
             for i, layer in enumerate(subset):
@@ -89,12 +91,30 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
                 agree |= fires & agrees
                 skipped = (num_layers - layer) + (len(subset) - i - 1 if exit_transformers else 0)
                 seconds += fires * skipped * fill
+                if catch_up:
+                    waiting += fires * skipped
                 undecided &= ~fires
             seconds += undecided * ((num_layers - prev) * costs.layer + costs.head)
+            if catch_up:
+                seconds += _catch_up_seconds(~undecided, waiting, costs)
             agree |= undecided
             out.append(Candidate(subset, float(alpha), gated, policy, float(seconds.mean()),
                                  float(agree.float().mean())))
     return out
+
+
+def _catch_up_seconds(exited: torch.Tensor, waiting: torch.Tensor, costs: MeasuredCosts) -> torch.Tensor:
+    """Catch-up's price per position. A run of g consecutive exited tokens waits and then rides, g + 1 tokens to a
+    layer, in the next deep token's layers: each of the g pays (block_layer(g + 1) - layer) / g per layer it owes.
+    Dev positions are the teacher-forced captions back to back, so a run can straddle two captions (rare)."""
+    starts = exited & ~torch.cat([torch.zeros(1, dtype=torch.bool), exited[:-1]])
+    run = torch.cumsum(starts.long(), 0)
+    length = torch.bincount(run[exited], minlength=int(run.max()) + 1 if run.numel() else 1)[run] * exited
+    price = torch.zeros_like(waiting)
+    for g in length.unique().tolist():
+        if g:
+            price[length == g] = max(0.0, costs.block_layer(g + 1) - costs.layer) / g
+    return waiting * price
 
 
 def full_depth_seconds(costs: MeasuredCosts, num_layers: int) -> float:
