@@ -107,6 +107,29 @@ def test_cost_model_has_every_kind_of_work(workspace):
     assert MeasuredCosts.from_json(json.loads(json.dumps(costs.to_json()))) == costs
 
 
+def test_catch_up_steps_are_priced_by_block_size(workspace):
+    from freevlm.generation.costs import step_seconds
+    from freevlm.generation.engine import StepRecord
+
+    # one step: 3 layer calls over 2 tokens, 9 over 1; one exit call over 2 tokens; the final head
+    rec = StepRecord.zeros(1, N, "cpu", False)
+    rec.heads += 1
+    rec.blocks, rec.exit_blocks = {2: 3, 1: 9}, {2: 1}
+    costs = replace(fake_costs(10.0), exit_layer=0.5)
+    assert step_seconds(rec, costs, torch.tensor([0]), N) == pytest.approx(3 * 1.2 + 9 * 1 + 0.5 * 1.2 + 10)
+    # the engine logs every together step's blocks, and they add up to its layer-token counts
+    root, data = workspace
+    vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits")
+    images = sorted((data / "images").rglob("*.png"))[:1]
+    res = vlm.generate(images, ["a photo of"], DecodeOptions(threshold=0.025, kv_policy="catch_up",
+                                                             max_new_tokens=8), tokenizer_decode=False)
+    steps = [r for r in res.records if not r.prefill]
+    assert steps and all(r.blocks is not None for r in steps)
+    assert any(q > 1 for r in steps for q in r.blocks)  # at this threshold (fixed seed) exited tokens ride along
+    assert [sum(q * c for q, c in r.blocks.items()) for r in steps] == [float(r.layers[0]) for r in steps]
+    assert [sum(q * c for q, c in r.exit_blocks.items()) for r in steps] == [float(r.exit_layers[0]) for r in steps]
+
+
 def run(*argv) -> None:
     assert main([str(a) for a in argv]) == 0
 

@@ -190,8 +190,15 @@ def step_seconds(rec: StepRecord, costs: MeasuredCosts, rows: torch.Tensor, num_
     if rec.prefill or rows.numel() == 0:
         return 0.0
     rows = rows.to(rec.layers.device)
-    layers = float(rec.layers[rows].max())
-    return (costs.step + layers * costs.layer + float(rec.exit_layers[rows].max()) * costs.exit_layer
+    if rec.blocks is not None:  # every row ran the same layers (catch-up): price each call by its block size
+        layer_seconds = sum(calls * costs.block_layer(q) for q, calls in rec.blocks.items())
+        # the exit transformer is a layer of the same shape: scaled by the backbone layer's block ratio
+        ratio = (lambda q: costs.block_layer(q) / costs.layer) if costs.layer else (lambda q: float(q))
+        exit_seconds = sum(calls * costs.exit_layer * ratio(q) for q, calls in (rec.exit_blocks or {}).items())
+    else:
+        layer_seconds = float(rec.layers[rows].max()) * costs.layer
+        exit_seconds = float(rec.exit_layers[rows].max()) * costs.exit_layer
+    return (costs.step + layer_seconds + exit_seconds
             + float(rec.heads[rows].max()) * costs.head + float(rec.gates[rows].max()) * costs.gate
             + float(rec.kv_projections[rows].max()) * costs.kv_projection
             + float(rec.kv_copies[rows].max()) * costs.kv_copy)

@@ -43,6 +43,10 @@ class StepRecord:
     prefill: bool = False  # True for the prompt's step (which runs every layer whatever the exits decide)
     tokens: torch.Tensor | None = None  # tokens the step produced per row (None: one each; speculative rounds: more)
     gates: torch.Tensor | None = None  # exit gates asked (cheap predictors on h_i; see `generation/gates.py`)
+    # steps where every row ran the same layers (catch-up): {q: calls} of backbone / exit layers over q tokens per
+    # row, so a cost model can price blocks (one layer over q tokens costs far less than q layer calls)
+    blocks: dict[int, int] | None = None
+    exit_blocks: dict[int, int] | None = None
 
     def __post_init__(self):
         if self.gates is None:
@@ -61,6 +65,7 @@ class _StepLog:
     prefill: bool
     together: tuple[int, int] | None  # (layer tokens, exit tokens) when every row ran the same layers
     gates: list | None = None  # gated steps: (exit layer, batch rows, gate open per row) per gate asked
+    blocks: tuple[dict[int, int], dict[int, int]] | None = None  # together steps: {q: calls} (layers, exits)
 
 
 @dataclass
@@ -302,6 +307,8 @@ class Engine:
         x, start = h0, span.start
         gate_log: list = []
         layer_tokens = exit_tokens = 0
+        blocks: dict[int, int] = {}
+        exit_blocks: dict[int, int] = {}
         stop = self.n
         for layer in range(1, self.n + 1):
             if not prefill:
@@ -313,6 +320,7 @@ class Engine:
             prev = x
             x = self.run_layer(layer, x, span)
             layer_tokens += x.shape[1]
+            blocks[x.shape[1]] = blocks.get(x.shape[1], 0) + 1
             ex = self.exit_at.get(layer)
             if ex is None:
                 continue
@@ -320,6 +328,7 @@ class Engine:
             if ex.uses_cache:
                 state = self.run_exit(ex, x, span)
                 exit_tokens += x.shape[1]
+                exit_blocks[x.shape[1]] = exit_blocks.get(x.shape[1], 0) + 1
             if self.checking and active.numel():
                 asked = active
                 if self.gated:  # the exit ran (its cache needs every token); only open rows are asked
@@ -343,7 +352,8 @@ class Engine:
             self.pending = kept + [_Pending(stop, start + i, x[:, i : i + 1]) for i in range(x.shape[1])]
         elif not prefill:
             self.pending = []
-        self.log.append(_StepLog(exit_layer, prefill, (layer_tokens, exit_tokens), gate_log or None))
+        self.log.append(_StepLog(exit_layer, prefill, (layer_tokens, exit_tokens), gate_log or None,
+                                 (blocks, exit_blocks)))
         return out
 
     def _step_per_row(self, h0: torch.Tensor, span: Span) -> torch.Tensor:
@@ -462,6 +472,7 @@ class Engine:
             if entry.together is not None:
                 rec.layers += entry.together[0]
                 rec.exit_layers += entry.together[1]
+                rec.blocks, rec.exit_blocks = entry.blocks
             else:
                 rec.layers += exit_layer.float()
                 if opened is not None:
