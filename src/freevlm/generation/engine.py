@@ -63,9 +63,9 @@ class StepRecord:
 class _StepLog:
     exit_layer: torch.Tensor  # (B,) long
     prefill: bool
-    together: tuple[int, int] | None  # (layer tokens, exit tokens) when every row ran the same layers
+    # when every row ran the same layers: {q: calls} of backbone and of exit layers over q tokens per row
+    together: tuple[dict[int, int], dict[int, int]] | None
     gates: list | None = None  # gated steps: (exit layer, batch rows, gate open per row) per gate asked
-    blocks: tuple[dict[int, int], dict[int, int]] | None = None  # together steps: {q: calls} (layers, exits)
 
 
 @dataclass
@@ -306,7 +306,6 @@ class Engine:
         active = self._rows
         x, start = h0, span.start
         gate_log: list = []
-        layer_tokens = exit_tokens = 0
         blocks: dict[int, int] = {}
         exit_blocks: dict[int, int] = {}
         stop = self.n
@@ -319,7 +318,6 @@ class Engine:
                     span = self._group_span(start, x.shape[1])
             prev = x
             x = self.run_layer(layer, x, span)
-            layer_tokens += x.shape[1]
             blocks[x.shape[1]] = blocks.get(x.shape[1], 0) + 1
             ex = self.exit_at.get(layer)
             if ex is None:
@@ -327,7 +325,6 @@ class Engine:
             state = x
             if ex.uses_cache:
                 state = self.run_exit(ex, x, span)
-                exit_tokens += x.shape[1]
                 exit_blocks[x.shape[1]] = exit_blocks.get(x.shape[1], 0) + 1
             if self.checking and active.numel():
                 asked = active
@@ -352,8 +349,7 @@ class Engine:
             self.pending = kept + [_Pending(stop, start + i, x[:, i : i + 1]) for i in range(x.shape[1])]
         elif not prefill:
             self.pending = []
-        self.log.append(_StepLog(exit_layer, prefill, (layer_tokens, exit_tokens), gate_log or None,
-                                 (blocks, exit_blocks)))
+        self.log.append(_StepLog(exit_layer, prefill, (blocks, exit_blocks), gate_log or None))
         return out
 
     def _step_per_row(self, h0: torch.Tensor, span: Span) -> torch.Tensor:
@@ -470,9 +466,9 @@ class Engine:
                 rec.gates += checked
                 rec.heads = (opened if needs_logits else 1 - reached_final) + reached_final
             if entry.together is not None:
-                rec.layers += entry.together[0]
-                rec.exit_layers += entry.together[1]
-                rec.blocks, rec.exit_blocks = entry.blocks
+                rec.blocks, rec.exit_blocks = entry.together
+                rec.layers += sum(q * calls for q, calls in rec.blocks.items())
+                rec.exit_layers += sum(q * calls for q, calls in rec.exit_blocks.items())
             else:
                 rec.layers += exit_layer.float()
                 if opened is not None:

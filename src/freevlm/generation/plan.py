@@ -60,7 +60,7 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
     # what a skipped layer costs: a K/V projection (propagate), a copy, or (catch-up) running later inside the next
     # deep token's block; that price depends on how many exited tokens wait together (`_catch_up_seconds`)
     catch_up = policy == "catch_up"
-    fill = {"propagate": costs.kv_projection, "copy": costs.kv_copy, "catch_up": 0.0}[policy]
+    fill = {"propagate": costs.kv_projection, "copy": costs.kv_copy, "catch_up": None}[policy]
     out = []
     subsets = [c for r in range(1, max_exits + 1) for c in itertools.combinations(layers, r)]
     for alpha in thresholds:
@@ -90,9 +90,10 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
                 fires = checked & (conf > alpha)
                 agree |= fires & agrees
                 skipped = (num_layers - layer) + (len(subset) - i - 1 if exit_transformers else 0)
-                seconds += fires * skipped * fill
                 if catch_up:
                     waiting += fires * skipped
+                else:
+                    seconds += fires * skipped * fill
                 undecided &= ~fires
             seconds += undecided * ((num_layers - prev) * costs.layer + costs.head)
             if catch_up:
