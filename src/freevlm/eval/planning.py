@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from freevlm.errors import FreeVLMError
+from freevlm.eval.bootstrap import paired_bootstrap, per_image_cider
 from freevlm.eval.efficiency import measure_throughput
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, evaluate_vqa
 from freevlm.generation.api import DecodeOptions
@@ -30,14 +32,34 @@ from freevlm.generation.gates import (
 from freevlm.generation.plan import full_depth_seconds, predict_candidates, shortlist
 from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Example, caption_examples, vqa_examples
 
+QUALITY_BOUNDS = ("bootstrap", "point")
+
+
+def _scored(vlm, task: str, samples, options: DecodeOptions, batch_size: int,
+            progress: bool) -> tuple[float, dict]:
+    """Quality x100 (in-process CIDEr for captions, VQA accuracy otherwise) and each item's score, for the paired
+    bootstrap (`eval/bootstrap.py`)."""
+    if task == "caption":
+        r = evaluate_captions(vlm, samples, options, official=False, batch_size=batch_size, progress=progress)
+        items = per_image_cider({p["key"]: p["prediction"] for p in r.predictions},
+                                {s.image_id: s.captions for s in samples})
+        return 100 * r.metrics["CIDEr"], items
+    r = evaluate_vqa(vlm, samples, options, metric=task, batch_size=batch_size, progress=progress)
+    return 100 * r.metrics["accuracy"], {p["key"]: p["accuracy"] for p in r.predictions}
+
 
 def _quality(vlm, task: str, samples, options: DecodeOptions, batch_size: int, progress: bool) -> float:
-    """Development-split quality x100: in-process CIDEr for captions, VQA accuracy otherwise."""
-    if task == "caption":
-        return 100 * evaluate_captions(vlm, samples, options, official=False, batch_size=batch_size,
-                                       progress=progress).metrics["CIDEr"]
-    return 100 * evaluate_vqa(vlm, samples, options, metric=task, batch_size=batch_size,
-                              progress=progress).metrics["accuracy"]
+    return _scored(vlm, task, samples, options, batch_size, progress)[0]
+
+
+def drop_bound(full_items: dict, items: dict, how: str, seed: int = 0) -> tuple[float, dict | None]:
+    """The quality drop that the plan's bound is checked against: the point estimate ("point"), or the upper end of
+    the paired-bootstrap 95% interval of the drop ("bootstrap": a candidate passes only if the data rule out a larger
+    loss, so a plan that passes on dev holds on test more often)."""
+    if how == "point":
+        return 100 * (sum(full_items.values()) - sum(items.values())) / max(len(items), 1), None
+    interval = paired_bootstrap(full_items, items, scale=100, seed=seed)
+    return -interval["low"], interval
 
 
 def _prompts(task: str, samples) -> list[Example]:
@@ -61,8 +83,14 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
               max_quality_drop: float = 1.0, thresholds=PAPER_THRESHOLDS, max_exits: int = 3, candidates: int = 8,
               kv_policies: tuple[str, ...] = ("propagate", "catch_up"), draft_lengths=(2, 4, 8),
               draft_thresholds=(0.5,), spec_images: int = 16,
-              max_new_tokens: int = 30, batch_size: int = 32, progress: bool = True) -> dict:
-    """The plan (see `generation/plan.py`) as a JSON-ready dict; gates are saved under `out/gates/`."""
+              max_new_tokens: int = 30, batch_size: int = 32, quality_bound: str = "bootstrap",
+              progress: bool = True) -> dict:
+    """The plan (see `generation/plan.py`) as a JSON-ready dict; gates are saved under `out/gates/`.
+
+    A candidate is kept when its dev quality drop is at most `max_quality_drop`: by default the upper end of the
+    drop's paired-bootstrap 95% interval (`quality_bound="bootstrap"`), or its point estimate (`"point"`)."""
+    if quality_bound not in QUALITY_BOUNDS:
+        raise FreeVLMError(f"unknown quality bound {quality_bound!r}; expected one of {', '.join(QUALITY_BOUNDS)}")
     start = time.perf_counter()
     bb, exits = vlm.backbone, vlm.exits
     lm = bb.lm
@@ -97,8 +125,8 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
     faster = [c for c in cands if c.seconds_per_token < full_seconds]
     # 3. real decodes of dev, fastest first, until one keeps quality within the bound
     base = DecodeOptions(max_new_tokens=max_new_tokens)
-    full_quality = _quality(vlm, task, dev_samples, DecodeOptions(mode="full", max_new_tokens=max_new_tokens),
-                            batch_size, progress)
+    full_quality, full_items = _scored(vlm, task, dev_samples,
+                                       DecodeOptions(mode="full", max_new_tokens=max_new_tokens), batch_size, progress)
     tried, chosen = [], None
     bar = tqdm(total=candidates, desc="plan: dev decodes", disable=not progress, leave=False)
     failed_agreement = dict.fromkeys(kv_policies, -1.0)
@@ -114,12 +142,14 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
         opts = DecodeOptions(**{**asdict(base), "threshold": c.threshold, "exit_layers": list(c.exits),
                                 "kv_policy": c.kv_policy,
                                 "gates": str(gate_dirs[c.threshold]) if c.gated else None})
-        quality = _quality(vlm, task, dev_samples, opts, batch_size, False)
+        quality, items = _scored(vlm, task, dev_samples, opts, batch_size, False)
+        bound, interval = drop_bound(full_items, items, quality_bound)
         tried.append({"exits": list(c.exits), "threshold": c.threshold, "gated": c.gated, "kv_policy": c.kv_policy,
                       "predicted_seconds_per_token": c.seconds_per_token,
                       "predicted_speedup": full_seconds / c.seconds_per_token, "agreement": c.agreement,
-                      "dev_quality": quality, "quality_drop": full_quality - quality})
-        if full_quality - quality <= max_quality_drop:
+                      "dev_quality": quality, "quality_drop": full_quality - quality,
+                      "quality_drop_bound": bound, "quality_interval": interval})
+        if bound <= max_quality_drop:
             chosen = tried[-1]
             break
         failed_agreement[c.kv_policy] = max(failed_agreement[c.kv_policy], c.agreement)
@@ -135,7 +165,7 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
     speculative = max(spec_rows, key=lambda r: r["predicted_tokens_per_second"]) if spec_rows else None
     return {"format": "freevlm-plan/1", "task": task, "quality_metric": "CIDEr" if task == "caption" else "accuracy",
             "exits_fingerprint": fingerprint, "exit_layers": layers, "num_layers": n,
-            "max_quality_drop": max_quality_drop, "dev_quality_full": full_quality,
+            "max_quality_drop": max_quality_drop, "quality_bound": quality_bound, "dev_quality_full": full_quality,
             "early_exit": early_exit, "speculative": speculative, "evaluated": tried,
             "speculative_settings": spec_rows, "candidates_predicted": len(cands),
             "full_depth_seconds_per_token": full_seconds,
@@ -145,8 +175,6 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
 
 def check_plan(plan: dict, exits) -> None:
     """Refuse a plan made for other exits (its exit subset, gates and draft layer would not mean the same)."""
-    from freevlm.errors import FreeVLMError
-
     want = plan.get("exits_fingerprint")
     if exits is None:
         raise FreeVLMError("a plan configures exits: give the exits it was made for (--exits)")
@@ -192,7 +220,10 @@ def verify_plan(vlm, plan: dict, task: str, samples, *, speed_images: int = 16, 
         paths["early_exit_plan"] = ee
     if plan.get("speculative"):
         paths["speculative_plan"] = apply_plan(DecodeOptions(mode="speculative", max_new_tokens=max_new), resolved)
-    quality = {name: _quality(vlm, task, samples, opts, batch_size, progress) for name, opts in paths.items()}
+    scored = {name: _scored(vlm, task, samples, opts, batch_size, progress) for name, opts in paths.items()}
+    quality = {name: q for name, (q, _) in scored.items()}
+    intervals = {name: paired_bootstrap(scored["full_depth"][1], items, scale=100)
+                 for name, (_, items) in scored.items() if name != "full_depth"}
     examples = _prompts(task, samples[:speed_images])
     predicted = {}
     for name, opts in paths.items():
@@ -228,6 +259,7 @@ def verify_plan(vlm, plan: dict, task: str, samples, *, speed_images: int = 16, 
     measured = {k: v["tokens_per_second"] for k, v in timing.items()}
     out = {"quality": quality, "quality_drop": {k: quality["full_depth"] - v for k, v in quality.items()},
            "within_bound": {k: quality["full_depth"] - v <= plan["max_quality_drop"] for k, v in quality.items()},
+           "quality_interval": intervals,
            "predicted_tokens_per_second": predicted, "measured_tokens_per_second": measured,
            "prediction_error": {k: predicted[k] / measured[k] - 1 for k in predicted},
            "vs_full_depth": {k: measured[k] / measured["full_depth"] for k in measured},

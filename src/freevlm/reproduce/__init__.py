@@ -27,25 +27,30 @@ from pathlib import Path
 from freevlm.baselines import METHODS
 from freevlm.errors import FreeVLMError
 from freevlm.eval.captioning import shared_meteor
-from freevlm.reproduce.config import ReproduceConfig, quick_config
+from freevlm.reproduce.config import ReproduceConfig, quick_config, real_config
 from freevlm.reproduce.report import tree_state, write_report
 from freevlm.reproduce.run import run_seeds
-from freevlm.reproduce.tables import TABLES
+from freevlm.reproduce.tables import REAL_TABLES, TABLES
 
 
-def _run_seeds(cfg: ReproduceConfig, out: Path, full: bool, progress: bool) -> tuple[list[dict], dict]:
-    return run_seeds(cfg, out, full, progress, TABLES)
+def _run_seeds(cfg: ReproduceConfig, out: Path, full: bool, progress: bool,
+               tables=TABLES) -> tuple[list[dict], dict]:
+    return run_seeds(cfg, out, full, progress, tables)
 
 
 def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: bool = False, seeds: int = 3,
               progress: bool = True, config: ReproduceConfig | None = None,
-              methods: list[str] | tuple[str, ...] | None = None, plan: bool = True) -> Path:
+              methods: list[str] | tuple[str, ...] | None = None, plan: bool = True, real: bool = False) -> Path:
     """Run the experiments and write `out/report`. `methods`: the methods compared with FREE (FREE is always run);
-    None keeps the configuration's (by default every baseline)."""
+    None keeps the configuration's (by default every baseline). `real`: the real embedded VLM (`real_config`: one
+    seed, `REAL_TABLES`)."""
     out = Path(out)
     start = time.perf_counter()
     provenance = tree_state()  # the code that runs is the code at launch, whatever happens to the tree meanwhile
-    cfg = config or (quick_config() if quick else ReproduceConfig(seeds=seeds))
+    if real and (quick or full):
+        raise FreeVLMError("--real runs its own configuration: drop --quick / --full")
+    cfg = config or (real_config() if real else quick_config() if quick else ReproduceConfig(seeds=seeds))
+    tables = REAL_TABLES if cfg.real is not None else TABLES
     if methods is not None:
         check_methods(methods)
         cfg.methods = ("FREE", *dict.fromkeys(m for m in methods if m != "FREE"))
@@ -53,10 +58,10 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, full: boo
         cfg.ablations = ("no-adversarial", "no-ce", "no-kd")
     cfg.plan = cfg.plan and plan
     with shared_meteor():  # one METEOR JVM for every official score of the run
-        per_seed, model_info = _run_seeds(cfg, out, full, progress)
+        per_seed, model_info = _run_seeds(cfg, out, full, progress, tables)
     report_dir = out / "report"
     write_report(report_dir, cfg, per_seed, model_info, time.perf_counter() - start, quick=quick, full=full,
-                 provenance=provenance)
+                 provenance=provenance, tables=tables)
     print(f"report: {report_dir / 'README.md'}")
     return report_dir
 
@@ -68,4 +73,4 @@ def check_methods(methods) -> None:
                            f"{', '.join(m for m in METHODS if m != 'FREE')}")
 
 
-__all__ = ["FreeVLMError", "ReproduceConfig", "check_methods", "quick_config", "reproduce"]
+__all__ = ["FreeVLMError", "ReproduceConfig", "check_methods", "quick_config", "real_config", "reproduce"]

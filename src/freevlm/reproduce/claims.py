@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 
 from freevlm.demo import DEFAULT_ALPHA
+from freevlm.eval.bootstrap import format_interval, paired_bootstrap
 from freevlm.reproduce.config import ReproduceConfig
 from freevlm.reproduce.tables.base import ms
 
@@ -34,9 +35,13 @@ def claims(runs: list[dict], cfg: ReproduceConfig) -> list[str]:
         out.append(f"- **FREE vs {base} at equal speedup** (dev curves): FREE is at least as good in "
                    f"{wins['parameter_speedup']}/{n} seeds at equal parameter speedup (the paper's measure) → "
                    f"{verdict['parameter_speedup']} here; at equal compute speedup in {wins['compute_speedup']}/{n} "
-                   f"→ {verdict['compute_speedup']}.")
+                   f"→ {verdict['compute_speedup']}." + _test_interval(runs, "FREE", base))
     # 2. adversarial term
-    if "no-adversarial" in cfg.ablations:
+    if "no-adversarial" in cfg.ablations and n == 1 and _paired(runs[0], "FREE", "no-adversarial"):
+        d = _paired(runs[0], "no-adversarial", "FREE")
+        out.append(f"- **The adversarial term helps** (test CIDEr, FREE − no-adversarial, paired-bootstrap 95% "
+                   f"interval over {d['items']} test images): {format_interval(d)} → {_interval_verdict(d)} here.")
+    elif "no-adversarial" in cfg.ablations:
         diffs = [100 * (r["methods"]["FREE"]["metrics"]["CIDEr"] - r["methods"]["no-adversarial"]["metrics"]["CIDEr"])
                  for r in runs]
         out.append(f"- **The adversarial term helps** (test CIDEr, FREE − no-adversarial): {ms(diffs)} → "
@@ -75,6 +80,31 @@ def claims(runs: list[dict], cfg: ReproduceConfig) -> list[str]:
                    f"→ {_verdict(c)}; parameter-speedup difference {ms(sp, 1, 2)} → {_verdict(sp)}; overall → "
                    f"{verdict} here.")
     return out
+
+
+def _paired(run: dict, a: str, b: str) -> dict | None:
+    """Paired-bootstrap interval of b − a (test CIDEr x100), when both rows kept their per-image scores."""
+    rows = [run["methods"].get(m, {}).get("per_image_cider") for m in (a, b)]
+    return paired_bootstrap(rows[0], rows[1], scale=100) if all(rows) else None
+
+
+def _test_interval(runs: list[dict], a: str, b: str) -> str:
+    """With one seed: the test CIDEr difference a − b at each one's dev-chosen setting, with its interval."""
+    d = _paired(runs[0], b, a) if len(runs) == 1 else None
+    if d is None:
+        return ""
+    sp = [runs[0]["methods"][m]["speed"]["parameter_speedup"] for m in (a, b)]
+    return (f" At the settings chosen on dev, test CIDEr {a} − {b} = {format_interval(d)} (param speedup "
+            f"{sp[0]:.2f} vs {sp[1]:.2f}) → {_interval_verdict(d)} that {a} is at least as good there.")
+
+
+def _interval_verdict(d: dict) -> str:
+    """A claim that a difference is positive, judged against its 95% interval."""
+    if d["low"] > 0:
+        return "holds"
+    if d["high"] < 0:
+        return "does not hold"
+    return "inconclusive (the 95% interval contains 0)"
 
 
 def _verdict(diffs: list[float]) -> str:

@@ -8,6 +8,7 @@ from freevlm.baselines import BASELINES
 from freevlm.data.synthetic import SyntheticConfig
 from freevlm.default import DefaultConfig
 from freevlm.demo import demo_stage1, demo_stage2
+from freevlm.real import RealConfig, real_stage2
 from freevlm.train.contrastive import ClipConfig
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.pretrain import WarmupConfig
@@ -18,7 +19,8 @@ from freevlm.train.stage2 import ExitTrainConfig
 @dataclass
 class ReproduceConfig:
     default: DefaultConfig = field(default_factory=DefaultConfig)
-    stage1: Stage1Config = field(default_factory=demo_stage1)
+    real: RealConfig | None = None  # the real embedded VLM (`freevlm.real`) instead of the embedded default
+    stage1: Stage1Config | None = field(default_factory=demo_stage1)  # None: the backbone is used as given
     stage2: ExitTrainConfig = field(default_factory=lambda: replace(demo_stage2(), loop=LoopConfig(epochs=2,
                                                                                                     batch_size=32)))
     seeds: int = 3
@@ -31,6 +33,7 @@ class ReproduceConfig:
     eval_batch_size: int = 128  # images per generate call when scoring (results do not depend on it)
     noise_sigmas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     per_layer: bool = True  # Fig. 3
+    per_layer_layers: tuple[int, ...] | None = None  # Fig. 3's layers (None: every layer below the last)
     unsupervised: bool = True  # Table 9: KD vs CapFilt
     capfilt_images: int = 200  # images pseudo-labelled by CapFilt (10 candidates each)
     capfilt_ranker: str = "tiny-clip"  # Table 9's ranker: the embedded default's CLIP, likelihood, random or a folder
@@ -67,3 +70,18 @@ def quick_config() -> ReproduceConfig:
         noise_sigmas=(0.0, 1.0), capfilt_images=8, ranker_images=8, speculative_dev_images=4, plan_train_images=24,
         plan_dev_images=8, plan_candidates=3, plan_spec_images=4, plan_thresholds=(0.7, 0.9),
     )
+
+
+def real_config() -> ReproduceConfig:
+    """`reproduce --real`: one seed on the real embedded VLM (SmolLM2-135M-Instruct), FREE, the four baselines, the
+    adversarial ablation and the per-layer study, sized for about an hour on 2 CPU cores.
+
+    The backbone is the real VLM after its own stage 1 (the projection, `freevlm.real`), so there is no further
+    fine-tune. Each linear baseline exit is a 576 x 49,153 classifier (28M parameters, trained beside the others in
+    one pass), so Fig. 3's vanilla heads sit at every fifth layer rather than at all 29."""
+    real = RealConfig()
+    return ReproduceConfig(
+        default=real.default, real=real, stage1=None, stage2=real_stage2(), seeds=1,
+        methods=("FREE", "DeeBLIP", "PABEE-BLIP", "LeeBLIP", "MuE"), ablations=("no-adversarial",),
+        dev_images=40, test_images=300, speed_images=4, eval_batch_size=16, noise_sigmas=(0.0,),
+        per_layer=True, per_layer_layers=(5, 10, 15, 20, 25), unsupervised=False, plan=False)

@@ -35,8 +35,12 @@ def tree_state() -> dict:
 
 def header(cfg: ReproduceConfig, runs: list[dict], model: dict, seconds: float, quick: bool,
            provenance: dict) -> list[str]:
+    title = ("FREE on the real SmolLM2-135M VLM: reproduction report (--real)" if cfg.real is not None else
+             f"FREE on the embedded default: reproduction report ({'quick' if quick else 'default'} mode)")
+    spread = ("one seed; differences carry paired-bootstrap 95% intervals over test images" if len(runs) == 1 else
+              "mean ± std over seeds")
     return [
-        f"# FREE on the embedded default: reproduction report ({'quick' if quick else 'default'} mode)", "",
+        f"# {title}", "",
         f"- src tree: `{provenance['src_tree']}` (commit `{provenance['commit'][:12]}`"
         f"{', **dirty**: uncommitted changes in src' if provenance['dirty'] else ', clean'})",
         f"- machine: {json.dumps(system_info())}; wall time {seconds / 60:.1f} min "
@@ -46,7 +50,7 @@ def header(cfg: ReproduceConfig, runs: list[dict], model: dict, seconds: float, 
         f"- seeds: {len(runs)} (split, stage 1, exit initialisation and data order; the pretrained backbone is shared)",
         f"- model: {json.dumps(model)}",
         "- configuration: `results.json` holds every number; the run configuration is `config.json`.",
-        "- quality is x100 (as the paper prints); mean ± std over seeds; 'param', 'compute' = the parameter and "
+        f"- quality is x100 (as the paper prints); {spread}; 'param', 'compute' = the parameter and "
         "compute speedups, 'wall' = measured tokens/s ratio vs full-depth decoding (batch 1).",
         "",
     ]
@@ -68,12 +72,16 @@ def write_report(folder: Path, cfg: ReproduceConfig, runs: list[dict], model: di
     for table in tables:
         lines += table.render(report)
     lines += ["## The paper's claims, here", "", *claims(runs, cfg), ""]
-    if not full:
+    if cfg.real is not None:
+        lines += ["Not in this mode: NoCaps-style transfer (Table 1), image noise (Table 6), CapFilt vs KD (Table 9), "
+                  "the exit plan and speculative tables, VQA and the other backbones: `freevlm reproduce` runs them "
+                  "on the embedded default; `freevlm demo --real` runs the plan and speculative mode on this VLM.", ""]
+    elif not full:
         lines += ["Not in this mode: VQA (Tables 2, 3), VisDial MRR, the no-CE / no-KD ablations and the other "
                   "backbones (Tables 5, 7, 8) run with `freevlm reproduce --full`; real-dataset tables run on real "
                   "data with `freevlm evaluate`.", ""]
     lines += ["Real data only: the paper's absolute numbers (COCO, NoCaps, VQAv2, OK-VQA, GQA, VizWiz, VisDial on "
               "BLIP-2 OPT-2.7B / FlanT5-XL) need the real checkpoints and datasets; every table here is on the "
-              "synthetic stand-ins and the tiny default model, so only the qualitative claims can be compared.", ""]
+              "synthetic stand-ins and a small model, so only the qualitative claims can be compared.", ""]
     write_text(folder / "README.md", "\n".join(lines))
     replace_folder(folder, final)

@@ -17,6 +17,7 @@ from freevlm.baselines import METHODS
 from freevlm.data.splits import split_by_image, split_record
 from freevlm.data.synthetic import load_synthetic_captions, load_synthetic_vqa
 from freevlm.default import default_clip_path, describe_default, pretrained_default
+from freevlm.eval.bootstrap import per_image_cider
 from freevlm.eval.efficiency import trainable_parameters_per_exit
 from freevlm.eval.evaluate import evaluate_captions, evaluate_vqa, speed_comparison
 from freevlm.exits import ExitSpec, ExitStack, build_exits
@@ -130,6 +131,8 @@ class SeedRun:
 
     def finetuned(self):
         bb = load_backbone(self.pretrained)
+        if self.cfg.stage1 is None:  # the real VLM: its stage 1 (the projection) made `pretrained`
+            return bb
         s1 = replace(self.cfg.stage1, loop=self._loop(self.cfg.stage1.loop))
         train_backbone(bb, self.task.examples(self.train), s1, self.out / "stage1", resume=True)
         return bb
@@ -179,6 +182,9 @@ class SeedRun:
                                batch_size=self.cfg.eval_batch_size)
         row = {"metrics": r.metrics, "speed": r.speed, "exit_fractions": {str(k): v for k, v in
                                                                           r.exit_fractions.items()}}
+        if self.task.name == "caption":  # for paired-bootstrap intervals of differences (claims.py)
+            row["per_image_cider"] = per_image_cider({p["key"]: p["prediction"] for p in r.predictions},
+                                                     {s.image_id: s.captions for s in self.test})
         if wall:
             row["wall_clock_vs_full_depth"] = self.wall(vlm, self.test, opts)
         return row
@@ -230,7 +236,7 @@ class SeedRun:
         bb = self.finetuned()
         full_vlm = EarlyExitVLM(bb)
         res["backbone"] = self.test_row(full_vlm, DecodeOptions(mode="full"), wall=False)
-        layers = list(range(1, bb.lm.num_layers))  # Fig. 3's vanilla early exit: a DeeBLIP head after every layer
+        layers = per_layer_layers(cfg, bb.lm.num_layers)  # Fig. 3's vanilla early exit: a DeeBLIP head per layer
         found, trained = self.methods(bb, (*cfg.methods, *cfg.ablations),
                                       extra_linear={PER_LAYER: ("deebert", layers)} if cfg.per_layer else None)
         res.update(found)
@@ -249,6 +255,11 @@ class SeedRun:
         return res
 
 
+def per_layer_layers(cfg: ReproduceConfig, num_layers: int) -> list[int]:
+    """Fig. 3's layers: the configured ones, or every layer below the last."""
+    return list(cfg.per_layer_layers) if cfg.per_layer_layers else list(range(1, num_layers))
+
+
 def _store(results: dict, key: tuple[str, ...], value) -> None:
     """results[k1][k2]...[kn] = value, creating the inner dicts."""
     for k in key[:-1]:
@@ -260,8 +271,14 @@ def run_seeds(cfg: ReproduceConfig, out: Path, full: bool, progress: bool,
               tables: Sequence[Table] = ()) -> tuple[list[dict], dict]:
     """Pretrain the embedded default once, then one `SeedRun` per seed; returns the per-seed results and the model's
     description."""
-    data_root, backbone = pretrained_default(out, cfg.default, seed=0, progress=progress)
-    pretrained = out / "pretrain-s0" / "backbone"
+    if cfg.real is not None:  # the real VLM after its stage 1 (the projection), shared by the seeds
+        from freevlm.real import real_backbone
+
+        data_root, backbone = real_backbone(out, cfg.real, seed=0, progress=progress)
+        pretrained = out / "real-stage1-s0" / "backbone"
+    else:
+        data_root, backbone = pretrained_default(out, cfg.default, seed=0, progress=progress)
+        pretrained = out / "pretrain-s0" / "backbone"
     model_info = describe_default(backbone)
     per_seed = []
     for seed in range(cfg.seeds):

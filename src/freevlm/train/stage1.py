@@ -76,10 +76,19 @@ def select_trainable(backbone, parts) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     backbone.model.train()
-    if "lm" not in parts:  # a frozen LM also keeps its dropout off, as in BLIP-2's fine-tuning
-        for m in backbone.lm.modules():
-            m.eval()
+    eval_frozen(backbone.model)  # a frozen part keeps its dropout off, as BLIP-2's fine-tuning does for the LM
     return params
+
+
+def eval_frozen(module: nn.Module) -> None:
+    """Put every submodule whose parameters are all frozen in eval mode (dropout off), recursively; dropout layers
+    inside a part that trains stay in training mode."""
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+        else:
+            eval_frozen(child)
 
 
 def train_backbone(backbone, examples, cfg: Stage1Config, out: str | Path, *, resume: bool = False,

@@ -51,4 +51,9 @@ TABLES: tuple[Table, ...] = (
     table8.TABLE,  # --full: MiniGPT-4-shaped, VQA
 )
 
-__all__ = ["TABLES", "Report", "Table"]
+# `reproduce --real`: what a 1-hour budget on the real LM covers (FREE, the baselines, the adversarial ablation, the
+# exits one by one, exit fractions, speed vs quality, per-layer quality)
+REAL_TABLES: tuple[Table, ...] = (table4.TABLE, fig4a.TABLE, exit_quality.TABLE, table11.TABLE, fig4b.TABLE,
+                                  fig3.TABLE)
+
+__all__ = ["REAL_TABLES", "TABLES", "Report", "Table"]

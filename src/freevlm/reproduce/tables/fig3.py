@@ -8,7 +8,7 @@ import statistics
 from freevlm.eval.plots import plot_layers
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.reproduce.run import PER_LAYER, forced_exit
+from freevlm.reproduce.run import PER_LAYER, forced_exit, per_layer_layers
 from freevlm.reproduce.tables.base import Report, Table, markdown_table, section
 
 VANILLA = "linear head per layer (vanilla EE)"
@@ -17,7 +17,7 @@ VANILLA = "linear head per layer (vanilla EE)"
 def measure(run, core) -> dict:
     bb = core.backbone
     n = bb.lm.num_layers
-    layers = list(range(1, n))
+    layers = per_layer_layers(run.cfg, n)
     frozen = build_exits(bb.lm, ExitSpec("frozen-head", layers))
     force = DecodeOptions(threshold=1e-9)
     curves = {}
