@@ -150,6 +150,7 @@ def test_reproduce_real_on_a_tiny_llama_folder_writes_claims_with_intervals(tmp_
     assert "The adversarial term helps** (test CIDEr, FREE − no-adversarial, paired-bootstrap 95% interval over 6" \
         in text
     assert "test CIDEr FREE − DeeBLIP = " in text and "Table 6" in text  # the tables this mode leaves out are named
+    assert "Test CIDEr minus full depth's, paired-bootstrap 95% interval over 6 test images: FREE " in text
     results = json.loads((folder / "results.json").read_text())[0]
     assert set(results["per_layer"]["linear head per layer (vanilla EE)"]) == {"1", "3", "4"}
     assert len(results["methods"]["FREE"]["per_image_cider"]) == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from freevlm.eval.bootstrap import format_interval, paired_bootstrap
 from freevlm.reproduce.tables import plan
 from freevlm.reproduce.tables.base import Report, Table, markdown_table, section
 
@@ -19,6 +20,7 @@ def render(report: Report) -> list[str]:
                      col(p + ["wall_clock_vs_full_depth"], 1, 2), runs[0]["methods"][name]["criterion"] + " " +
                      "/".join(str(r["methods"][name]["setting"]) for r in runs),
                      f"{runs[0]['methods'][name]['trainable_per_exit']:,}"])
+    intervals = _intervals(report)
     planned = plan.table4_row(report)
     if planned is not None:
         rows.insert(next((i + 1 for i, r in enumerate(rows) if r[0] == "FREE"), len(rows)), planned)
@@ -29,7 +31,20 @@ def render(report: Report) -> list[str]:
                    + (" 'FREE + plan': FREE's exits decoded with the configuration `freevlm plan` chose on train/dev "
                       "(exits checked, alpha, gates, KV policy; see 'Exit plan')." if planned is not None else ""),
                    markdown_table(["model", "B@4", "CIDEr", "METEOR", "ROUGE-L", "param", "compute", "wall",
-                                   "setting (per seed)", "trained params / exit"], rows))
+                                   "setting (per seed)", "trained params / exit"], rows),
+                   *([intervals] if intervals else []))
+
+
+def _intervals(report: Report) -> str:
+    """With one seed: each row's test CIDEr minus the backbone's, with its paired-bootstrap 95% interval."""
+    runs = report.runs
+    full = runs[0]["backbone"].get("per_image_cider")
+    if len(runs) != 1 or not full:
+        return ""
+    parts = [f"{name} {format_interval(paired_bootstrap(full, row['per_image_cider'], scale=100))}"
+             for name, row in runs[0]["methods"].items() if row.get("per_image_cider")]
+    return (f"Test CIDEr minus full depth's, paired-bootstrap 95% interval over {len(full)} test images: "
+            + "; ".join(parts) + ".")
 
 
 TABLE = Table(render)
