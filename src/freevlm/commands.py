@@ -254,7 +254,8 @@ def _unique_images(examples):
 
 
 def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="early_exit", draft_layer=None,
-             draft_length=8, draft_threshold=None, draft_record=None, plan=None) -> DecodeOptions:
+             draft_length=8, draft_threshold=None, draft_record=None, plan=None,
+             max_cache_gb=None) -> DecodeOptions:
     """Decoding options from command arguments; a speculative record (`sweep --mode speculative`) supplies the
     draft settings that were not given; a plan (`freevlm plan`) replaces the early-exit settings (exits checked,
     alpha, gates, KV policy) or the speculative draft settings with its own."""
@@ -262,7 +263,7 @@ def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="e
         from freevlm.generation.plan import apply_plan
 
         opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
-                        draft_threshold, draft_record)
+                        draft_threshold, draft_record, max_cache_gb=max_cache_gb)
         return apply_plan(opts, plan)
     if draft_record is not None:
         best = read_draft_record(draft_record)
@@ -271,7 +272,8 @@ def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="e
         draft_threshold = best["draft_threshold"] if draft_threshold is None else draft_threshold
     return DecodeOptions(mode=mode, criterion=criterion, threshold=threshold, kv_policy=kv_policy,
                          num_beams=num_beams, max_new_tokens=max_new_tokens, draft_layer=draft_layer,
-                         draft_length=draft_length or 8, draft_threshold=draft_threshold)
+                         draft_length=8 if draft_length is None else draft_length, draft_threshold=draft_threshold,
+                         max_cache_gb=max_cache_gb)
 
 
 def read_draft_record(path: Path) -> dict:
@@ -321,7 +323,7 @@ def generate(
     mode: str = "early_exit", criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate",
     num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
     draft_threshold: float | None = None, draft_record: Path | None = None, plan: Path | None = None,
-    compare: bool = True,
+    max_cache_gb: float | None = None, compare: bool = True,
 ) -> None:
     """Caption / answer images; print each token's exit layer, the speedups, and tokens/s beside full depth.
 
@@ -340,10 +342,12 @@ def generate(
     draft_threshold: speculative: stop drafting when the exit's confidence falls below this (adaptive)
     draft_record: speculative: a speculative.json from `freevlm sweep --mode speculative` (or its folder)
     plan: a plan.json from `freevlm plan` (or its folder): its exits, alpha, gates, KV policy / draft setting
+    max_cache_gb: refuse a generate call whose KV cache would pass this many GiB (default: the device's free memory)
     compare: also decode at full depth and with transformers' generate, and print tokens/s side by side
     """
     check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
-    check.drafting(mode, draft_layer, draft_length or 8, draft_threshold)
+    check.drafting(mode, draft_layer, 8 if draft_length is None else draft_length, draft_threshold)
+    check.optional(check.positive_number, "max_cache_gb", max_cache_gb)
     _check_inputs(backbone, exits)
     for path in image:
         if not Path(path).is_file():
@@ -351,7 +355,7 @@ def generate(
     mode = _mode_of(mode, exits)
     plan_ = _read_plan(plan, exits)
     opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
-                    draft_threshold, draft_record, plan_)
+                    draft_threshold, draft_record, plan_, max_cache_gb)
     vlm = _vlm(backbone, exits, plan_)
     res = vlm.generate(list(image), [prompt] * len(image), opts)
     tok = vlm.backbone.processor.tokenizer
@@ -385,8 +389,8 @@ def evaluate(
     mode: str = "early_exit", criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate",
     num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
     draft_threshold: float | None = None, draft_record: Path | None = None, plan: Path | None = None,
-    batch_size: int = 16, official: bool = True, noise: float = 0.0, limit: int | None = None, overwrite: bool = False,
-    progress: bool = True,
+    max_cache_gb: float | None = None, batch_size: int = 16, official: bool = True, noise: float = 0.0,
+    limit: int | None = None, overwrite: bool = False, progress: bool = True,
 ) -> None:
     """Evaluate a backbone (with or without exits) on a dataset split; write predictions + metrics + exit stats.
 
@@ -410,6 +414,7 @@ def evaluate(
     draft_threshold: speculative: stop drafting when the exit's confidence falls below this
     draft_record: speculative: speculative.json from `freevlm sweep --mode speculative` (or its folder)
     plan: a plan.json from `freevlm plan` (or its folder): its exits, alpha, gates, KV policy / draft setting
+    max_cache_gb: refuse a generate call whose KV cache would pass this many GiB (default: the device's free memory)
     batch_size: images per generate call (per process); VisDial: candidate answers scored per forward pass
     official: caption metrics through pycocoevalcap with Java (else in-process BLEU-4 and CIDEr only)
     noise: std of Gaussian noise added to the normalised pixel values (Table 6)
@@ -419,7 +424,8 @@ def evaluate(
     """
     check.dataset_name(dataset)
     check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
-    check.drafting(mode, draft_layer, draft_length or 8, draft_threshold)
+    check.drafting(mode, draft_layer, 8 if draft_length is None else draft_length, draft_threshold)
+    check.optional(check.positive_number, "max_cache_gb", max_cache_gb)
     check.positive_int("batch_size", batch_size)
     check.number("noise", noise, 0.0)
     check.optional(check.positive_int, "limit", limit)
@@ -427,7 +433,7 @@ def evaluate(
     mode = _mode_of(mode, exits)
     plan_ = _read_plan(plan, exits)
     opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
-                    draft_threshold, draft_record, plan_)
+                    draft_threshold, draft_record, plan_, max_cache_gb)
     with claim_output(out, file=True, overwrite=overwrite):
         task, samples = _samples(dataset, split, data, images, questions, domain, limit)
         vlm = _vlm(backbone, exits, plan_)
