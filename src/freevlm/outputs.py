@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError  # safetensors reports a failed write (a full disk) as its own error
+
 from freevlm.errors import FreeVLMError
 
 try:  # POSIX; elsewhere the lock falls back to exclusive creation (a stale lock must then be removed by hand)
@@ -33,11 +35,19 @@ except ImportError:  # pragma: no cover - not on Linux/macOS
     fcntl = None
 
 LOCK_NAME = ".freevlm.lock"
+WRITE_ERRORS = (OSError, SafetensorError)  # what a full disk or an unwritable folder raises while a file is written
 
 
 def _one_line(err: BaseException) -> str:
     text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    if isinstance(err, SafetensorError):  # e.g. "Error while serializing: I/O error: No space left on device (os ...)"
+        text = text.rsplit("I/O error: ", 1)[-1]
     return " ".join(text.split()) or type(err).__name__
+
+
+def error_text(err: BaseException) -> str:
+    """One line saying why a write failed (for `cannot write X: <this>`)."""
+    return _one_line(err)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -78,7 +88,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         tmp.unlink(missing_ok=True)
         raise FreeVLMError(f"cannot write {path}: {_one_line(err)}") from err
     except BaseException:

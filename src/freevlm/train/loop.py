@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from freevlm.errors import FreeVLMError
-from freevlm.outputs import LOCK_NAME, fsync_dir, fsync_tree, write_text
+from freevlm.outputs import LOCK_NAME, WRITE_ERRORS, error_text, fsync_dir, fsync_tree, write_text
 
 # LMs with a tied head (OPT) are saved with the tie removed; accelerate warns about it at every checkpoint.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -247,12 +247,17 @@ def save_checkpoint(accelerator, run: RunDir, epoch: int, in_epoch: int, global_
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            position = {"epoch": epoch, "step_in_epoch": in_epoch, "global_step": global_step}
+            (tmp / "position.json").write_text(json.dumps(position))
+            (tmp / "DONE").write_text("")
+            fsync_tree(tmp)  # the rename below must not publish files whose bytes are still only in the page cache
+    except (*WRITE_ERRORS, RuntimeError) as err:  # a full disk: torch.save raises RuntimeError, safetensors its own
+        shutil.rmtree(tmp, ignore_errors=True)  # never left behind half-written (only step-*/DONE is trusted)
+        raise FreeVLMError(f"cannot save checkpoint {final}: {error_text(err)}") from None
     if accelerator.is_main_process:
-        position = {"epoch": epoch, "step_in_epoch": in_epoch, "global_step": global_step}
-        (tmp / "position.json").write_text(json.dumps(position))
-        (tmp / "DONE").write_text("")
-        fsync_tree(tmp)  # the rename below must not publish files whose bytes are still only in the page cache
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
