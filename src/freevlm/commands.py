@@ -19,7 +19,7 @@ from freevlm.eval.efficiency import CostModel, compute_speedup, parameter_speedu
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, evaluate_visdial, evaluate_vqa
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.outputs import claim_output, fsync_tree, write_json
+from freevlm.outputs import claim_output, fsync_tree, staged_results, write_json
 from freevlm.train.batches import CAPTION_PROMPT, caption_examples, vqa_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 
@@ -295,11 +295,18 @@ def read_draft_record(path: Path) -> dict:
         path = path / "speculative.json"
     try:
         best = json.loads(path.read_text())["best"]
-        return {k: best[k] for k in ("draft_layer", "draft_length", "draft_threshold")}
+        record = {k: best[k] for k in ("draft_layer", "draft_length", "draft_threshold")}
     except FileNotFoundError:
         raise FreeVLMError(f"draft record not found: {path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise FreeVLMError(f"not a speculative sweep record ({path}): {err!r}") from None
+    try:  # the same checks as the flags they stand in for
+        check.positive_int("draft_layer", record["draft_layer"])
+        check.positive_int("draft_length", record["draft_length"])
+        check.optional(check.number, "draft_threshold", record["draft_threshold"], 0.0, 1.0)
+    except FreeVLMError as err:
+        raise FreeVLMError(f"draft record {path}: {err}".replace(": --", ": ")) from None
+    return record
 
 
 DEFAULT_THRESHOLD = 0.8  # alpha when neither --threshold nor --plan gives one (the paper's Table 10 value)
@@ -617,8 +624,9 @@ def _sweep(backbone, exits, out, dataset, data, images, questions, split, settin
                    "exit_fractions": {str(k): v for k, v in r.exit_fractions.items()}}
         print(f"{criterion}={t}: {quality[0]} {quality[1]:.2f}, parameter speedup {r.speed['parameter_speedup']:.2f}x, "
               f"compute speedup {r.speed['compute_speedup']:.2f}x")
-    write_json(Path(out) / "sweep.json", {str(k): v for k, v in rows.items()})
-    plot_sweep({f"{criterion}": rows}, Path(out) / "sweep.png")
+    with staged_results(out) as stage:  # sweep.json and its plot replace the old pair as one unit
+        write_json(stage / "sweep.json", {str(k): v for k, v in rows.items()})
+        plot_sweep({f"{criterion}": rows}, stage / "sweep.png")
     print(f"wrote {Path(out) / 'sweep.json'} and {Path(out) / 'sweep.png'}")
 
 
