@@ -174,6 +174,31 @@ def test_a_plan_runs_without_flags_and_its_gates_are_read(ws, exits_info, capfd)
     assert read_plan(plan)["early_exit"]["gates"].startswith(str(plan.resolve()))
 
 
+def test_a_draft_record_is_validated_like_the_flags_it_stands_for(ws, capfd):  # noqa: F811
+    record = ws.case / "speculative.json"
+    record.write_text(json.dumps({"best": {"draft_layer": 2, "draft_length": "8", "draft_threshold": None}}))
+    code = _run(generate(ws, "--exits", str(ws.exits), "--mode", "speculative", "--draft-record", str(record)))
+    lines = capfd.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1
+    assert f"draft record {record}: draft-length must be a positive integer, got '8'" in lines[0]
+
+
+@pytest.mark.parametrize("damage", ["position", "weights"])
+def test_a_corrupt_checkpoint_is_one_line_on_resume(ws, damage, capfd):  # noqa: F811
+    argv = train_exits(ws, "--exit-layers", "2", "4", "--epochs", "1", "--batch-size", "8")
+    assert _run(argv) == 0
+    (checkpoint,) = sorted((ws.case / "run" / "checkpoints").glob("step-*"))
+    if damage == "position":
+        (checkpoint / "position.json").write_text(json.dumps({"epoch": "0", "step_in_epoch": 1, "global_step": 1}))
+    else:
+        weights = next(checkpoint.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+    capfd.readouterr()
+    code = _run([*argv, "--resume"])
+    lines = capfd.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: corrupt checkpoint {checkpoint}"), lines
+
+
 # --- faults ------------------------------------------------------------------------------------------------------
 
 

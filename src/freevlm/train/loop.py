@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -201,9 +202,12 @@ def fit(
     global_step = 0
     latest = run.latest() if resume else None
     if latest is not None:
-        accelerator.load_state(str(latest))
-        position = json.loads((latest / "position.json").read_text())
-        start_epoch, skip, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
+        start_epoch, skip, global_step = _read_position(latest)
+        try:
+            accelerator.load_state(str(latest))
+        except (*WRITE_ERRORS, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
+            raise FreeVLMError(f"corrupt checkpoint {latest}: {error_text(err)[:300]}; delete it to resume from the "
+                               "one before") from None
         if skip >= steps_per_epoch:
             start_epoch, skip = start_epoch + 1, 0
     if accelerator.is_main_process:
@@ -239,6 +243,19 @@ def fit(
         skip = 0
         means = {k: v / max(count, 1) for k, v in sums.items()}
     return means
+
+
+def _read_position(checkpoint: Path) -> tuple[int, int, int]:
+    """(epoch, step in epoch, global step) of a checkpoint, each checked to be a whole number >= 0."""
+    path = checkpoint / "position.json"
+    try:
+        position = json.loads(path.read_text())
+        values = tuple(position[k] for k in ("epoch", "step_in_epoch", "global_step"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise FreeVLMError(f"corrupt checkpoint {checkpoint}: unreadable position.json ({error_text(err)})") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise FreeVLMError(f"corrupt checkpoint {checkpoint}: position.json holds {position!r}")
+    return values
 
 
 def save_checkpoint(accelerator, run: RunDir, epoch: int, in_epoch: int, global_step: int, keep: int) -> Path:
