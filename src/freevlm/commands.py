@@ -748,6 +748,7 @@ def plan(
         task, samples = load_dataset(dataset, split, data, images, questions)
         if task not in ("caption", "vqa", "gqa", "vizwiz"):
             raise FreeVLMError("plan supports caption and VQA datasets")
+        _check_references(task, samples, dataset, split)
         train, dev = split_by_image(samples, seed, train_fraction)
         train, dev = train[:train_limit], dev[:dev_limit]
         if not train or not dev:
