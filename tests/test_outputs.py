@@ -80,3 +80,63 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(tmp_path, capsy
     assert f"taking over the lock on {tmp_path} left by PID {pid}" in capsys.readouterr().err
     assert not (tmp_path / LOCK_NAME).exists()
 
+
+
+def test_a_folder_is_swapped_in_one_step_where_the_os_can(tmp_path, monkeypatch):
+    from freevlm import outputs
+
+    final, tmp = tmp_path / "report", tmp_path / ".report.tmp"
+    for folder, text in ((final, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / "README.md").write_text(text)
+    probe_a, probe_b = tmp_path / "a", tmp_path / "b"
+    probe_a.write_text("a")
+    probe_b.write_text("b")
+    swapped = outputs.exchange(probe_a, probe_b)
+    if swapped:
+        assert (probe_a.read_text(), probe_b.read_text()) == ("b", "a")
+    probe_a.unlink()
+    probe_b.unlink()
+    renames = []
+    real_rename = os.rename
+    monkeypatch.setattr(outputs.os, "rename", lambda *a: renames.append(a) or real_rename(*a))
+    replace_folder(tmp, final)
+    assert (final / "README.md").read_text() == "new" and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert not renames if swapped else len(renames) == 2  # swapped: never a moment without a report
+
+
+def test_staged_results_replace_the_old_files_as_one_unit_and_a_killed_commit_rolls_forward(tmp_path):
+    from freevlm.outputs import JOURNAL, finish_commit, staged_results
+
+    out = tmp_path / "sw"
+    out.mkdir()
+    for name in ("sweep.json", "sweep.png"):
+        (out / name).write_text("old")
+    with staged_results(out) as stage:
+        for name in ("sweep.json", "sweep.png"):
+            (stage / name).write_text("new")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"sweep.json": "new", "sweep.png": "new"}
+
+    # a failure before the commit: the old pair stays, no staging folder
+    with pytest.raises(RuntimeError), staged_results(out) as stage:
+        (stage / "sweep.json").write_text("newer")
+        raise RuntimeError("killed")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"sweep.json": "new", "sweep.png": "new"}
+
+    # a kill in the middle of the commit (journal written, one file moved): the next claim rolls it forward
+    stage = out / ".staging-999"
+    stage.mkdir()
+    for name in ("sweep.json", "sweep.png"):
+        (stage / name).write_text("newest")
+    write_json(out / JOURNAL, {"staging": stage.name, "files": ["sweep.json", "sweep.png"]})
+    os.replace(stage / "sweep.json", out / "sweep.json")
+    with claim_output(out, results=("sweep.json",), overwrite=True):
+        pass
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"sweep.json": "newest", "sweep.png": "newest"}
+
+    # a kill before the journal: the staging folder is debris, removed; the results are the old ones
+    (out / ".staging-998").mkdir()
+    (out / ".staging-998" / "sweep.json").write_text("half")
+    finish_commit(out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"sweep.json": "newest", "sweep.png": "newest"}

@@ -7,6 +7,8 @@ Dataset arguments are shared: `dataset` names a format (see `freevlm.data.datase
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 from freevlm import validate as check
@@ -17,7 +19,7 @@ from freevlm.eval.efficiency import CostModel, compute_speedup, parameter_speedu
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, evaluate_visdial, evaluate_vqa
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.outputs import claim_output, write_json
+from freevlm.outputs import claim_output, fsync_tree, staged_results, write_json
 from freevlm.train.batches import CAPTION_PROMPT, caption_examples, vqa_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 
@@ -117,6 +119,16 @@ def _samples(dataset, split, data, images, questions, domain=None, limit=None) -
     if not samples:
         raise FreeVLMError(f"split {split!r} of dataset {dataset!r} has no samples")
     return task, samples
+
+
+def _check_references(task: str, samples, dataset: str, split: str) -> None:
+    """Caption scoring needs references for every image: checked when the data is loaded, before any decoding."""
+    if task != "caption":
+        return
+    bare = [s for s in samples if not s.captions or not all(c.strip() for c in s.captions)]
+    if bare:
+        raise FreeVLMError(f"split {split!r} of dataset {dataset!r}: image {bare[0].image_id} ({len(bare)} of "
+                           f"{len(samples)}) has no reference captions (or a blank one); captions cannot be scored")
 
 
 def train_backbone(
@@ -264,7 +276,8 @@ def _unique_images(examples):
 
 
 def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="early_exit", draft_layer=None,
-             draft_length=8, draft_threshold=None, draft_record=None, plan=None) -> DecodeOptions:
+             draft_length=8, draft_threshold=None, draft_record=None, plan=None,
+             max_cache_gb=None) -> DecodeOptions:
     """Decoding options from command arguments; a speculative record (`sweep --mode speculative`) supplies the
     draft settings that were not given; a plan (`freevlm plan`) replaces the early-exit settings (exits checked,
     alpha, gates, KV policy) or the speculative draft settings with its own."""
@@ -272,7 +285,7 @@ def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="e
         from freevlm.generation.plan import apply_plan
 
         opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
-                        draft_threshold, draft_record)
+                        draft_threshold, draft_record, max_cache_gb=max_cache_gb)
         return apply_plan(opts, plan)
     if draft_record is not None:
         best = read_draft_record(draft_record)
@@ -281,7 +294,8 @@ def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="e
         draft_threshold = best["draft_threshold"] if draft_threshold is None else draft_threshold
     return DecodeOptions(mode=mode, criterion=criterion, threshold=threshold, kv_policy=kv_policy,
                          num_beams=num_beams, max_new_tokens=max_new_tokens, draft_layer=draft_layer,
-                         draft_length=draft_length or 8, draft_threshold=draft_threshold)
+                         draft_length=8 if draft_length is None else draft_length, draft_threshold=draft_threshold,
+                         max_cache_gb=max_cache_gb)
 
 
 def read_draft_record(path: Path) -> dict:
@@ -291,11 +305,48 @@ def read_draft_record(path: Path) -> dict:
         path = path / "speculative.json"
     try:
         best = json.loads(path.read_text())["best"]
-        return {k: best[k] for k in ("draft_layer", "draft_length", "draft_threshold")}
+        record = {k: best[k] for k in ("draft_layer", "draft_length", "draft_threshold")}
     except FileNotFoundError:
         raise FreeVLMError(f"draft record not found: {path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise FreeVLMError(f"not a speculative sweep record ({path}): {err!r}") from None
+    try:  # the same checks as the flags they stand in for
+        check.positive_int("draft_layer", record["draft_layer"])
+        check.positive_int("draft_length", record["draft_length"])
+        check.optional(check.number, "draft_threshold", record["draft_threshold"], 0.0, 1.0)
+    except FreeVLMError as err:
+        raise FreeVLMError(f"draft record {path}: {err}".replace(": --", ": ")) from None
+    return record
+
+
+DEFAULT_THRESHOLD = 0.8  # alpha when neither --threshold nor --plan gives one (the paper's Table 10 value)
+
+
+def _plan_conflicts(plan: Path | None, mode: str, criterion: str, **given) -> None:
+    """A plan and explicit decoding flags are not combined: the plan sets the early-exit settings (exits checked,
+    alpha, gates, KV policy; confidence criterion) and the speculative draft setting, so a flag that would set one of
+    them too is refused with one line naming both (docs/design.md, "Plans and flags")."""
+    if plan is None:
+        return
+    if mode == "early_exit":
+        names = [n for n in ("threshold", "kv_policy") if given.get(n) is not None]
+        if criterion != "confidence":
+            names.insert(0, "criterion")
+        what = "the early-exit settings (exits, alpha, gates, KV policy; confidence criterion)"
+    elif mode == "speculative":
+        names = [n for n in ("draft_layer", "draft_length", "draft_threshold", "draft_record")
+                 if given.get(n) is not None]
+        what = "the speculative draft setting"
+    elif mode == "sweep":
+        names = [n for n in ("kv_policy",) if given.get(n) is not None]
+        if criterion != "confidence":
+            names.insert(0, "criterion")
+        what = "the exits, KV policy and gates swept (confidence criterion)"
+    else:  # full depth: the plan does not apply
+        return
+    if names:
+        flags = ", ".join(check.flag(n) for n in names)
+        raise FreeVLMError(f"--plan sets {what}; {flags} would conflict with it: give either --plan or {flags}")
 
 
 def _read_plan(plan: Path | None, exits: Path | None):
@@ -315,7 +366,17 @@ def _vlm(backbone: Path, exits: Path | None, plan: dict | None) -> EarlyExitVLM:
         from freevlm.eval.planning import check_plan
 
         check_plan(plan, vlm.exits)
+        ee = plan["early_exit"]
+        if ee.get("gated") and ee.get("gates"):
+            vlm.load_gates(ee["gates"])  # a missing or corrupt gate file fails here, before any decoding
     return vlm
+
+
+def _check_plan_task(plan: dict | None, task: str, dataset: str) -> None:
+    """A plan is chosen for one task's quality (CIDEr or VQA accuracy): refused on another task's data."""
+    if plan is not None and plan.get("task") is not None and plan["task"] != task:
+        raise FreeVLMError(f"the plan was made for {plan['task']} data ({plan.get('quality_metric', 'its metric')}) "
+                           f"but --dataset {dataset} is {task} data: make a plan on {task} data")
 
 
 def _mode_of(mode: str, exits) -> str:
@@ -328,10 +389,11 @@ def _mode_of(mode: str, exits) -> str:
 
 def generate(
     backbone: Path, image: list[Path], prompt: str = CAPTION_PROMPT, exits: Path | None = None,
-    mode: str = "early_exit", criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate",
+    mode: str = "early_exit", criterion: str = "confidence", threshold: float | None = None,
+    kv_policy: str | None = None,
     num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
     draft_threshold: float | None = None, draft_record: Path | None = None, plan: Path | None = None,
-    compare: bool = True,
+    max_cache_gb: float | None = None, compare: bool = True,
 ) -> None:
     """Caption / answer images; print each token's exit layer, the speedups, and tokens/s beside full depth.
 
@@ -341,8 +403,8 @@ def generate(
     exits: exit checkpoint folder (from train-exits); without it, full-depth decoding
     mode: early_exit (FREE, lossy) | full | speculative (an exit drafts, full depth verifies: lossless)
     criterion: early exit: confidence | entropy | patience | similarity
-    threshold: early exit: the criterion's setting (confidence: alpha in (0, 1]; 1 never exits)
-    kv_policy: early exit: what skipped layers' caches get: propagate | copy | catch_up
+    threshold: early exit: the criterion's setting (confidence: alpha in (0, 1]; 1 never exits; default 0.8)
+    kv_policy: early exit: what skipped layers' caches get: propagate | copy | catch_up (default propagate)
     num_beams: beam width (Table 10: 5)
     max_new_tokens: generation length limit
     draft_layer: speculative: the drafting exit's layer (default: the record's, else the first exit)
@@ -350,10 +412,15 @@ def generate(
     draft_threshold: speculative: stop drafting when the exit's confidence falls below this (adaptive)
     draft_record: speculative: a speculative.json from `freevlm sweep --mode speculative` (or its folder)
     plan: a plan.json from `freevlm plan` (or its folder): its exits, alpha, gates, KV policy / draft setting
+    max_cache_gb: refuse a generate call whose KV cache would pass this many GiB (default: the device's free memory)
     compare: also decode at full depth and with transformers' generate, and print tokens/s side by side
     """
+    _plan_conflicts(plan, mode, criterion, threshold=threshold, kv_policy=kv_policy, draft_layer=draft_layer,
+                    draft_length=draft_length, draft_threshold=draft_threshold, draft_record=draft_record)
+    threshold, kv_policy = DEFAULT_THRESHOLD if threshold is None else threshold, kv_policy or "propagate"
     check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
-    check.drafting(mode, draft_layer, draft_length or 8, draft_threshold)
+    check.drafting(mode, draft_layer, 8 if draft_length is None else draft_length, draft_threshold)
+    check.optional(check.positive_number, "max_cache_gb", max_cache_gb)
     _check_inputs(backbone, exits)
     for path in image:
         if not Path(path).is_file():
@@ -361,7 +428,7 @@ def generate(
     mode = _mode_of(mode, exits)
     plan_ = _read_plan(plan, exits)
     opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
-                    draft_threshold, draft_record, plan_)
+                    draft_threshold, draft_record, plan_, max_cache_gb)
     vlm = _vlm(backbone, exits, plan_)
     res = vlm.generate(list(image), [prompt] * len(image), opts)
     tok = vlm.backbone.processor.tokenizer
@@ -392,11 +459,12 @@ def generate(
 def evaluate(
     backbone: Path, out: Path, exits: Path | None = None, dataset: str = "synthetic", data: Path | None = None,
     images: Path | None = None, questions: Path | None = None, split: str = "test", domain: str | None = None,
-    mode: str = "early_exit", criterion: str = "confidence", threshold: float = 0.8, kv_policy: str = "propagate",
+    mode: str = "early_exit", criterion: str = "confidence", threshold: float | None = None,
+    kv_policy: str | None = None,
     num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
     draft_threshold: float | None = None, draft_record: Path | None = None, plan: Path | None = None,
-    batch_size: int = 16, official: bool = True, noise: float = 0.0, limit: int | None = None, overwrite: bool = False,
-    progress: bool = True,
+    max_cache_gb: float | None = None, batch_size: int = 16, official: bool = True, noise: float = 0.0,
+    limit: int | None = None, overwrite: bool = False, progress: bool = True,
 ) -> None:
     """Evaluate a backbone (with or without exits) on a dataset split; write predictions + metrics + exit stats.
 
@@ -411,8 +479,8 @@ def evaluate(
     domain: NoCaps domain (in-domain, near-domain, out-domain); all if omitted
     mode: early_exit (FREE, lossy) | full | speculative (lossless; an exit drafts)
     criterion: early exit: confidence | entropy | patience | similarity
-    threshold: early exit: the criterion's setting
-    kv_policy: early exit: propagate | copy | catch_up
+    threshold: early exit: the criterion's setting (default 0.8)
+    kv_policy: early exit: propagate | copy | catch_up (default propagate)
     num_beams: beam width
     max_new_tokens: generation length limit
     draft_layer: speculative: the drafting exit's layer (default: the record's, else the first exit)
@@ -420,6 +488,7 @@ def evaluate(
     draft_threshold: speculative: stop drafting when the exit's confidence falls below this
     draft_record: speculative: speculative.json from `freevlm sweep --mode speculative` (or its folder)
     plan: a plan.json from `freevlm plan` (or its folder): its exits, alpha, gates, KV policy / draft setting
+    max_cache_gb: refuse a generate call whose KV cache would pass this many GiB (default: the device's free memory)
     batch_size: images per generate call (per process); VisDial: candidate answers scored per forward pass
     official: caption metrics through pycocoevalcap with Java (else in-process BLEU-4 and CIDEr only)
     noise: std of Gaussian noise added to the normalised pixel values (Table 6)
@@ -428,8 +497,12 @@ def evaluate(
     progress: show progress bars
     """
     check.dataset_name(dataset)
+    _plan_conflicts(plan, mode, criterion, threshold=threshold, kv_policy=kv_policy, draft_layer=draft_layer,
+                    draft_length=draft_length, draft_threshold=draft_threshold, draft_record=draft_record)
+    threshold, kv_policy = DEFAULT_THRESHOLD if threshold is None else threshold, kv_policy or "propagate"
     check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
-    check.drafting(mode, draft_layer, draft_length or 8, draft_threshold)
+    check.drafting(mode, draft_layer, 8 if draft_length is None else draft_length, draft_threshold)
+    check.optional(check.positive_number, "max_cache_gb", max_cache_gb)
     check.positive_int("batch_size", batch_size)
     check.number("noise", noise, 0.0)
     check.optional(check.positive_int, "limit", limit)
@@ -437,9 +510,11 @@ def evaluate(
     mode = _mode_of(mode, exits)
     plan_ = _read_plan(plan, exits)
     opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
-                    draft_threshold, draft_record, plan_)
+                    draft_threshold, draft_record, plan_, max_cache_gb)
     with claim_output(out, file=True, overwrite=overwrite):
         task, samples = _samples(dataset, split, data, images, questions, domain, limit)
+        _check_references(task, samples, dataset, split)
+        _check_plan_task(plan_, task, dataset)
         vlm = _vlm(backbone, exits, plan_)
         common = dict(batch_size=batch_size, progress=progress, pixel_noise=noise)
         if task == "caption":
@@ -460,7 +535,7 @@ def evaluate(
 def sweep(
     backbone: Path, exits: Path, out: Path, dataset: str = "synthetic", data: Path | None = None,
     images: Path | None = None, questions: Path | None = None, split: str = "val", mode: str = "early_exit",
-    thresholds: list[float] | None = None, criterion: str = "confidence", kv_policy: str = "propagate",
+    thresholds: list[float] | None = None, criterion: str = "confidence", kv_policy: str | None = None,
     draft_layers: list[int] | None = None, draft_lengths: list[int] | None = None,
     draft_thresholds: list[float] | None = None, plan: Path | None = None, speed_images: int = 16,
     max_new_tokens: int = 30, batch_size: int = 16, limit: int | None = None, overwrite: bool = False,
@@ -480,7 +555,7 @@ def sweep(
     mode: early_exit (sweep thresholds) | speculative (sweep draft settings)
     thresholds: early exit: criterion settings to try
     criterion: early exit: confidence | entropy | patience | similarity
-    kv_policy: early exit: propagate | copy | catch_up
+    kv_policy: early exit: propagate | copy | catch_up (default propagate; with --plan, the plan's)
     draft_layers: speculative: drafting exits to try (default: every exit)
     draft_lengths: speculative: fixed draft lengths to try (default: 2 4 8)
     draft_thresholds: speculative: adaptive settings to try (draft while confidence >= t, at most the longest length)
@@ -495,6 +570,9 @@ def sweep(
     """
     check.dataset_name(dataset)
     check.choice("mode", mode, ("early_exit", "speculative"))
+    if mode == "early_exit":
+        _plan_conflicts(plan, "sweep", criterion, kv_policy=kv_policy)
+    kv_policy = kv_policy or "propagate"
     settings = list(thresholds or PAPER_THRESHOLDS)
     check.decoding(criterion, settings, kv_policy, 1, max_new_tokens, threshold_name="thresholds")
     for name, values in (("draft_layers", draft_layers), ("draft_lengths", draft_lengths)):
@@ -532,6 +610,8 @@ def _sweep(backbone, exits, out, dataset, data, images, questions, split, settin
     task, samples = _samples(dataset, split, data, images, questions, limit=limit)
     if task not in ("caption", "vqa", "gqa", "vizwiz"):
         raise FreeVLMError("sweep supports caption and VQA datasets")
+    _check_references(task, samples, dataset, split)
+    _check_plan_task(plan, task, dataset)
     vlm = _vlm(backbone, exits, plan)
     rows = {}
     for t in settings:
@@ -554,8 +634,9 @@ def _sweep(backbone, exits, out, dataset, data, images, questions, split, settin
                    "exit_fractions": {str(k): v for k, v in r.exit_fractions.items()}}
         print(f"{criterion}={t}: {quality[0]} {quality[1]:.2f}, parameter speedup {r.speed['parameter_speedup']:.2f}x, "
               f"compute speedup {r.speed['compute_speedup']:.2f}x")
-    write_json(Path(out) / "sweep.json", {str(k): v for k, v in rows.items()})
-    plot_sweep({f"{criterion}": rows}, Path(out) / "sweep.png")
+    with staged_results(out) as stage:  # sweep.json and its plot replace the old pair as one unit
+        write_json(stage / "sweep.json", {str(k): v for k, v in rows.items()})
+        plot_sweep({f"{criterion}": rows}, stage / "sweep.png")
     print(f"wrote {Path(out) / 'sweep.json'} and {Path(out) / 'sweep.png'}")
 
 
@@ -573,6 +654,8 @@ def _sweep_speculative(backbone, exits, out, dataset, data, images, questions, s
         max_new_tokens = min(max_new_tokens, 10)
     else:
         raise FreeVLMError("sweep supports caption and VQA datasets")
+    _check_references(task, samples, dataset, split)
+    _check_plan_task(plan, task, dataset)
     vlm = _vlm(backbone, exits, plan)
     layers = list(draft_layers or vlm.exits.layers)
     bad = [x for x in layers if x not in vlm.exits.layers]
@@ -650,7 +733,7 @@ def plan(
     """
     from freevlm.eval.planning import make_plan, verify_plan
     from freevlm.generation.kv import POLICIES
-    from freevlm.generation.plan import COSTS_FILE, PLAN_FILE, write_plan
+    from freevlm.generation.plan import COSTS_FILE, PLAN_FILE, remove_unused_gates, write_plan
 
     check.dataset_name(dataset)
     check.fraction("train_fraction", train_fraction)
@@ -667,10 +750,15 @@ def plan(
     check.positive_int("speed_images", speed_images)
     _check_inputs(backbone, exits)
     verify = verify_split not in (None, "", "none")
-    with claim_output(out, results=(PLAN_FILE, COSTS_FILE, "gates"), overwrite=overwrite):
+    # plan.json is the result and the commit point: this run's gates go to a folder of their own, the old plan's stay
+    # untouched until plan.json is replaced (atomically), so a kill at any moment leaves the old plan or the new one
+    # with its own gates. Gates of no plan (the old plan's, a killed run's) are removed once the new plan is in.
+    gates_dir = f"gates/run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    with claim_output(out, results=(PLAN_FILE,), overwrite=overwrite):
         task, samples = load_dataset(dataset, split, data, images, questions)
         if task not in ("caption", "vqa", "gqa", "vizwiz"):
             raise FreeVLMError("plan supports caption and VQA datasets")
+        _check_references(task, samples, dataset, split)
         train, dev = split_by_image(samples, seed, train_fraction)
         train, dev = train[:train_limit], dev[:dev_limit]
         if not train or not dev:
@@ -679,14 +767,16 @@ def plan(
         vlm = EarlyExitVLM.from_pretrained(backbone, exits)
         result = make_plan(vlm, task, train, dev, Path(out), max_quality_drop=max_quality_drop, thresholds=alphas,
                            max_exits=max_exits, candidates=candidates, kv_policies=tuple(policies),
-                           draft_lengths=tuple(lengths), progress=progress)
+                           draft_lengths=tuple(lengths), gates_dir=gates_dir, progress=progress)
         result["split"] = split_record(train, dev, seed, train_fraction)
-        write_json(Path(out) / COSTS_FILE, result["costs"])
         if verify:
             _, test = _samples(dataset, verify_split, data, images, questions, limit=verify_limit)
             result["verification"] = verify_plan(vlm, result, task, test, speed_images=speed_images,
                                                  plan_folder=Path(out), progress=progress)
-        write_plan(out, result)
+        fsync_tree(Path(out) / gates_dir)
+        write_plan(out, result)  # the commit
+        write_json(Path(out) / COSTS_FILE, result["costs"])  # a copy of the plan's "costs", for reading by hand
+        remove_unused_gates(Path(out), gates_dir)
     print_plan(result)
     print(f"wrote {Path(out) / PLAN_FILE}; use it with --plan {Path(out)}")
 

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError  # safetensors reports a failed write (a full disk) as its own error
+
 from freevlm.errors import FreeVLMError
 
 try:  # POSIX; elsewhere the lock falls back to exclusive creation (a stale lock must then be removed by hand)
@@ -33,11 +35,19 @@ except ImportError:  # pragma: no cover - not on Linux/macOS
     fcntl = None
 
 LOCK_NAME = ".freevlm.lock"
+WRITE_ERRORS = (OSError, SafetensorError)  # what a full disk or an unwritable folder raises while a file is written
 
 
 def _one_line(err: BaseException) -> str:
     text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    if isinstance(err, SafetensorError):  # e.g. "Error while serializing: I/O error: No space left on device (os ...)"
+        text = text.rsplit("I/O error: ", 1)[-1]
     return " ".join(text.split()) or type(err).__name__
+
+
+def error_text(err: BaseException) -> str:
+    """One line saying why a write failed (for `cannot write X: <this>`)."""
+    return _one_line(err)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -78,7 +88,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         tmp.unlink(missing_ok=True)
         raise FreeVLMError(f"cannot write {path}: {_one_line(err)}") from err
     except BaseException:
@@ -97,10 +107,35 @@ def write_json(path: str | Path, obj: Any, **dumps_kwargs: Any) -> Path:
     return write_text(path, json.dumps(obj, **dumps_kwargs))
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where that is not available (another
+    OS, an old libc, a file system without it), and the caller falls back to two renames."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_folder(tmp: Path, final: Path) -> None:
-    """Put the finished folder `tmp` at `final` (a sibling). An existing `final` is moved aside first and deleted
-    only once the new one is in place, so at every moment one complete version exists on disk."""
+    """Put the finished folder `tmp` at `final` (a sibling). Where the OS can, the two are swapped in one atomic
+    step and the old version (now at `tmp`) deleted; elsewhere an existing `final` is moved aside first and deleted
+    only once the new one is in place. Either way one complete version exists on disk at every moment (in the
+    fallback, for an instant, under the aside name)."""
     fsync_tree(tmp)
+    if final.exists() and exchange(tmp, final):
+        fsync_dir(final.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         if old.exists():
@@ -111,6 +146,53 @@ def replace_folder(tmp: Path, final: Path) -> None:
     else:
         os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+# --- several result files replaced as one unit ---------------------------------------------------------------------
+
+JOURNAL = ".freevlm-commit.json"
+STAGING_PREFIX = ".staging-"
+
+
+@contextlib.contextmanager
+def staged_results(out: str | Path) -> Iterator[Path]:
+    """A staging folder inside `out` for the body to write a command's result files into; when the body finishes,
+    the files replace `out`'s as one unit (`commit_staged`). A failure or kill before that leaves `out`'s results as
+    they were (the staging folder is removed, or, after a kill, by the next claim of `out`)."""
+    out = Path(out)
+    stage = out / f"{STAGING_PREFIX}{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    commit_staged(stage, out)
+
+
+def commit_staged(stage: Path, out: Path) -> None:
+    """Move every file of the complete staging folder over `out`'s: a journal naming them is written (atomically)
+    first, so a kill in the middle of the renames is rolled forward by `finish_commit` (the next claim of `out`)."""
+    fsync_tree(stage)
+    write_json(out / JOURNAL, {"staging": stage.name, "files": sorted(p.name for p in stage.iterdir())})
+    finish_commit(out)
+
+
+def finish_commit(out: Path) -> None:
+    """Complete a commit a killed run left half done (its journal says the staging folder was whole), and remove
+    staging folders that never reached a commit. Idempotent; called under `out`'s lock."""
+    journal = out / JOURNAL
+    if journal.is_file():
+        record = json.loads(journal.read_text())
+        stage = out / record["staging"]
+        for name in record["files"]:
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+        fsync_dir(out)
+        journal.unlink()
+    for stale in out.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # --- claiming an output location ----------------------------------------------------------------------------------
@@ -239,5 +321,7 @@ def claim_output(out: str | Path, *, results: Sequence[str] = (), overwrite: boo
     folder, lock_path = (out.parent, out.parent / f".{out.name}.lock") if file else (out, out / LOCK_NAME)
     check_writable(folder)
     with OutputLock(lock_path, out):
+        if not file:
+            finish_commit(out)  # a run killed while committing staged results: roll it forward first
         refuse_held()  # under the lock: a run that finished a moment ago has written its results by now
         yield out

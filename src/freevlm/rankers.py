@@ -91,11 +91,23 @@ def _folder(path: str | Path) -> tuple[Path, dict]:
 
 def _load(what: str, folder: Path, load):
     """`load()`, with whatever transformers raises for a broken folder turned into one line."""
+    from safetensors import SafetensorError
+
     try:
         return load()
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as err:
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise FreeVLMError(f"cannot load the {what} of ranker {folder}: {reason}") from None
+
+
+def _check_weights(folder: Path) -> None:
+    """The safetensors headers read and checked against the file sizes before transformers loads them."""
+    from freevlm.backbones.common import weight_keys
+
+    try:
+        weight_keys(folder)
+    except FreeVLMError as err:
+        raise FreeVLMError(f"cannot load the weights of ranker {folder}: {err}") from None
 
 
 def _tokenizer(folder: Path):
@@ -137,6 +149,7 @@ class ClipRanker:
         self.folder, self.batch_size = folder, batch_size
         self.tokenizer = _tokenizer(folder)
         self.image_processor = _image_processor(folder, CLIPImageProcessorPil)
+        _check_weights(folder)
         self.model: nn.Module = _load("weights", folder, lambda: CLIPModel.from_pretrained(folder)).eval()
         self.max_length = self.model.config.text_config.max_position_embeddings
 
@@ -176,6 +189,7 @@ class ItmRanker:
         self.folder, self.batch_size = folder, batch_size
         self.tokenizer = _tokenizer(folder)
         self.image_processor = _image_processor(folder, BlipImageProcessorPil)
+        _check_weights(folder)
         self.model: nn.Module = _load("weights", folder,
                                       lambda: Blip2ForImageTextRetrieval.from_pretrained(folder)).eval()
         self.max_length = min(self.model.config.qformer_config.max_position_embeddings, 128)

@@ -142,7 +142,9 @@ def test_plan_command_writes_a_plan_that_evaluate_and_sweep_accept(workspace, tm
     printed = capsys.readouterr().out
     assert "early exit:" in printed and "measured tok/s" in printed
     plan = read_plan(tmp_path / "plan")
-    assert (tmp_path / "plan" / "costs.json").is_file() and (tmp_path / "plan" / "gates" / "alpha-0.5").is_dir()
+    assert (tmp_path / "plan" / "costs.json").is_file()
+    assert (tmp_path / "plan" / plan["gates_root"] / "alpha-0.5").is_dir()
+    assert ["gates/" + p.name for p in (tmp_path / "plan" / "gates").iterdir()] == [plan["gates_root"]]
     assert set(plan["early_exit"]["exits"]) <= {2, 4}
     assert plan["speculative"]["draft_layer"] in (2, 4) and plan["speculative"]["draft_length"] == 2
     assert set(plan["verification"]["measured_tokens_per_second"]) >= {"full_depth", "hf_generate"}
@@ -169,7 +171,8 @@ def test_plan_command_writes_a_plan_that_evaluate_and_sweep_accept(workspace, tm
 def test_plan_settings_reach_the_decoding_options(tmp_path):
     gates = tmp_path / "gates" / "alpha-0.7"
     gates.mkdir(parents=True)
-    plan = {"early_exit": {"exits": [2], "threshold": 0.7, "gated": True, "gates": "gates/alpha-0.7",
+    plan = {"format": "freevlm-plan/1",
+            "early_exit": {"exits": [2], "threshold": 0.7, "gated": True, "gates": "gates/alpha-0.7",
                            "gate_threshold": 0.4, "kv_policy": "catch_up"},
             "speculative": {"draft_layer": 4, "draft_length": 3, "draft_threshold": 0.5}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
@@ -192,7 +195,7 @@ def test_a_plan_for_other_exits_is_refused(workspace, tmp_path, capsys):
     vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits")
     other = EarlyExitVLM.from_pretrained(root / "backbone", root / "other-exits")
 
-    plan = {"exits_fingerprint": exits_fingerprint(vlm.exits), "exit_layers": [2, 4]}
+    plan = {"format": "freevlm-plan/1", "exits_fingerprint": exits_fingerprint(vlm.exits), "exit_layers": [2, 4]}
     check_plan(plan, vlm.exits)
     with pytest.raises(FreeVLMError, match="made for other exits"):
         check_plan(plan, other.exits)

@@ -21,6 +21,13 @@ from freevlm.backbones.lm import language_model_adapter
 def image_features(model, pixel_values, qformer_input_ids=None, qformer_attention_mask=None, **extra) -> torch.Tensor:
     if qformer_input_ids is None:
         raise ValueError("InstructBLIP needs qformer_input_ids (the instruction, tokenised for the Q-Former)")
+    if qformer_input_ids.shape[-1] == 0:
+        # An empty instruction through a Q-Former tokenizer that adds no special tokens: the processor returns a
+        # (B, 0) *float* tensor. No text = the queries alone, as a row of a padded batch whose text is all padding:
+        # one masked column (its id is never attended to).
+        b = qformer_input_ids.shape[0]
+        qformer_input_ids = torch.zeros((b, 1), dtype=torch.long, device=pixel_values.device)
+        qformer_attention_mask = torch.zeros((b, 1), dtype=torch.long, device=pixel_values.device)
     return model.get_image_features(
         pixel_values, qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask,
         return_dict=True,

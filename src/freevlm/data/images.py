@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from freevlm.errors import FreeVLMError
 
@@ -20,8 +21,22 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB image, with 16-bit greyscale scaled to 8 bits (value / 257). PIL's `convert("RGB")` clips 16-bit
+    values at 255, so a 16-bit PNG would come out (almost) all white; transformers' `load_image` does just that, and
+    freevlm deliberately does not follow it there (docs/design.md, "Images")."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """The image at `path` as an RGB PIL image, fully decoded."""
+    """The image at `path` as an RGB PIL image, fully decoded, turned upright by its EXIF orientation (as
+    transformers' `load_image` does: `ImageOps.exif_transpose`), 16-bit greyscale scaled to 8 bits (`to_rgb`)."""
     path = Path(path)
     if not path.is_file():
         raise FreeVLMError(f"image not found: {path}")
@@ -30,7 +45,7 @@ def load_image(path: str | Path) -> Image.Image:
             # Decode every pixel now: PIL decodes lazily, and a truncated file would otherwise fail deep inside a
             # data-loader worker, far from the file's name.
             img.load()
-            return img.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise FreeVLMError(f"corrupt image {path}: {_one_line(e) or type(e).__name__}") from e
 

@@ -29,7 +29,7 @@ from freevlm.generation.gates import (
     save_gates,
     train_gates,
 )
-from freevlm.generation.plan import full_depth_seconds, predict_candidates, shortlist
+from freevlm.generation.plan import PLAN_FORMAT, full_depth_seconds, predict_candidates, shortlist
 from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Example, caption_examples, vqa_examples
 
 QUALITY_BOUNDS = ("bootstrap", "point")
@@ -83,9 +83,10 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
               max_quality_drop: float = 1.0, thresholds=PAPER_THRESHOLDS, max_exits: int = 3, candidates: int = 8,
               kv_policies: tuple[str, ...] = ("propagate", "catch_up"), draft_lengths=(2, 4, 8),
               draft_thresholds=(0.5,), spec_images: int = 16,
-              max_new_tokens: int = 30, batch_size: int = 32, quality_bound: str = "bootstrap",
-              progress: bool = True) -> dict:
-    """The plan (see `generation/plan.py`) as a JSON-ready dict; gates are saved under `out/gates/`.
+              max_new_tokens: int = 30, batch_size: int = 32, gates_dir: str = "gates",
+              quality_bound: str = "bootstrap", progress: bool = True) -> dict:
+    """The plan (see `generation/plan.py`) as a JSON-ready dict; gates are saved under `out/<gates_dir>/` (a folder
+    of this run's own, so that the gates of a plan already in `out` stay untouched until plan.json is replaced).
 
     A candidate is kept when its dev quality drop is at most `max_quality_drop`: by default the upper end of the
     drop's paired-bootstrap 95% interval (`quality_bound="bootstrap"`), or its point estimate (`"point"`)."""
@@ -112,7 +113,7 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
         gate_reports[alpha] = evaluate_gates(gates, dev_f, alpha).to_json()
         with torch.no_grad():
             gate_open[alpha] = {layer: torch.sigmoid(gates(layer, dev_f[layer][0])) > 0.5 for layer in layers}
-        folder = Path(out) / "gates" / f"alpha-{alpha:g}"
+        folder = Path(out) / gates_dir / f"alpha-{alpha:g}"
         save_gates(folder, gates, {"alpha": alpha, "exits_fingerprint": fingerprint,
                                    "parameters_per_gate": gates.parameters_per_gate(),
                                    "layer_parameters": layer_params})
@@ -163,7 +164,8 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
     spec_rows = _speculative_settings(vlm, task, dev_samples[:spec_images], layers, draft_lengths, draft_thresholds,
                                       costs, max_new_tokens, progress) if transformer else []
     speculative = max(spec_rows, key=lambda r: r["predicted_tokens_per_second"]) if spec_rows else None
-    return {"format": "freevlm-plan/1", "task": task, "quality_metric": "CIDEr" if task == "caption" else "accuracy",
+    return {"format": PLAN_FORMAT, "gates_root": gates_dir, "task": task,
+            "quality_metric": "CIDEr" if task == "caption" else "accuracy",
             "exits_fingerprint": fingerprint, "exit_layers": layers, "num_layers": n,
             "max_quality_drop": max_quality_drop, "quality_bound": quality_bound, "dev_quality_full": full_quality,
             "early_exit": early_exit, "speculative": speculative, "evaluated": tried,
@@ -178,9 +180,14 @@ def check_plan(plan: dict, exits) -> None:
     want = plan.get("exits_fingerprint")
     if exits is None:
         raise FreeVLMError("a plan configures exits: give the exits it was made for (--exits)")
-    if want is not None and want != exits_fingerprint(exits):
-        raise FreeVLMError(f"the plan was made for other exits (layers {plan.get('exit_layers')}); these are "
-                           f"layers {list(exits.layers)}: run `freevlm plan` on them")
+    have = exits_fingerprint(exits) if want is not None else None
+    if want is not None and want != have:
+        made_for, layers = plan.get("exit_layers"), list(exits.layers)
+        if made_for == layers:  # same layers, other weights (retrained, or another run's exits)
+            what = f"exits at the same layers {layers} but with other weights (fingerprint {want}, these {have})"
+        else:
+            what = f"exits at layers {made_for}; these are at layers {layers}"
+        raise FreeVLMError(f"the plan was made for other exits: {what}; run `freevlm plan` on these exits")
 
 
 def _speculative_settings(vlm, task, samples, layers, lengths, thresholds, costs, max_new_tokens, progress):

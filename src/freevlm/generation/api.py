@@ -47,6 +47,7 @@ class DecodeOptions:
     gate_threshold: float = 0.5  # early exit: a gate opens where its probability exceeds this
     max_new_tokens: int = 30
     num_beams: int = 1  # Table 10 uses 5
+    max_cache_gb: float | None = None  # the static KV cache's memory budget (None: what the device has free)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -125,5 +126,5 @@ class EarlyExitVLM:
             self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft, check_layers=opts.exit_layers,
             policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
             generation_config=self.backbone.model.generation_config, max_new_tokens=opts.max_new_tokens,
-            num_beams=opts.num_beams, **hf_kwargs,
+            num_beams=opts.num_beams, max_cache_gb=opts.max_cache_gb, **hf_kwargs,
         )

@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (
 )
 
 from freevlm.errors import FreeVLMError
+from freevlm.generation.bounds import check_generation_bounds
 from freevlm.generation.engine import Engine, StepRecord
 from freevlm.generation.kv import SkipPolicy
 from freevlm.generation.speculative import DraftSettings, SpeculativeStats, speculative_decode
@@ -280,7 +281,7 @@ def _beam_search(engine: Engine, logits: torch.Tensor, s: DecodeSettings, batch:
 def generate_from_inputs(
     lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
     generation_config=None, draft: DraftSettings | None = None, trace: bool = False, static: bool | None = None,
-    check_layers: list[int] | None = None, **generate_kwargs,
+    check_layers: list[int] | None = None, max_cache_gb: float | None = None, **generate_kwargs,
 ) -> GenerationResult:
     """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
@@ -288,7 +289,8 @@ def generate_from_inputs(
     top_p, length_penalty, num_return_sequences, ...); `generation_config` supplies the model's defaults (its EOS and
     pad ids). Modes: with `criterion` and exits, early exit; with `draft`, lossless speculative decoding drafted by
     the exit at `draft.layer`; otherwise full depth. `static`: static-shape decode steps (CUDA graphs on a GPU;
-    default: on CUDA only; see `graphs.py`).
+    default: on CUDA only; see `graphs.py`). `max_cache_gb`: the static cache's memory budget (default: the memory
+    available on the device); the call is refused up front past it or past the LM's positions (`bounds.py`).
     """
     start = time.perf_counter()
     s = DecodeSettings.from_kwargs(generation_config, lm.config, **generate_kwargs)
@@ -297,8 +299,10 @@ def generate_from_inputs(
     else:
         engine = Engine(lm, exits, criterion, policy, trace=trace, static=static, check_layers=check_layers)
     batch = lm_inputs.inputs_embeds.shape[0]
-    logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=draft.max_draft + 1 if draft else 0)
+    extra_columns = draft.max_draft + 1 if draft else 0
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
+    check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb)
+    logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=extra_columns)
     if not lm.is_encoder_decoder:
         prompt_ids = lm_inputs.input_ids
     else:

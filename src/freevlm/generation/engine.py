@@ -131,6 +131,7 @@ class Engine:
         self._rows: torch.Tensor | None = None
         self.static = static
         self._static_step = None
+        self._prefill_last: torch.Tensor | None = None  # (B,) last real prompt column, when not every row's is p-1
 
     # ----------------------------------------------------------------------------------------------------------
     def prefill(self, lm_inputs, max_new_tokens: int, extra_columns: int = 0) -> torch.Tensor:
@@ -164,6 +165,11 @@ class Engine:
             real = mask.bool()
             cache.not_pad[:, :p] = real
             cache.has_pad = not bool(real.all())
+            # A row whose prompt ends in padding (BLIP-2 puts padding between the image and the text, so a row with
+            # an empty text and no BOS ends in it) reads its first token at its last real column, as it would alone.
+            self._prefill_last = None
+            if cache.has_pad and not bool(real[:, -1].all()):
+                self._prefill_last = p - 1 - torch.flip(real, [1]).long().argmax(1)
             positions = (torch.cumsum(mask, 1) * mask - 1).long()  # as transformers: real tokens count from 0
             h0 = k.embed(embeds, positions)
             self._base = (mask.sum(1, keepdim=True) - p).long()  # a generated token at column c has position c + base
@@ -305,6 +311,11 @@ class Engine:
         out, exit_layer, crit_state = self._new_outputs(b, h0)
         active = self._rows
         x, start = h0, span.start
+        last = self._prefill_last if prefill else None
+
+        def tail(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # (R, D): each row's last (real) position
+            return t[rows, -1] if last is None else t[rows, last[rows]]
+
         gate_log: list = []
         blocks: dict[int, int] = {}
         exit_blocks: dict[int, int] = {}
@@ -329,13 +340,13 @@ class Engine:
             if self.checking and active.numel():
                 asked = active
                 if self.gated:  # the exit ran (its cache needs every token); only open rows are asked
-                    opened = self.criterion.open(layer, x[active, -1])
+                    opened = self.criterion.open(layer, tail(x, active))
                     gate_log.append((layer, active, opened))
                     asked = active[opened]
                 go = None
                 if asked.numel():
-                    go = self._decide(ex, layer, state[asked, -1], x[asked, -1], prev[asked, -1], asked, crit_state,
-                                      out, exit_layer)
+                    go = self._decide(ex, layer, tail(state, asked), tail(x, asked), tail(prev, asked), asked,
+                                      crit_state, out, exit_layer)
                 if go is not None:
                     leaving = asked[go]
                     active = active[~torch.isin(active, leaving)]
@@ -343,7 +354,7 @@ class Engine:
                 stop = layer
                 break
         if active.numel():
-            out[active] = self.kernel.logits(x[active, -1]).to(out.dtype)
+            out[active] = self.kernel.logits(tail(x, active)).to(out.dtype)
         if stop < self.n:  # the group waits after `stop` for the next token that goes deep
             kept = [p for p in self.pending if p.depth >= stop]
             self.pending = kept + [_Pending(stop, start + i, x[:, i : i + 1]) for i in range(x.shape[1])]

@@ -182,16 +182,40 @@ def save_gates(folder: str | Path, gates: ExitGates, meta: dict) -> None:
     write_json(folder / GATES_CONFIG, record)
 
 
+def _check_record(record, folder: Path) -> None:
+    """gates.json's fields: types and ranges, before they size any module."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(record, dict):
+        raise FreeVLMError(f"unreadable gates in {folder}: {GATES_CONFIG} is not a JSON object")
+    layers = record.get("layers")
+    if not isinstance(layers, list) or not layers or not all(is_int(x) and x >= 1 for x in layers):
+        raise FreeVLMError(f"gates in {folder}: layers must be a list of layer numbers, got {layers!r}")
+    for key in ("hidden_size", "inner"):
+        if not is_int(record.get(key)) or record[key] < (1 if key == "hidden_size" else 0):
+            raise FreeVLMError(f"gates in {folder}: {key} must be a whole number, got {record.get(key)!r}")
+
+
 def load_gates(folder: str | Path, hidden_size: int, exit_fingerprint: str | None = None) -> tuple[ExitGates, dict]:
     """Gates saved by `save_gates`, refused (one line) if they do not fit this LM or these exits."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
     try:
         record = json.loads((folder / GATES_CONFIG).read_text())
-        state = load_file(str(folder / GATES_WEIGHTS))
     except FileNotFoundError as err:
         raise FreeVLMError(f"not a gate folder (missing {Path(err.filename).name}): {folder}") from None
     except (json.JSONDecodeError, OSError, ValueError) as err:
-        raise FreeVLMError(f"unreadable gates in {folder}: {err}") from None
+        raise FreeVLMError(f"unreadable gates in {folder}: {' '.join(str(err).split())}") from None
+    _check_record(record, folder)
+    try:
+        state = load_file(str(folder / GATES_WEIGHTS))
+    except FileNotFoundError:
+        raise FreeVLMError(f"not a gate folder (missing {GATES_WEIGHTS}): {folder}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise FreeVLMError(f"corrupt or truncated gate weights {folder / GATES_WEIGHTS}: "
+                           f"{' '.join(str(err).split())}") from None
     if record.get("hidden_size") != hidden_size:
         raise FreeVLMError(f"gates in {folder} read hidden states of size {record.get('hidden_size')}, this LM's "
                            f"are {hidden_size}")

@@ -142,18 +142,42 @@ def write_plan(folder: str | Path, plan: dict) -> Path:
     return write_json(Path(folder) / PLAN_FILE, plan)
 
 
+PLAN_FORMAT = "freevlm-plan/1"
+PLAN_TASKS = ("caption", "vqa", "gqa", "vizwiz")
+
+
+def remove_unused_gates(folder: Path, keep: str) -> None:
+    """Delete every gate folder under `folder/gates` but `keep` (the committed plan's): the replaced plan's and those
+    of runs killed before their plan.json was written. Only ever called after the new plan.json is in place."""
+    import shutil
+
+    kept = (folder / keep).resolve()
+    root = folder / "gates"
+    for child in root.iterdir() if root.is_dir() else []:
+        if child.resolve() == kept:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def read_plan(path: str | Path) -> dict:
-    """A plan written by `freevlm plan` (the file or its folder), with its gate folder resolved."""
+    """A plan written by `freevlm plan` (the file or its folder), validated field by field (one line on anything
+    else: an unknown format version, a wrong type or range, a gates path outside the plan's folder), with its gate
+    folder resolved."""
     path = Path(path)
     if path.is_dir():
         path = path / PLAN_FILE
     try:
         plan = json.loads(path.read_text())
-        plan["early_exit"], plan.get("speculative")
     except FileNotFoundError:
         raise FreeVLMError(f"plan not found: {path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise FreeVLMError(f"not a freevlm plan ({path}): {err!r}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FreeVLMError(f"not a freevlm plan ({path}): {' '.join(str(err).split())}") from None
+    except OSError as err:
+        raise FreeVLMError(f"cannot read plan {path}: {err.strerror or err}") from None
+    validate_plan(plan, path)
     gates = plan["early_exit"].get("gates")
     if gates:
         plan["early_exit"]["gates"] = str((path.parent / gates).resolve())
@@ -161,9 +185,69 @@ def read_plan(path: str | Path) -> dict:
     return plan
 
 
+def validate_plan(plan, path: Path) -> None:
+    """Every field `--plan` reads, checked for type and range before use."""
+    from freevlm.generation.kv import POLICIES
+
+    def bad(field: str, want: str, value) -> FreeVLMError:
+        return FreeVLMError(f"plan {path}: {field} must be {want}, got {value!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v) -> bool:
+        return (is_int(v) or isinstance(v, float)) and v == v and abs(v) != float("inf")
+
+    if not isinstance(plan, dict):
+        raise FreeVLMError(f"not a freevlm plan ({path}): expected a JSON object, found {type(plan).__name__}")
+    if "format" not in plan:
+        raise FreeVLMError(f"not a freevlm plan ({path}): no 'format' field")
+    if plan["format"] != PLAN_FORMAT:
+        raise FreeVLMError(f"plan {path} has format {plan.get('format')!r}; this freevlm reads {PLAN_FORMAT!r} "
+                           "(make the plan again with `freevlm plan`)")
+    if "task" in plan and plan["task"] not in PLAN_TASKS:
+        raise bad("task", f"one of {', '.join(PLAN_TASKS)}", plan["task"])
+    for key in ("exits_fingerprint",):
+        if plan.get(key) is not None and not isinstance(plan[key], str):
+            raise bad(key, "a string", plan[key])
+    ee = plan.get("early_exit")
+    if not isinstance(ee, dict):
+        raise bad("early_exit", "an object", ee)
+    exits = ee.get("exits", [])
+    if not isinstance(exits, list) or not all(is_int(x) and x >= 1 for x in exits):
+        raise bad("early_exit.exits", "a list of layer numbers", exits)
+    if exits:
+        alpha = ee.get("threshold")
+        if not is_num(alpha) or not 0 < alpha <= 1:
+            raise bad("early_exit.threshold", "a number in (0, 1]", alpha)
+    if not isinstance(ee.get("gated", False), bool):
+        raise bad("early_exit.gated", "true or false", ee.get("gated"))
+    gate_threshold = ee.get("gate_threshold", 0.5)
+    if not is_num(gate_threshold) or not 0 < gate_threshold < 1:
+        raise bad("early_exit.gate_threshold", "a number in (0, 1)", gate_threshold)
+    if ee.get("kv_policy", "propagate") not in POLICIES:
+        raise bad("early_exit.kv_policy", f"one of {', '.join(POLICIES)}", ee.get("kv_policy"))
+    folder = path.parent.resolve()
+    for field, value in (("early_exit.gates", ee.get("gates")), ("gates_root", plan.get("gates_root"))):
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or not (folder / value).resolve().is_relative_to(folder):
+            raise bad(field, f"a folder inside the plan's folder {folder}", value)
+    sp = plan.get("speculative")
+    if sp is not None:
+        if not isinstance(sp, dict):
+            raise bad("speculative", "an object or null", sp)
+        for key in ("draft_layer", "draft_length"):
+            if not is_int(sp.get(key)) or sp[key] < 1:
+                raise bad(f"speculative.{key}", "a positive integer", sp.get(key))
+        t = sp.get("draft_threshold")
+        if t is not None and (not is_num(t) or not 0 <= t <= 1):
+            raise bad("speculative.draft_threshold", "null or a number in [0, 1]", t)
+
+
 def plan_gates(plan: dict, threshold: float) -> str | None:
     """The plan's gates trained for `threshold` (`freevlm plan` trains one set per alpha), if it has them."""
-    folder = Path(plan.get("folder", ".")) / "gates" / f"alpha-{threshold:g}"
+    folder = Path(plan.get("folder", ".")) / plan.get("gates_root", "gates") / f"alpha-{threshold:g}"
     return str(folder) if folder.is_dir() else None
 
 

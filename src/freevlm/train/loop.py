@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from freevlm.errors import FreeVLMError
-from freevlm.outputs import LOCK_NAME, fsync_dir, fsync_tree, write_text
+from freevlm.outputs import LOCK_NAME, WRITE_ERRORS, error_text, fsync_dir, fsync_tree, write_text
 
 # LMs with a tied head (OPT) are saved with the tie removed; accelerate warns about it at every checkpoint.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -201,9 +202,12 @@ def fit(
     global_step = 0
     latest = run.latest() if resume else None
     if latest is not None:
-        accelerator.load_state(str(latest))
-        position = json.loads((latest / "position.json").read_text())
-        start_epoch, skip, global_step = position["epoch"], position["step_in_epoch"], position["global_step"]
+        start_epoch, skip, global_step = _read_position(latest)
+        try:
+            accelerator.load_state(str(latest))
+        except (*WRITE_ERRORS, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
+            raise FreeVLMError(f"corrupt checkpoint {latest}: {error_text(err)[:300]}; delete it to resume from the "
+                               "one before") from None
         if skip >= steps_per_epoch:
             start_epoch, skip = start_epoch + 1, 0
     if accelerator.is_main_process:
@@ -241,18 +245,36 @@ def fit(
     return means
 
 
+def _read_position(checkpoint: Path) -> tuple[int, int, int]:
+    """(epoch, step in epoch, global step) of a checkpoint, each checked to be a whole number >= 0."""
+    path = checkpoint / "position.json"
+    try:
+        position = json.loads(path.read_text())
+        values = tuple(position[k] for k in ("epoch", "step_in_epoch", "global_step"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise FreeVLMError(f"corrupt checkpoint {checkpoint}: unreadable position.json ({error_text(err)})") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise FreeVLMError(f"corrupt checkpoint {checkpoint}: position.json holds {position!r}")
+    return values
+
+
 def save_checkpoint(accelerator, run: RunDir, epoch: int, in_epoch: int, global_step: int, keep: int) -> Path:
     final = run.checkpoints / f"step-{global_step:08d}"
     tmp = run.checkpoints / f".tmp-step-{global_step:08d}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            position = {"epoch": epoch, "step_in_epoch": in_epoch, "global_step": global_step}
+            (tmp / "position.json").write_text(json.dumps(position))
+            (tmp / "DONE").write_text("")
+            fsync_tree(tmp)  # the rename below must not publish files whose bytes are still only in the page cache
+    except (*WRITE_ERRORS, RuntimeError) as err:  # a full disk: torch.save raises RuntimeError, safetensors its own
+        shutil.rmtree(tmp, ignore_errors=True)  # never left behind half-written (only step-*/DONE is trusted)
+        raise FreeVLMError(f"cannot save checkpoint {final}: {error_text(err)}") from None
     if accelerator.is_main_process:
-        position = {"epoch": epoch, "step_in_epoch": in_epoch, "global_step": global_step}
-        (tmp / "position.json").write_text(json.dumps(position))
-        (tmp / "DONE").write_text("")
-        fsync_tree(tmp)  # the rename below must not publish files whose bytes are still only in the page cache
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
