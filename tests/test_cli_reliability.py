@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from freevlm.generation.plan import PLAN_FORMAT, read_plan
-from tests.test_cli_errors import ROOT, _run, evaluate, generate, shared, train_exits, ws  # noqa: F401 (fixtures)
+from tests.test_cli_errors import ROOT, _run, evaluate, generate, shared, sweep, train_exits, ws  # noqa: F401 (fixtures)
 from tests.test_rankers import clip_folder  # noqa: F401 (fixture)
 
 
@@ -352,3 +352,37 @@ def test_plan_rerun_after_a_kill_and_kill_9_during_overwrite_leave_a_whole_plan(
     last = _check_plan_whole(out)
     assert last["gates_root"] != first["gates_root"]
     assert [p.name for p in (out / "gates").iterdir()] == [Path(last["gates_root"]).name]
+
+
+def test_kill_9_during_sweep_overwrite_leaves_a_whole_pair(ws, capfd):  # noqa: F811
+    """sweep.json and sweep.png are replaced as one unit: after kill -9 at random points of `sweep --overwrite`
+    (and the next claim of the folder, which rolls a half-done commit forward), the pair on disk is one run's whole
+    output: the thresholds in sweep.json match the plot beside it, and no staging folder is left."""
+    import hashlib
+
+    from freevlm.outputs import claim_output
+
+    out = ws.case / "sw"
+    runs = {"a": ("--thresholds", "0.5", "0.9"), "b": ("--thresholds", "0.7")}
+
+    def pair() -> tuple[tuple[str, ...], str]:
+        keys = tuple(sorted(json.loads((out / "sweep.json").read_text())))
+        return keys, hashlib.sha256((out / "sweep.png").read_bytes()).hexdigest()
+
+    whole = set()
+    for name in ("a", "b", "a"):  # "a" twice: one setting's plot is the same every time
+        assert _run(sweep(ws, *runs[name], "--overwrite", out=out)) == 0, capfd.readouterr().err
+        whole.add(pair())
+    assert len(whole) == 2
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    rng = random.Random(31)
+    for i in range(4):
+        argv = [sys.executable, "-m", "freevlm.cli", *sweep(ws, *runs["ab"[i % 2]], "--overwrite", out=out)]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rng.uniform(1.0, 6.0))  # start-up, decoding, or the commit itself
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with claim_output(out, results=("sweep.json",), overwrite=True):  # what the next run does first
+            pass
+        assert pair() in whole
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
