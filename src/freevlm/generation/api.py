@@ -42,6 +42,7 @@ class DecodeOptions:
     draft_layer: int | None = None  # speculative: the drafting exit's layer (None: the first exit)
     draft_length: int = 8  # speculative: drafts per round at most
     draft_threshold: float | None = None  # speculative: stop drafting once the exit's confidence falls below this
+    draft_adapt: bool = False  # speculative: each row's draft length follows its acceptance so far (<= draft_length)
     exit_layers: list[int] | None = None  # early exit: the exits checked (a plan's subset; None: every exit)
     gates: str | None = None  # early exit: a folder of exit gates (from `freevlm plan`); checks run where they open
     gate_threshold: float = 0.5  # early exit: a gate opens where its probability exceeds this
@@ -115,7 +116,7 @@ class EarlyExitVLM:
             if self.exits is None:
                 raise FreeVLMError("speculative mode drafts with an exit: load exits (--exits) first")
             layer = opts.draft_layer if opts.draft_layer is not None else self.exits.layers[0]
-            draft = DraftSettings(layer, opts.draft_length, opts.draft_threshold)
+            draft = DraftSettings(layer, opts.draft_length, opts.draft_threshold, opts.draft_adapt)
         elif exits is not None:
             criterion = make_criterion(opts.criterion, opts.threshold)
             if opts.gates is not None:

@@ -220,7 +220,7 @@ def predict_seconds(result, costs: MeasuredCosts, draft_layer: int | None = None
     if result.speculative is not None:
         for entry in result.engine.log[1:]:
             live = entry.live
-            drafted = int(entry.heads[live].max() - 1) // 2 if live.numel() else 0
+            drafted = int(entry.drafts[live].max()) if live.numel() else 0
             exit_runs = int(entry.exits[live].max()) if live.numel() else 0
             total += round_seconds(drafted, draft_layer or 1, n, costs, exit_runs)
         return total
