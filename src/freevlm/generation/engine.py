@@ -93,16 +93,20 @@ class Engine:
     """Decodes a batch on one backbone LM with (optionally) its exits. One instance per generate call."""
 
     def __init__(self, lm, exits=None, criterion=None, policy: SkipPolicy | None = None, *, trace: bool = False,
-                 draft_layer: int | None = None, static: bool | None = None, check_layers: list[int] | None = None):
+                 draft_layer: int | None = None, static: bool | None = None, check_layers: list[int] | None = None,
+                 head_subset=None):
         """`draft_layer`: speculative decoding's drafting exit; only its cache is kept, and no exit decides.
         `static`: decode steps with static shapes (`graphs.py`), as CUDA graphs on a GPU; default: on CUDA.
-        `check_layers`: the exits to check (a subset of the trained ones, e.g. a plan's); the others never run."""
+        `check_layers`: the exits to check (a subset of the trained ones, e.g. a plan's); the others never run.
+        `head_subset`: exit checks score only these token ids (a `HeadSubset`, `vocab.py`); an exit that fires emits
+        the subset's argmax (its logits elsewhere are -inf)."""
         self.lm = lm
         self.kernel = kernel_for(lm)
         self.n = lm.num_layers
         self.policy = policy or SkipPolicy()
         self.checking = exits is not None and criterion is not None and not criterion.never_exits()
         self.criterion = criterion
+        self.head_subset = head_subset
         self.exits_owner = exits  # the ExitStack (owner of the exits' stacked propagation weights)
         self.exit_at: dict[int, ExitKernel] = {}
         self.exit_list: list[int] = []
@@ -179,7 +183,7 @@ class Engine:
         if self.static is None:
             self.static = self.cache.keys.device.type == "cuda"
         return (self.static and not self.policy.batch_moves_together and self.cache.length is not None
-                and getattr(self.kernel, "static_rope", True) and not self.gated)
+                and getattr(self.kernel, "static_rope", True) and not self.gated and self.head_subset is None)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) at the next column; returns next-token logits (B, V)."""
@@ -283,12 +287,14 @@ class Engine:
 
     def _decide(self, ex: ExitKernel, layer: int, state, hidden, prev, rows, crit_state, out, exit_layer):
         """Ask the criterion about `rows` (last-position states given); returns the leaving mask or None."""
-        logits = ex.logits(self.kernel, state) if self.criterion.needs_logits else None
+        sub = self.head_subset
+        logits = ex.logits(self.kernel, state, sub) if self.criterion.needs_logits else None  # (R, V) or (R, K)
         go = self.criterion(crit_state, rows, logits, hidden, prev)
         if not bool(go.any()):
             return None
         leaving = rows[go]
-        out[leaving] = (logits[go] if logits is not None else ex.logits(self.kernel, state[go])).to(out.dtype)
+        chosen = logits[go] if logits is not None else ex.logits(self.kernel, state[go], sub)
+        out[leaving] = (chosen if sub is None else sub.scatter(chosen)).to(out.dtype)
         exit_layer[leaving] = layer
         return go
 
@@ -435,13 +441,15 @@ class Engine:
         """The log as per-row work counts (see `eval/efficiency.py` for how they become the compute speedup).
 
         Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one in
-        all for criteria that decide without logits) plus the final head; under propagate/copy a row runs layers
-        1..exit layer and its skipped slots (deeper layers, deeper exit transformers) are filled by the policy. The
-        prefill and catch-up steps run the same layers for every row (their logged token counts).
+        all for criteria that decide without logits; a subset head counts K/V of one) plus the final head; under
+        propagate/copy a row runs layers 1..exit layer and its skipped slots (deeper layers, deeper exit transformers)
+        are filled by the policy. The prefill and catch-up steps run the same layers for every row (their logged token
+        counts).
         """
         positions = torch.tensor(self.exit_list if self.checking else [], dtype=torch.long)
         n_exits = len(self.exit_list)
         needs_logits = self.checking and self.criterion.needs_logits
+        share = 1.0 if self.head_subset is None else self.head_subset.fraction  # an exit check's head, in full heads
         out = []
         for entry in self.log:
             if hasattr(entry, "record"):  # speculative rounds count their own work
@@ -454,7 +462,7 @@ class Engine:
             reached_final = (exit_layer == self.n).float()
             if self.checking:
                 checked = torch.searchsorted(positions, exit_layer, right=True).float()
-                rec.heads += (checked if needs_logits else (1 - reached_final)) + reached_final
+                rec.heads += (checked if needs_logits else (1 - reached_final)) * share + reached_final
             else:
                 checked = torch.zeros(b)
                 rec.heads += 1
@@ -464,7 +472,7 @@ class Engine:
                 for _, rows, is_open in entry.gates:
                     opened.index_add_(0, rows.cpu(), is_open.float().cpu())
                 rec.gates += checked
-                rec.heads = (opened if needs_logits else 1 - reached_final) + reached_final
+                rec.heads = (opened if needs_logits else 1 - reached_final) * share + reached_final
             if entry.together is not None:
                 rec.blocks, rec.exit_blocks = entry.together
                 rec.layers += sum(q * calls for q, calls in rec.blocks.items())

@@ -178,9 +178,11 @@ def apply_plan(options, plan: dict):
             return replace(options, mode="full")
         return replace(options, threshold=ee["threshold"], exit_layers=list(ee["exits"]),
                        gates=ee.get("gates") if ee.get("gated") else None,
-                       gate_threshold=ee.get("gate_threshold", 0.5), kv_policy=ee.get("kv_policy", options.kv_policy))
+                       gate_threshold=ee.get("gate_threshold", 0.5), kv_policy=ee.get("kv_policy", options.kv_policy),
+                       head_subset=ee.get("head_subset", options.head_subset))
     if options.mode == "speculative" and plan.get("speculative"):
         sp = plan["speculative"]
         return replace(options, draft_layer=sp["draft_layer"], draft_length=sp["draft_length"],
-                       draft_threshold=sp.get("draft_threshold"))
+                       draft_threshold=sp.get("draft_threshold"), draft_adapt=sp.get("draft_adapt", False),
+                       head_subset=sp.get("head_subset", options.head_subset))
     return options

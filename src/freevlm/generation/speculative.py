@@ -39,6 +39,7 @@ class DraftSettings:
     max_draft: int = 8  # drafts per round at most
     threshold: float | None = None  # adaptive: a row stops drafting once the exit's max softmax falls below this
     adapt_length: bool = False  # per row, the draft length follows the acceptance so far (`_Pace`), <= max_draft
+    head_subset: object = None  # a `HeadSubset` (vocab.py): drafts score only its token ids; verification: full head
 
     def __post_init__(self):
         if self.max_draft < 1:
@@ -113,6 +114,7 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
     procs = s.processors(beams=False)
     eos = torch.tensor(s.eos_token_id, dtype=torch.long, device=device)
     eos_set = set(s.eos_token_id)
+    subset = draft.head_subset
     out = torch.full((b, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
     if s.do_sample:
         cur = torch.multinomial(_warp(procs, first_logits), 1)[:, 0]
@@ -167,13 +169,13 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
                 dspan, dh = _sub_span(engine, rows, aligned, start, didx, i), h[didx]
             state = engine.run_exit(ex, dh, dspan) if ex.uses_cache else dh
             stats.exit_calls += len(drafting) if ex.uses_cache else 0
-            lg = ex.logits(k, state[:, -1]).float()
-            if s.do_sample:
-                q = _warp(procs, lg)
+            lg = ex.logits(k, state[:, -1], subset).float()  # (D, V), or (D, K) over the subset's ids
+            if s.do_sample:  # the draft distribution q is the subset's, zero elsewhere: the acceptance rule holds
+                q = _warp(procs, lg if subset is None else subset.scatter(lg))
                 new_tok = torch.multinomial(q, 1)[:, 0]
                 conf = q.amax(-1)
             else:
-                new_tok = lg.argmax(-1)
+                new_tok = lg.argmax(-1) if subset is None else subset.token(lg.argmax(-1))
                 conf = torch.softmax(lg, -1).amax(-1) if draft.threshold is not None else None
             if didx is None:
                 tok, q_all = new_tok, (q if s.do_sample else None)
@@ -248,7 +250,8 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
         stats.rounds += r_count
         stats.drafted += sum(count)
         stats.accepted += sum(kept_list)
-        engine.log.append(_speculative_log(engine, rows_list, b, e, m, count, eos_end, full, ex.uses_cache))
+        engine.log.append(_speculative_log(engine, rows_list, b, e, m, count, eos_end, full, ex.uses_cache,
+                                           1.0 if subset is None else subset.fraction))
         for j, r in enumerate(rows_list):
             pace.update(r, kept_list[j], count[j])
             take = new_rows[j][: counts[j]]
@@ -333,6 +336,7 @@ def _speculative_log(engine, rows, b, e, m, drafted, eos_end, full, exit_cache, 
         log.heads[r] = drafted[j] * head_share + m
         log.drafts[r] = drafted[j]
     log.live = torch.tensor(rows)
+    log.head_share = head_share
     return log
 
 
@@ -344,6 +348,7 @@ class _SpeculativeLog(_StepLog):
     proj: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     drafts: torch.Tensor | None = None  # (B,) drafts each row made in the round
+    head_share: float = 1.0  # a draft head's cost in full heads (a subset head: K/V)
     live: torch.Tensor | None = None
 
     def record(self) -> StepRecord:
