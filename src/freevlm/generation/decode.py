@@ -280,7 +280,7 @@ def _beam_search(engine: Engine, logits: torch.Tensor, s: DecodeSettings, batch:
 def generate_from_inputs(
     lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
     generation_config=None, draft: DraftSettings | None = None, trace: bool = False, static: bool | None = None,
-    check_layers: list[int] | None = None, head_subset=None, **generate_kwargs,
+    check_layers: list[int] | None = None, head_subset=None, lazy_exit_fill: bool = True, **generate_kwargs,
 ) -> GenerationResult:
     """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
@@ -289,7 +289,8 @@ def generate_from_inputs(
     pad ids). Modes: with `criterion` and exits, early exit; with `draft`, lossless speculative decoding drafted by
     the exit at `draft.layer`; otherwise full depth. `static`: static-shape decode steps (CUDA graphs on a GPU;
     default: on CUDA only; see `graphs.py`). `head_subset` (a `HeadSubset`, `vocab.py`): exit checks and drafts score
-    only its token ids (speculative verification keeps the full head).
+    only its token ids (speculative verification keeps the full head). `lazy_exit_fill`: closed gates' exit K/V are
+    projected when the exit next runs (False: at once; see `Engine`).
     """
     start = time.perf_counter()
     s = DecodeSettings.from_kwargs(generation_config, lm.config, **generate_kwargs)
@@ -299,7 +300,7 @@ def generate_from_inputs(
         engine = Engine(lm, exits, policy=policy, trace=trace, draft_layer=draft.layer, static=False)
     else:
         engine = Engine(lm, exits, criterion, policy, trace=trace, static=static, check_layers=check_layers,
-                        head_subset=head_subset)
+                        head_subset=head_subset, lazy_exit_fill=lazy_exit_fill)
     batch = lm_inputs.inputs_embeds.shape[0]
     logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=draft.max_draft + 1 if draft else 0)
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences

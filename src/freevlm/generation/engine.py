@@ -66,6 +66,7 @@ class _StepLog:
     # when every row ran the same layers: {q: calls} of backbone and of exit layers over q tokens per row
     together: tuple[dict[int, int], dict[int, int]] | None
     gates: list | None = None  # gated steps: (exit layer, batch rows, gate open per row) per gate asked
+    owed_filled: list | None = None  # lazy exit filling: rows (one entry per K/V pair) whose owed exit K/V were written
 
 
 @dataclass
@@ -94,12 +95,14 @@ class Engine:
 
     def __init__(self, lm, exits=None, criterion=None, policy: SkipPolicy | None = None, *, trace: bool = False,
                  draft_layer: int | None = None, static: bool | None = None, check_layers: list[int] | None = None,
-                 head_subset=None):
+                 head_subset=None, lazy_exit_fill: bool = True):
         """`draft_layer`: speculative decoding's drafting exit; only its cache is kept, and no exit decides.
         `static`: decode steps with static shapes (`graphs.py`), as CUDA graphs on a GPU; default: on CUDA.
         `check_layers`: the exits to check (a subset of the trained ones, e.g. a plan's); the others never run.
         `head_subset`: exit checks score only these token ids (a `HeadSubset`, `vocab.py`); an exit that fires emits
-        the subset's argmax (its logits elsewhere are -inf)."""
+        the subset's argmax (its logits elsewhere are -inf).
+        `lazy_exit_fill`: a closed gate leaves its exit's K/V pending (the exit's input state is kept) and they are
+        projected in one batched call when that exit next runs (or at `flush`); False projects them at once."""
         self.lm = lm
         self.kernel = kernel_for(lm)
         self.n = lm.num_layers
@@ -131,6 +134,10 @@ class Engine:
         self.calls: list[tuple[str, int, int]] | None = [] if trace else None
         self.log: list[_StepLog] = []
         self.pending: list[_Pending] = []
+        self.lazy_exit_fill = lazy_exit_fill
+        # closed gates' exit K/V not written yet, per exit slot: (rows, cols, input states, RoPE or None) groups
+        self.exit_owed: dict[int, list[tuple]] = {}
+        self._filled_rows: list[torch.Tensor] = []  # rows whose owed exit K/V were projected during this step
         self.cache: KVCache | None = None
         self._rows: torch.Tensor | None = None
         self.static = static
@@ -211,6 +218,7 @@ class Engine:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search; expanding rows to beams or samples)."""
+        self.fill_owed_exits()  # owed entries name rows by their old index
         in_place = self._static_step is not None and index.shape[0] == self.cache.batch
         self.cache.reorder(index, in_place=in_place)
         base = self._base.index_select(0, index)
@@ -225,7 +233,9 @@ class Engine:
 
     def flush(self) -> None:
         """Catch-up only: run every pending token through the layers (and exits) it skipped, so that the caches
-        equal a full-depth forward's. Generation does not need it; handing over the cache does."""
+        equal a full-depth forward's. Generation does not need it; handing over the cache does. Exit K/V that closed
+        gates left owed are written too."""
+        self.fill_owed_exits()
         if not self.pending:
             return
         x, start = None, None
@@ -280,6 +290,8 @@ class Engine:
 
     def run_exit(self, ex: ExitKernel, x: torch.Tensor, span: Span) -> torch.Tensor:
         c = self.cache
+        if ex.slot in self.exit_owed:  # earlier tokens' K/V, owed by closed gates: attention is about to read them
+            self._fill_owed(ex)
         if self.calls is not None:
             self.calls.append(("exit", self.exit_list[ex.slot], x.shape[1]))
         cross = self._cross(c.exit_cross_keys, c.exit_cross_values, ex.slot, span)
@@ -398,12 +410,14 @@ class Engine:
             out[rows] = self.kernel.logits(x[:, -1]).to(out.dtype)
         for event in events:
             fill_skipped(self, event)
-        self.log.append(_StepLog(exit_layer, False, None, gate_log or None))
+        self.log.append(_StepLog(exit_layer, False, None, gate_log or None, self._filled_rows or None))
+        self._filled_rows = []
         return out
 
     def _gated_decision(self, ex, layer, x, prev, span, rows, crit_state, out, exit_layer, gate_log):
         """A gate on h_i first: rows it keeps closed run neither the exit transformer nor the head (their exit
-        K/V are projected from h_i, exactly what the exit layer would write); the others are checked as usual.
+        K/V, exactly what the exit layer would write, are projected from h_i: later, batched, when the exit next runs,
+        under `lazy_exit_fill`); the others are checked as usual.
         Returns (leaving mask over `rows` or None, the exit's state with rows where the gate was closed = h_i)."""
         opened = self.criterion.open(layer, x[:, -1])  # (R,) bool
         n_open = int(opened.sum())
@@ -414,8 +428,12 @@ class Engine:
                                 exit_layer), state
         if ex.uses_cache:
             closed = (~opened).nonzero()[:, 0]
-            fill_exit_kv(self, ex, x[closed, -1], rows[closed], span.cols[closed, -1],
-                         None if span.rope is None else (span.rope[0][closed, -1], span.rope[1][closed, -1]))
+            owed = (rows[closed], span.cols[closed, -1], x[closed, -1],
+                    None if span.rope is None else (span.rope[0][closed, -1], span.rope[1][closed, -1]))
+            if self.lazy_exit_fill:
+                self.exit_owed.setdefault(ex.slot, []).append(owed)
+            else:
+                fill_exit_kv(self, ex, owed[2], owed[0], owed[1], owed[3])
         if not n_open:
             return None, x
         idx = opened.nonzero()[:, 0]
@@ -430,6 +448,21 @@ class Engine:
         state = x.clone()
         state[idx] = state_open
         return go, state
+
+    def _fill_owed(self, ex: ExitKernel) -> None:
+        """Project every K/V pair exit `ex` owes (closed gates since it last ran) in one batched call."""
+        owed = self.exit_owed.pop(ex.slot)
+        rows = torch.cat([o[0] for o in owed])
+        rope = None if owed[0][3] is None else tuple(torch.cat([o[3][i] for o in owed]) for i in range(2))
+        fill_exit_kv(self, ex, torch.cat([o[2] for o in owed]), rows, torch.cat([o[1] for o in owed]), rope)
+        self._filled_rows.append(rows)
+
+    def fill_owed_exits(self) -> None:
+        """Write every exit K/V closed gates left owed (lazy filling), e.g. before the cache is handed over."""
+        for layer in self.exit_list:
+            ex = self.exit_at[layer]
+            if ex.slot in self.exit_owed:
+                self._fill_owed(ex)
 
     def _full_exit_layer(self, b: int, device) -> torch.Tensor:
         if getattr(self, "_full", None) is None or self._full.shape[0] != b:
@@ -482,7 +515,8 @@ class Engine:
                 if opened is not None:
                     if self.uses_exit_cache:
                         rec.exit_layers += opened
-                        rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
+                        if not self.lazy_exit_fill:
+                            rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
                 elif self.uses_exit_cache:
                     rec.exit_layers += checked
                 skipped = (self.n - exit_layer).float()
@@ -492,5 +526,8 @@ class Engine:
                     rec.kv_projections += skipped
                 else:
                     rec.kv_copies += skipped
+            if entry.owed_filled:  # lazy filling: exit K/V closed gates owed, projected (batched) during this step
+                filled = torch.cat(entry.owed_filled).cpu()
+                rec.kv_projections.index_add_(0, filled, torch.ones(filled.numel()))
             out.append(rec)
         return out

@@ -5,7 +5,8 @@ An ungated FREE check costs the exit transformer (one LM layer) plus the full-vo
 alone is several layers (SmolLM2: ~8 layers of parameters), so checks that do not fire make early exit slower than
 full depth. CALM's learned exit classifier is the peer: a gate reads h_i and predicts "this exit would fire at alpha
 and agree with the final layer". Only where it says yes do the exit transformer and head run; where it says no the
-exit's K/V are projected from h_i (exact: a layer's K/V depend on its input only) and the token moves on.
+token moves on with its h_i kept: the exit's K/V for it are projected from h_i (exact: a layer's K/V depend on its
+input only) when that exit next runs, in one batched call with every pair it owes (`Engine.exit_owed`).
 
 A gate is linear or a one-hidden-layer MLP, at most 1% of an LM layer's parameters (`gate_hidden_size`). Gates are
 trained on the training split after the exits (`train_gates`), with binary cross-entropy on teacher-forced states;
