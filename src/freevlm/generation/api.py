@@ -45,6 +45,7 @@ class DecodeOptions:
     draft_threshold: float | None = None  # speculative: stop drafting once the exit's confidence falls below this
     draft_adapt: bool = False  # speculative: each row's draft length follows its acceptance so far (<= draft_length)
     head_subset: int | None = None  # early exit checks and speculative drafts score the K most frequent tokens only
+    token_ranking: str | None = None  # folder (or file) of the ranking head_subset takes from (default: the VLM's)
     exit_layers: list[int] | None = None  # early exit: the exits checked (a plan's subset; None: every exit)
     gates: str | None = None  # early exit: a folder of exit gates (from `freevlm plan`); checks run where they open
     gate_threshold: float = 0.5  # early exit: a gate opens where its probability exceeds this
@@ -90,6 +91,21 @@ class EarlyExitVLM:
             cache[key] = gates.to(self.device)
         return cache[key]
 
+    def _ranking(self, where: str | None) -> torch.Tensor | None:
+        """The token ranking of `where` (a plan's; cached per path), else the VLM's own."""
+        if where is None:
+            return self.token_ranking
+        path = Path(where)
+        folder = path if path.is_dir() else path.parent
+        cache = self.__dict__.setdefault("_rankings", {})
+        key = str(folder.resolve())
+        if key not in cache:
+            ranking = load_token_ranking(folder, self.backbone.lm.vocab_size)
+            if ranking is None:
+                raise FreeVLMError(f"no token ranking in {folder}")
+            cache[key] = ranking
+        return cache[key]
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.model.parameters()).device
@@ -131,7 +147,7 @@ class EarlyExitVLM:
         if opts.head_subset is not None and opts.uses_exits:
             lm, config = self.backbone.lm, self.backbone.model.generation_config
             eos = DecodeSettings.from_kwargs(config, lm.config, **hf_kwargs).eos_token_id
-            subset = head_subset(self.token_ranking, opts.head_subset, eos, lm.vocab_size)
+            subset = head_subset(self._ranking(opts.token_ranking), opts.head_subset, eos, lm.vocab_size)
         return generate_from_inputs(
             self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft, check_layers=opts.exit_layers,
             head_subset=subset,
