@@ -702,7 +702,8 @@ def plan(
     seed: int = 0, max_quality_drop: float = 1.0, thresholds: list[float] | None = None, max_exits: int = 3,
     candidates: int = 8, kv_policies: list[str] | None = None, draft_lengths: list[int] | None = None,
     train_limit: int | None = None, dev_limit: int | None = None, verify_split: str | None = "test",
-    verify_limit: int | None = None, speed_images: int = 16, overwrite: bool = False, progress: bool = True,
+    verify_limit: int | None = None, speed_images: int = 16, head_subsets: list[int] | None = None,
+    overwrite: bool = False, progress: bool = True,
 ) -> None:
     """Choose which exits to check, alpha, gates and KV policy (and the speculative draft setting) for the fastest
     predicted decoding within a quality bound on dev; writes plan.json, costs.json and gates/ into `out`.
@@ -728,6 +729,7 @@ def plan(
     verify_split: check the plan on this split (predicted vs measured tokens/s, quality); none: skip
     verify_limit: verification: use only the first N samples
     speed_images: verification: images timed (batch 1, interleaved, median of 3)
+    head_subsets: vocabulary subset sizes tried for exit checks and drafts besides the full head (e.g. 1024 4096)
     overwrite: replace a plan already in `out`
     progress: show progress bars
     """
@@ -748,6 +750,7 @@ def plan(
     for name, value in (("train_limit", train_limit), ("dev_limit", dev_limit), ("verify_limit", verify_limit)):
         check.optional(check.positive_int, name, value)
     check.positive_int("speed_images", speed_images)
+    subset_sizes = [check.positive_int("head_subsets", k) for k in (head_subsets or [])]
     _check_inputs(backbone, exits)
     verify = verify_split not in (None, "", "none")
     # plan.json is the result and the commit point: this run's gates go to a folder of their own, the old plan's stay
@@ -767,7 +770,8 @@ def plan(
         vlm = EarlyExitVLM.from_pretrained(backbone, exits)
         result = make_plan(vlm, task, train, dev, Path(out), max_quality_drop=max_quality_drop, thresholds=alphas,
                            max_exits=max_exits, candidates=candidates, kv_policies=tuple(policies),
-                           draft_lengths=tuple(lengths), gates_dir=gates_dir, progress=progress)
+                           draft_lengths=tuple(lengths), gates_dir=gates_dir,
+                           head_subsets=tuple(subset_sizes), progress=progress)
         result["split"] = split_record(train, dev, seed, train_fraction)
         if verify:
             _, test = _samples(dataset, verify_split, data, images, questions, limit=verify_limit)
@@ -787,15 +791,17 @@ def print_plan(plan: dict) -> None:
     metric = plan["quality_metric"]
     if ee.get("exits"):
         gates = "gated" if ee.get("gated") else "ungated"
+        subset = f", head subset {ee['head_subset']}" if ee.get("head_subset") is not None else ""
         print(f"early exit: check exits {ee['exits']} at alpha {ee['threshold']}, {gates}, KV policy "
-              f"{ee['kv_policy']}; predicted {ee['predicted_speedup']:.2f}x full depth; dev {metric} drop "
+              f"{ee['kv_policy']}{subset}; predicted {ee['predicted_speedup']:.2f}x full depth; dev {metric} drop "
               f"{ee['quality_drop']:.2f} (bound {plan['max_quality_drop']})")
     else:
         print(f"early exit: no configuration kept dev {metric} within {plan['max_quality_drop']} of full depth "
               "while predicted faster: the plan decodes at full depth")
     if sp:
         adaptive = f", adaptive at {sp['draft_threshold']}" if sp.get("draft_threshold") is not None else ""
-        print(f"speculative: draft with exit {sp['draft_layer']}, {sp['draft_length']} drafts{adaptive}; "
+        subset = f", head subset {sp['head_subset']}" if sp.get("head_subset") is not None else ""
+        print(f"speculative: draft with exit {sp['draft_layer']}, {sp['draft_length']} drafts{adaptive}{subset}; "
               f"{sp['acceptance_rate']:.0%} accepted on dev")
     ver = plan.get("verification")
     if ver:

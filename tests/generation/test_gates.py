@@ -111,3 +111,41 @@ def test_gates_learn_a_separable_rule_and_round_trip(tmp_path):
         load_gates(tmp_path / "g", 16, "zzz")
     with pytest.raises(FreeVLMError, match="not a gate folder"):
         load_gates(tmp_path / "missing", 16)
+
+
+@pytest.mark.parametrize("family", ["blip2-opt", "blip2-t5", "minigpt4-llama", "llava-llama"])
+@pytest.mark.parametrize("policy", ["propagate", "copy"])
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_lazy_exit_filling_equals_eager_filling(family, policy, num_beams):
+    """Closed gates leave their exit K/V owed and the exit projects them in one batched call when it next runs: the
+    same tokens, exit layers and exit caches (every column in use, once owed entries are written at the end) as
+    projecting them at once; projections are charged where they run (those never needed are never done). Beam
+    search writes owed entries before reordering rows."""
+    bb = build_tiny(family, SIZE, seed=0)
+    torch.manual_seed(1)
+    exits = build_exits(bb.lm, ExitSpec("transformer", list(EXIT_LAYERS)))
+    gates = HalfGates(bb.lm.hidden_size)
+    pixels, ids, mask, extra = tiny_batch(family, SIZE, 3, seed=7)
+    lm_inputs = bb.prepare(pixels, ids, mask, **extra)
+    kw = dict(criterion=Gated(SignRule(), gates, 0.5), policy=SkipPolicy(policy), max_new_tokens=7,
+              num_beams=num_beams, output_logits=True)
+    with torch.no_grad():
+        lazy = generate_from_inputs(bb.lm, exits, lm_inputs, **kw)
+        eager = generate_from_inputs(bb.lm, exits, lm_inputs, lazy_exit_fill=False, **kw)
+    assert not eager.engine.lazy_exit_fill and lazy.engine.lazy_exit_fill
+    assert lazy.sequences.tolist() == eager.sequences.tolist() and lazy.exit_layers == eager.exit_layers
+    for a, b in zip(lazy.logits, eager.logits):  # an exit reading a K/V pair not yet written would change these
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    owed = sum(o[0].numel() for group in lazy.engine.exit_owed.values() for o in group)
+    cl, ce = lazy.caches(), eager.caches()
+    assert not lazy.engine.exit_owed
+    width = int(ce.lengths.max())
+    for r in range(ce.batch):
+        used = int(ce.lengths[r])
+        torch.testing.assert_close(cl.exit_keys[:, r, :, :used], ce.exit_keys[:, r, :, :used], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cl.exit_values[:, r, :, :used], ce.exit_values[:, r, :, :used], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cl.keys[..., :width, :], ce.keys[..., :width, :], atol=1e-5, rtol=0)
+    charged = [sum(float(r.kv_projections.sum()) for r in res.records) for res in (lazy, eager)]
+    assert charged[0] + owed <= charged[1] + 1e-6
+    deferred = owed + sum(r.numel() for entry in lazy.engine.log for r in entry.owed_filled or [])
+    assert deferred > 0, "some closed gate's K/V should have been left owed"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,18 @@ def test_predicted_seconds_follow_the_cost_model():
                                exit_transformers=False)
     by = {c.exits: c.seconds_per_token for c in cands if not c.gated}
     assert by == pytest.approx({(1,): 17.5, (3,): 13.0, (1, 3): 17.0})
+
+
+def test_subset_head_checks_are_priced_as_a_share_of_the_head():
+    full = predict_candidates(fake_features(), None, fake_costs(10.0), N, [0.8], max_exits=2, exit_transformers=False)
+    sub = predict_candidates(fake_features(), None, fake_costs(10.0), N, [0.8], max_exits=2, exit_transformers=False,
+                             head_subset=16, head_share=0.25)
+    by = {c.exits: c.seconds_per_token for c in sub if not c.gated}
+    # as test_predicted_seconds_follow_the_cost_model, a check's head at 2.5: [3] 3 + 2.5; [1] 1 + 2.5 + 0.5 * (3 +
+    # 10): the final head stays whole; [1, 3] 1 + 2.5 + 0.5 * (2 + 2.5)
+    assert by == pytest.approx({(1,): 10.0, (3,): 5.5, (1, 3): 5.75})
+    assert all(c.head_subset == 16 and "head subset 16" in c.name for c in sub)
+    assert {c.head_subset for c in shortlist(full + sub, 20)} == {None, 16}  # both kinds stay distinct candidates
 
 
 def test_gated_candidates_skip_the_head_where_the_gate_is_closed():
@@ -182,6 +195,17 @@ def test_plan_settings_reach_the_decoding_options(tmp_path):
     assert ee.gates == str(gates.resolve())
     sp = apply_plan(DecodeOptions(mode="speculative"), plan)
     assert (sp.draft_layer, sp.draft_length, sp.draft_threshold) == (4, 3, 0.5)
+    assert ee.head_subset is None and sp.head_subset is None and not sp.draft_adapt
+    subset_plan = {**plan, "token_ranking": "token_ranking.json",
+                   "early_exit": {**plan["early_exit"], "head_subset": 8},
+                   "speculative": {**plan["speculative"], "head_subset": 16, "draft_adapt": True}}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "plan.json").write_text(json.dumps(subset_plan))
+    subset_plan = read_plan(tmp_path / "s")
+    ee, sp = apply_plan(DecodeOptions(), subset_plan), apply_plan(DecodeOptions(mode="speculative"), subset_plan)
+    ranking = str((tmp_path / "s" / "token_ranking.json").resolve())
+    assert (ee.head_subset, ee.token_ranking, sp.head_subset, sp.token_ranking) == (8, ranking, 16, ranking)
+    assert sp.draft_adapt
     full = apply_plan(DecodeOptions(), {**plan, "early_exit": {"exits": []}})
     assert full.mode == "full"
     assert apply_plan(replace(DecodeOptions(), mode="full"), plan).mode == "full"
@@ -210,3 +234,30 @@ def test_a_plan_for_other_exits_is_refused(workspace, tmp_path, capsys):
     code = main([str(a) for a in ("evaluate", "--backbone", root / "backbone", "--exits", root / "exits",
                                   "--data", data, "--plan", tmp_path / "bad", "--out", tmp_path / "e2.json")])
     assert code != 0 and "not a freevlm plan" in capsys.readouterr().err
+
+
+def test_plan_tries_head_subsets(workspace, tmp_path, capsys):
+    """`--head-subsets`: the ranking is saved beside the plan, subset candidates are predicted and decoded, drafts are
+    tried with the subset head, and the plan's settings decode through `--plan`."""
+    from freevlm.generation.vocab import load_token_ranking
+
+    root, data = workspace
+    common = ["--backbone", root / "backbone", "--exits", root / "exits", "--data", data]
+    run("plan", *common, "--out", tmp_path / "plan", "--thresholds", 0.5, "--candidates", 2, "--kv-policies",
+        "propagate", "--draft-lengths", 2, "--head-subsets", 8, "--verify-split", "none", "--no-progress")
+    plan = read_plan(tmp_path / "plan")
+    ranking = load_token_ranking(tmp_path / "plan")
+    assert ranking is not None and plan["head_subsets"] == [8]
+    assert {row["head_subset"] for row in plan["speculative_settings"]} == {None, 8}
+    assert all("head_subset" in row for row in plan["evaluated"])
+    forced = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    forced["early_exit"] = {"exits": [2], "threshold": 0.001, "gated": False, "gates": None, "kv_policy": "propagate",
+                            "head_subset": 8}
+    (tmp_path / "plan" / "plan.json").write_text(json.dumps(forced))
+    vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits")
+    opts = apply_plan(DecodeOptions(max_new_tokens=4), read_plan(tmp_path / "plan"))
+    image = next(Path(data).rglob("*.png"))
+    res = vlm.generate([image], ["a photo of"], opts, tokenizer_decode=False)
+    assert res.engine.head_subset.size == 8
+    assert all(layer == 2 for layer in res.exit_layers[0])  # every token leaves at exit 2: from the subset
+    assert all(t in res.engine.head_subset.ids.tolist() for t in res.sequences[0].tolist())

@@ -260,8 +260,8 @@ def test_alpha_one_equals_transformers_generate(batch, exit_cfg, num_beams, max_
 @budget(80)
 @given(batch=prompt_batches(), exit_cfg=exit_configs(), data=st.data(), max_new=st.integers(1, 9),
        max_draft=st.integers(1, 8), threshold=st.one_of(st.none(), st.floats(0.0, 1.0)),
-       no_eos=st.booleans())
-def test_speculative_equals_full(batch, exit_cfg, data, max_new, max_draft, threshold, no_eos):
+       no_eos=st.booleans(), adapt=st.booleans())
+def test_speculative_equals_full(batch, exit_cfg, data, max_new, max_draft, threshold, no_eos, adapt):
     family, pixels, ids, mask, extra = batch
     bb = backbone(family)
     exits = exit_stack(family, *exit_cfg)
@@ -272,10 +272,11 @@ def test_speculative_equals_full(batch, exit_cfg, data, max_new, max_draft, thre
     lm_inputs = bb.prepare(pixels, ids, mask, **extra)
     with torch.no_grad():
         full = _generate(bb, None, lm_inputs, **kw)
-        spec = _generate(bb, exits, lm_inputs, draft=DraftSettings(layer, max_draft, threshold), **kw)
+        spec = _generate(bb, exits, lm_inputs, draft=DraftSettings(layer, max_draft, threshold, adapt), **kw)
     assert _tokens(spec) == _tokens(full)
     assert spec.exit_layers == full.exit_layers  # every token is the full model's
     assert spec.speculative is not None and 0 <= spec.speculative.accepted <= spec.speculative.drafted
+    assert spec.speculative.accepted <= spec.speculative.tokens  # only drafts that were emitted count as accepted
     if not no_eos:
         _check_well_formed(spec, ids.shape[0], max_new)
 

@@ -36,8 +36,9 @@ def _run(bb, exits, lm_inputs, draft=None, **kwargs):
                                 generation_config=bb.model.generation_config, **kwargs)
 
 
-@pytest.mark.parametrize("draft", [(1, 1, None), (1, 8, None), (3, 3, None), (5, 8, None), (1, 8, 0.3)],
-                         ids=["e1-k1", "e1-k8", "e3-k3", "e5-k8-perfect", "e1-adaptive"])
+@pytest.mark.parametrize("draft", [(1, 1, None), (1, 8, None), (3, 3, None), (5, 8, None), (1, 8, 0.3),
+                                   (1, 8, None, True), (3, 4, 0.3, True)],
+                         ids=["e1-k1", "e1-k8", "e3-k3", "e5-k8-perfect", "e1-adaptive", "e1-k8-pace", "e3-k4-both"])
 def test_greedy_output_equals_full_depth(setup, draft):
     family, bb, exits = setup
     for batch, seed in ((1, 2), (3, 2), (3, 5)):
@@ -79,6 +80,52 @@ def test_eos_inside_a_block_and_max_new_tokens_mid_block(setup):
             ended += sum(row[-1] in kw["eos_token_id"] and len(row) > 2 for row in _tokens(full))
             cut += sum(len(row) == kw["max_new_tokens"] and not kw["eos_token_id"] for row in _tokens(full))
     assert ended and cut, "both stopping paths should occur for this test to mean anything"
+
+
+def test_drafting_stops_at_a_drafted_eos(setup):
+    """A perfect drafter (exit 5) keeps every draft: a row drafts exactly the tokens it emits, so it drafts nothing
+    past its EOS and every accepted draft is emitted. Before the fix every row drafted a full block past its EOS,
+    and those drafts were verified and counted as accepted."""
+    family, bb, exits = setup
+    ended = 0
+    for seed in range(6):
+        pixels, ids, mask, extra = tiny_batch(family, SIZE, 3, seed=seed)
+        lm_inputs = bb.prepare(pixels, ids, mask, **extra)
+        with torch.no_grad():
+            eos = _mid_sequence_token(_tokens(_run(bb, exits, lm_inputs, max_new_tokens=9, eos_token_id=[])))
+            kw = dict(max_new_tokens=9, eos_token_id=[eos if eos is not None else EOS_ID])
+            full = _run(bb, exits, lm_inputs, **kw)
+            spec = _run(bb, exits, lm_inputs, DraftSettings(5, 8), **kw)
+        rows = _tokens(full)
+        assert _tokens(spec) == rows
+        st = spec.speculative
+        after_first = sum(len(row) - 1 for row in rows)  # tokens the rounds emitted (the prefill gave the first)
+        assert st.tokens == after_first
+        # one round per row: its drafts are its tokens up to its EOS, but at most 7 (the verifier adds the 9th)
+        drafts = sum(min(len(row) - 1, 7) for row in rows)
+        assert st.drafted == st.accepted == drafts, (st.drafted, st.accepted, rows)
+        ended += sum(row[-1] in kw["eos_token_id"] and len(row) > 1 for row in rows)
+    assert ended, "some row must end at an EOS inside a draft block"
+
+
+def test_adaptive_draft_length_follows_acceptance(setup):
+    """With `adapt_length`, a poor drafter's rows draft fewer tokens per round than max_draft; a perfect drafter's
+    rows keep the full length. The output stays full depth's (checked above)."""
+    family, bb, exits = setup
+    pixels, ids, mask, extra = tiny_batch(family, SIZE, 3, seed=2)
+    lm_inputs = bb.prepare(pixels, ids, mask, **extra)
+    kw = dict(max_new_tokens=12, eos_token_id=[])
+    with torch.no_grad():
+        fixed = _run(bb, exits, lm_inputs, DraftSettings(1, 6), **kw)
+        paced = _run(bb, exits, lm_inputs, DraftSettings(1, 6, adapt_length=True), **kw)
+        perfect = _run(bb, exits, lm_inputs, DraftSettings(5, 4, adapt_length=True), **kw)
+    assert _tokens(paced) == _tokens(fixed)
+    if fixed.speculative.acceptance_rate < 0.8:
+        per_round = [r.speculative.drafted / r.speculative.rounds for r in (paced, fixed)]
+        assert per_round[0] < per_round[1]
+        assert paced.speculative.acceptance_rate >= fixed.speculative.acceptance_rate
+    assert perfect.speculative.acceptance_rate == 1.0
+    assert all(e.drafts[e.live].tolist() == [4] * 3 for e in perfect.engine.log[1:-1])  # the last round: room left
 
 
 def test_batched_rows_accept_different_counts_and_equal_row_by_row(setup):
@@ -157,7 +204,12 @@ def _chi_square_p(a: Counter, b: Counter) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(stat / 2)))
 
 
-def test_speculative_sampling_has_the_distribution_of_plain_sampling():
+@pytest.mark.parametrize("subset", [False, True], ids=["full-head", "subset-head"])
+def test_speculative_sampling_has_the_distribution_of_plain_sampling(subset):
+    """With a subset head the draft distribution is zero outside the subset; the acceptance rule still gives the
+    full model's distribution."""
+    from freevlm.generation.vocab import HeadSubset
+
     bb = build_tiny("blip2-opt", TinySize(lm_layers=4), seed=0)
     exits = build_exits(bb.lm, ExitSpec("transformer", [1]))
     pixels, ids, mask, extra = tiny_batch("blip2-opt", TinySize(lm_layers=4), 1, seed=2)
@@ -170,11 +222,13 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling():
         torch.manual_seed(0)
         plain = _run(bb, exits, lm_inputs, **kw)
         torch.manual_seed(1)
-        spec = _run(bb, exits, lm_inputs, DraftSettings(1, 2), **kw)
+        v = bb.lm.vocab_size
+        sub = HeadSubset(torch.arange(0, v, 2), v) if subset else None
+        spec = _run(bb, exits, lm_inputs, DraftSettings(1, 2, head_subset=sub), **kw)
         torch.manual_seed(2)  # control: sampling from the drafter itself (every token leaves at exit 1)
         drafter = generate_from_inputs(bb.lm, exits, lm_inputs, criterion=Confidence(1e-6),
                                        generation_config=bb.model.generation_config, **kw)
-    assert 0.3 < spec.speculative.acceptance_rate < 0.99, "the drafter must differ from the model to test the rule"
+    assert (0.1 if subset else 0.3) < spec.speculative.acceptance_rate < 0.99, "the drafter must differ from the model"
 
     def dist(res, upto):
         return Counter(tuple(r[1 : upto + 1]) for r in res.sequences.tolist())  # tokens after the prefill's

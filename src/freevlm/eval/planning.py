@@ -23,6 +23,7 @@ from freevlm.generation.api import DecodeOptions
 from freevlm.generation.costs import MeasuredCosts, measure_costs, predict_seconds
 from freevlm.generation.gates import (
     evaluate_gates,
+    exit_statistics,
     exits_fingerprint,
     gate_features,
     gate_hidden_size,
@@ -30,6 +31,7 @@ from freevlm.generation.gates import (
     train_gates,
 )
 from freevlm.generation.plan import PLAN_FORMAT, full_depth_seconds, predict_candidates, shortlist
+from freevlm.generation.vocab import RANKING_FILE, HeadSubset, rank_tokens, save_token_ranking
 from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Example, caption_examples, vqa_examples
 
 QUALITY_BOUNDS = ("bootstrap", "point")
@@ -72,6 +74,14 @@ def _forced(task: str, samples) -> list[Example]:
     return caption_examples(samples, every_caption=False) if task == "caption" else vqa_examples(samples)
 
 
+def train_token_ranking(backbone, task: str, samples) -> torch.Tensor:
+    """The vocabulary ranked by token counts in the training split's targets (every reference caption, or answer)."""
+    tokenizer = backbone.processor.tokenizer
+    examples = caption_examples(samples) if task == "caption" else vqa_examples(samples)
+    sequences = [tokenizer(ex.target, add_special_tokens=False).input_ids for ex in examples if ex.target]
+    return rank_tokens(sequences, backbone.lm.vocab_size)
+
+
 def default_costs(vlm, samples, task: str) -> MeasuredCosts:
     """The cost model at batch 1, with the per-call cost of one real image."""
     first = _prompts(task, samples[:1])[0]
@@ -82,14 +92,16 @@ def default_costs(vlm, samples, task: str) -> MeasuredCosts:
 def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: MeasuredCosts | None = None,
               max_quality_drop: float = 1.0, thresholds=PAPER_THRESHOLDS, max_exits: int = 3, candidates: int = 8,
               kv_policies: tuple[str, ...] = ("propagate", "catch_up"), draft_lengths=(2, 4, 8),
-              draft_thresholds=(0.5,), spec_images: int = 16,
+              draft_thresholds=(0.5,), spec_images: int = 16, head_subsets=(),
               max_new_tokens: int = 30, batch_size: int = 32, gates_dir: str = "gates",
               quality_bound: str = "bootstrap", progress: bool = True) -> dict:
     """The plan (see `generation/plan.py`) as a JSON-ready dict; gates are saved under `out/<gates_dir>/` (a folder
     of this run's own, so that the gates of a plan already in `out` stay untouched until plan.json is replaced).
 
     A candidate is kept when its dev quality drop is at most `max_quality_drop`: by default the upper end of the
-    drop's paired-bootstrap 95% interval (`quality_bound="bootstrap"`), or its point estimate (`"point"`)."""
+    drop's paired-bootstrap 95% interval (`quality_bound="bootstrap"`), or its point estimate (`"point"`).
+    `head_subsets`: vocabulary subset sizes tried for exit checks and drafts besides the full head (`vocab.py`); the
+    ranking comes from the training split's targets and is saved as `out/token_ranking.json`."""
     if quality_bound not in QUALITY_BOUNDS:
         raise FreeVLMError(f"unknown quality bound {quality_bound!r}; expected one of {', '.join(QUALITY_BOUNDS)}")
     start = time.perf_counter()
@@ -101,8 +113,19 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
         max_new_tokens = min(max_new_tokens, 10)
     costs = costs or default_costs(vlm, dev_samples, task)
     # 1. teacher-forced statistics; gates per threshold on the training split, reported on dev
+    subsets, ranking_folder = [], None
+    if head_subsets:
+        from freevlm.generation.decode import DecodeSettings
+
+        ranking = train_token_ranking(bb, task, train_samples)
+        save_token_ranking(out, ranking, source="freevlm plan: training split targets")
+        ranking_folder = str(Path(out))
+        eos = DecodeSettings.from_kwargs(bb.model.generation_config, lm.config).eos_token_id
+        subsets = list({sub.size: sub for sub in (HeadSubset.top(ranking, int(k), eos, lm.vocab_size)
+                                                   for k in head_subsets)}.values())
     train_f = gate_features(bb, exits, _forced(task, train_samples), layers)
-    dev_f = gate_features(bb, exits, _forced(task, dev_samples), layers)
+    dev_stats = exit_statistics(bb, exits, _forced(task, dev_samples), layers, subsets)
+    dev_f = dev_stats[None]
     layer_params = sum(p.numel() for p in lm.layers[0].parameters())
     inner = gate_hidden_size(lm.hidden_size, layer_params)
     alphas = [float(a) for a in thresholds if a < 1.0]  # alpha = 1 never exits: that is full depth
@@ -120,8 +143,10 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
         gate_dirs[alpha] = folder
     # 2. predictions for every candidate
     transformer = exits.spec.kind == "transformer"
-    cands = [c for policy in kv_policies
-             for c in predict_candidates(dev_f, gate_open, costs, n, alphas, max_exits, policy, transformer)]
+    heads = [(None, 1.0)] + [(sub.size, sub.fraction) for sub in subsets]
+    cands = [c for policy in kv_policies for size, share in heads
+             for c in predict_candidates(dev_stats[size], gate_open, costs, n, alphas, max_exits, policy, transformer,
+                                         size, share)]
     full_seconds = full_depth_seconds(costs, n)
     faster = [c for c in cands if c.seconds_per_token < full_seconds]
     # 3. real decodes of dev, fastest first, until one keeps quality within the bound
@@ -141,11 +166,13 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
             continue
         bar.update()
         opts = DecodeOptions(**{**asdict(base), "threshold": c.threshold, "exit_layers": list(c.exits),
-                                "kv_policy": c.kv_policy,
+                                "kv_policy": c.kv_policy, "head_subset": c.head_subset,
+                                "token_ranking": ranking_folder if c.head_subset is not None else None,
                                 "gates": str(gate_dirs[c.threshold]) if c.gated else None})
         quality, items = _scored(vlm, task, dev_samples, opts, batch_size, False)
         bound, interval = drop_bound(full_items, items, quality_bound)
         tried.append({"exits": list(c.exits), "threshold": c.threshold, "gated": c.gated, "kv_policy": c.kv_policy,
+                      "head_subset": c.head_subset,
                       "predicted_seconds_per_token": c.seconds_per_token,
                       "predicted_speedup": full_seconds / c.seconds_per_token, "agreement": c.agreement,
                       "dev_quality": quality, "quality_drop": full_quality - quality,
@@ -162,13 +189,15 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
                       "gates": str(gate_dirs[chosen["threshold"]].relative_to(out)) if chosen["gated"] else None}
     # 4. speculative: decode a dev subset per draft setting; the cost model predicts each one's speed
     spec_rows = _speculative_settings(vlm, task, dev_samples[:spec_images], layers, draft_lengths, draft_thresholds,
-                                      costs, max_new_tokens, progress) if transformer else []
+                                      costs, max_new_tokens, progress, [size for size, _ in heads],
+                                      ranking_folder) if transformer else []
     speculative = max(spec_rows, key=lambda r: r["predicted_tokens_per_second"]) if spec_rows else None
     return {"format": PLAN_FORMAT, "gates_root": gates_dir, "task": task,
             "quality_metric": "CIDEr" if task == "caption" else "accuracy",
             "exits_fingerprint": fingerprint, "exit_layers": layers, "num_layers": n,
             "max_quality_drop": max_quality_drop, "quality_bound": quality_bound, "dev_quality_full": full_quality,
             "early_exit": early_exit, "speculative": speculative, "evaluated": tried,
+            "token_ranking": RANKING_FILE if subsets else None, "head_subsets": [sub.size for sub in subsets],
             "speculative_settings": spec_rows, "candidates_predicted": len(cands),
             "full_depth_seconds_per_token": full_seconds,
             "gate_reports": {str(a): r for a, r in gate_reports.items()}, "gate_parameters": inner,
@@ -190,13 +219,16 @@ def check_plan(plan: dict, exits) -> None:
         raise FreeVLMError(f"the plan was made for other exits: {what}; run `freevlm plan` on these exits")
 
 
-def _speculative_settings(vlm, task, samples, layers, lengths, thresholds, costs, max_new_tokens, progress):
+def _speculative_settings(vlm, task, samples, layers, lengths, thresholds, costs, max_new_tokens, progress,
+                          head_subsets=(None,), ranking_folder=None):
     rows = []
     examples = _prompts(task, samples)
     grid = [(e, k, None) for e in layers for k in lengths] + [(e, max(lengths), t) for e in layers for t in thresholds]
-    for e, k, t in tqdm(grid, desc="plan: draft settings", disable=not progress, leave=False):
+    grid = [(e, k, t, size) for e, k, t in grid for size in head_subsets]
+    for e, k, t, size in tqdm(grid, desc="plan: draft settings", disable=not progress, leave=False):
         opts = DecodeOptions(mode="speculative", draft_layer=e, draft_length=k, draft_threshold=t,
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, head_subset=size,
+                             token_ranking=ranking_folder if size is not None else None)
         tokens = seconds = 0.0
         accepted = drafted = 0
         for ex in examples:
@@ -205,7 +237,7 @@ def _speculative_settings(vlm, task, samples, layers, lengths, thresholds, costs
             seconds += predict_seconds(res, costs, e)
             accepted += res.speculative.accepted
             drafted += res.speculative.drafted
-        rows.append({"draft_layer": e, "draft_length": k, "draft_threshold": t,
+        rows.append({"draft_layer": e, "draft_length": k, "draft_threshold": t, "head_subset": size,
                      "acceptance_rate": accepted / drafted if drafted else 0.0,
                      "predicted_tokens_per_second": tokens / seconds if seconds else 0.0})
     return rows
@@ -222,6 +254,8 @@ def verify_plan(vlm, plan: dict, task: str, samples, *, speed_images: int = 16, 
     resolved = dict(plan)
     if plan_folder is not None and plan["early_exit"].get("gates"):
         resolved["early_exit"] = {**plan["early_exit"], "gates": str(Path(plan_folder) / plan["early_exit"]["gates"])}
+    if plan_folder is not None and plan.get("token_ranking"):
+        resolved["token_ranking"] = str(Path(plan_folder) / plan["token_ranking"])
     ee = apply_plan(DecodeOptions(max_new_tokens=max_new), resolved)
     if ee.mode == "early_exit":
         paths["early_exit_plan"] = ee

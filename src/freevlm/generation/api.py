@@ -24,9 +24,10 @@ from freevlm.data.images import load_image
 from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitStack, load_exits
 from freevlm.generation.criteria import Gated, make_criterion
-from freevlm.generation.decode import GenerationResult, generate_from_inputs
+from freevlm.generation.decode import DecodeSettings, GenerationResult, generate_from_inputs
 from freevlm.generation.kv import SkipPolicy
 from freevlm.generation.speculative import DraftSettings
+from freevlm.generation.vocab import head_subset, load_token_ranking
 from freevlm.train.batches import encode_prompts
 
 MODES = ("early_exit", "full", "speculative")
@@ -42,6 +43,9 @@ class DecodeOptions:
     draft_layer: int | None = None  # speculative: the drafting exit's layer (None: the first exit)
     draft_length: int = 8  # speculative: drafts per round at most
     draft_threshold: float | None = None  # speculative: stop drafting once the exit's confidence falls below this
+    draft_adapt: bool = False  # speculative: each row's draft length follows its acceptance so far (<= draft_length)
+    head_subset: int | None = None  # early exit checks and speculative drafts score the K most frequent tokens only
+    token_ranking: str | None = None  # folder (or file) of the ranking head_subset takes from (default: the VLM's)
     exit_layers: list[int] | None = None  # early exit: the exits checked (a plan's subset; None: every exit)
     gates: str | None = None  # early exit: a folder of exit gates (from `freevlm plan`); checks run where they open
     gate_threshold: float = 0.5  # early exit: a gate opens where its probability exceeds this
@@ -59,15 +63,18 @@ class DecodeOptions:
 
 
 class EarlyExitVLM:
-    def __init__(self, backbone, exits: ExitStack | None = None):
+    def __init__(self, backbone, exits: ExitStack | None = None, token_ranking: torch.Tensor | None = None):
         self.backbone = backbone
         self.exits = exits
+        self.token_ranking = token_ranking  # (V,) token ids, most frequent first: what `head_subset` takes from
 
     @classmethod
     def from_pretrained(cls, backbone: str | Path, exits: str | Path | None = None, *, device: str | None = None,
                         dtype: torch.dtype | None = None) -> EarlyExitVLM:
         bb = load_backbone(backbone, dtype=dtype, device=device)
-        return cls(bb, load_exits(exits, bb.lm) if exits is not None else None)
+        if exits is None:
+            return cls(bb)
+        return cls(bb, load_exits(exits, bb.lm), load_token_ranking(exits, bb.lm.vocab_size))
 
     def load_gates(self, folder: str | Path):
         """Exit gates from a folder (cached per folder): refused if they were trained for other exits."""
@@ -83,6 +90,21 @@ class EarlyExitVLM:
                 raise FreeVLMError(f"gates in {folder} are for exits {gates.layers}, not all loaded "
                                    f"({self.exits.layers if self.exits is not None else 'no exits'})")
             cache[key] = gates.to(self.device)
+        return cache[key]
+
+    def _ranking(self, where: str | None) -> torch.Tensor | None:
+        """The token ranking of `where` (a plan's; cached per path), else the VLM's own."""
+        if where is None:
+            return self.token_ranking
+        path = Path(where)
+        folder = path if path.is_dir() else path.parent
+        cache = self.__dict__.setdefault("_rankings", {})
+        key = str(folder.resolve())
+        if key not in cache:
+            ranking = load_token_ranking(folder, self.backbone.lm.vocab_size)
+            if ranking is None:
+                raise FreeVLMError(f"no token ranking in {folder}")
+            cache[key] = ranking
         return cache[key]
 
     @property
@@ -116,14 +138,20 @@ class EarlyExitVLM:
             if self.exits is None:
                 raise FreeVLMError("speculative mode drafts with an exit: load exits (--exits) first")
             layer = opts.draft_layer if opts.draft_layer is not None else self.exits.layers[0]
-            draft = DraftSettings(layer, opts.draft_length, opts.draft_threshold)
+            draft = DraftSettings(layer, opts.draft_length, opts.draft_threshold, opts.draft_adapt)
         elif exits is not None:
             criterion = make_criterion(opts.criterion, opts.threshold)
             if opts.gates is not None:
                 criterion = Gated(criterion, self.load_gates(opts.gates), opts.gate_threshold)
         tokenizer = self.backbone.processor.tokenizer if tokenizer_decode else None
+        subset = None
+        if opts.head_subset is not None and opts.uses_exits:
+            lm, config = self.backbone.lm, self.backbone.model.generation_config
+            eos = DecodeSettings.from_kwargs(config, lm.config, **hf_kwargs).eos_token_id
+            subset = head_subset(self._ranking(opts.token_ranking), opts.head_subset, eos, lm.vocab_size)
         return generate_from_inputs(
             self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft, check_layers=opts.exit_layers,
+            head_subset=subset,
             policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
             generation_config=self.backbone.model.generation_config, max_new_tokens=opts.max_new_tokens,
             num_beams=opts.num_beams, max_cache_gb=opts.max_cache_gb, **hf_kwargs,

@@ -204,12 +204,14 @@ def step_seconds(rec: StepRecord, costs: MeasuredCosts, rows: torch.Tensor, num_
             + float(rec.kv_copies[rows].max()) * costs.kv_copy)
 
 
-def round_seconds(drafted: int, draft_layer: int, num_layers: int, costs: MeasuredCosts, exit_runs: int) -> float:
+def round_seconds(drafted: int, draft_layer: int, num_layers: int, costs: MeasuredCosts, exit_runs: int,
+                  head_share: float = 1.0) -> float:
     """Predicted seconds of one speculative round at batch 1: drafted+1 single-token passes through layers 1..e,
-    `exit_runs` exit transformers and `drafted` heads, then one block of drafted+1 tokens through layers e+1..N and
-    its heads."""
+    `exit_runs` exit transformers and `drafted` heads (each `head_share` of a full head: a subset head), then one
+    block of drafted+1 tokens through layers e+1..N and its heads."""
     m = drafted + 1
-    return (m * (costs.step + draft_layer * costs.layer) + exit_runs * costs.exit_layer + drafted * costs.head
+    return (m * (costs.step + draft_layer * costs.layer) + exit_runs * costs.exit_layer
+            + drafted * costs.head * head_share
             + (num_layers - draft_layer) * costs.block_layer(m) + costs.head)
 
 
@@ -220,9 +222,9 @@ def predict_seconds(result, costs: MeasuredCosts, draft_layer: int | None = None
     if result.speculative is not None:
         for entry in result.engine.log[1:]:
             live = entry.live
-            drafted = int(entry.heads[live].max() - 1) // 2 if live.numel() else 0
+            drafted = int(entry.drafts[live].max()) if live.numel() else 0
             exit_runs = int(entry.exits[live].max()) if live.numel() else 0
-            total += round_seconds(drafted, draft_layer or 1, n, costs, exit_runs)
+            total += round_seconds(drafted, draft_layer or 1, n, costs, exit_runs, entry.head_share)
         return total
     for rec, live in zip(result.records, result.live_rows):
         total += step_seconds(rec, costs, live, n)

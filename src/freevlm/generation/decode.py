@@ -14,7 +14,7 @@ transformers' implementation is a private method of `GenerationMixin` that drive
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -281,7 +281,8 @@ def _beam_search(engine: Engine, logits: torch.Tensor, s: DecodeSettings, batch:
 def generate_from_inputs(
     lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
     generation_config=None, draft: DraftSettings | None = None, trace: bool = False, static: bool | None = None,
-    check_layers: list[int] | None = None, max_cache_gb: float | None = None, **generate_kwargs,
+    check_layers: list[int] | None = None, max_cache_gb: float | None = None, head_subset=None,
+    lazy_exit_fill: bool = True, **generate_kwargs,
 ) -> GenerationResult:
     """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
@@ -291,13 +292,19 @@ def generate_from_inputs(
     the exit at `draft.layer`; otherwise full depth. `static`: static-shape decode steps (CUDA graphs on a GPU;
     default: on CUDA only; see `graphs.py`). `max_cache_gb`: the static cache's memory budget (default: the memory
     available on the device); the call is refused up front past it or past the LM's positions (`bounds.py`).
+    `head_subset` (a `HeadSubset`, `vocab.py`): exit checks and drafts score only its token ids (speculative
+    verification keeps the full head). `lazy_exit_fill`: closed gates' exit K/V are projected when the exit next
+    runs (False: at once; see `Engine`).
     """
     start = time.perf_counter()
     s = DecodeSettings.from_kwargs(generation_config, lm.config, **generate_kwargs)
     if draft is not None:
+        if head_subset is not None:
+            draft = replace(draft, head_subset=head_subset)
         engine = Engine(lm, exits, policy=policy, trace=trace, draft_layer=draft.layer, static=False)
     else:
-        engine = Engine(lm, exits, criterion, policy, trace=trace, static=static, check_layers=check_layers)
+        engine = Engine(lm, exits, criterion, policy, trace=trace, static=static, check_layers=check_layers,
+                        head_subset=head_subset, lazy_exit_fill=lazy_exit_fill)
     batch = lm_inputs.inputs_embeds.shape[0]
     extra_columns = draft.max_draft + 1 if draft else 0
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences

@@ -66,6 +66,7 @@ class _StepLog:
     # when every row ran the same layers: {q: calls} of backbone and of exit layers over q tokens per row
     together: tuple[dict[int, int], dict[int, int]] | None
     gates: list | None = None  # gated steps: (exit layer, batch rows, gate open per row) per gate asked
+    owed_filled: list | None = None  # lazy exit filling: rows (one entry per K/V pair) whose owed exit K/V were written
 
 
 @dataclass
@@ -93,16 +94,22 @@ class Engine:
     """Decodes a batch on one backbone LM with (optionally) its exits. One instance per generate call."""
 
     def __init__(self, lm, exits=None, criterion=None, policy: SkipPolicy | None = None, *, trace: bool = False,
-                 draft_layer: int | None = None, static: bool | None = None, check_layers: list[int] | None = None):
+                 draft_layer: int | None = None, static: bool | None = None, check_layers: list[int] | None = None,
+                 head_subset=None, lazy_exit_fill: bool = True):
         """`draft_layer`: speculative decoding's drafting exit; only its cache is kept, and no exit decides.
         `static`: decode steps with static shapes (`graphs.py`), as CUDA graphs on a GPU; default: on CUDA.
-        `check_layers`: the exits to check (a subset of the trained ones, e.g. a plan's); the others never run."""
+        `check_layers`: the exits to check (a subset of the trained ones, e.g. a plan's); the others never run.
+        `head_subset`: exit checks score only these token ids (a `HeadSubset`, `vocab.py`); an exit that fires emits
+        the subset's argmax (its logits elsewhere are -inf).
+        `lazy_exit_fill`: a closed gate leaves its exit's K/V pending (the exit's input state is kept) and they are
+        projected in one batched call when that exit next runs (or at `flush`); False projects them at once."""
         self.lm = lm
         self.kernel = kernel_for(lm)
         self.n = lm.num_layers
         self.policy = policy or SkipPolicy()
         self.checking = exits is not None and criterion is not None and not criterion.never_exits()
         self.criterion = criterion
+        self.head_subset = head_subset
         self.exits_owner = exits  # the ExitStack (owner of the exits' stacked propagation weights)
         self.exit_at: dict[int, ExitKernel] = {}
         self.exit_list: list[int] = []
@@ -127,6 +134,10 @@ class Engine:
         self.calls: list[tuple[str, int, int]] | None = [] if trace else None
         self.log: list[_StepLog] = []
         self.pending: list[_Pending] = []
+        self.lazy_exit_fill = lazy_exit_fill
+        # closed gates' exit K/V not written yet, per exit slot: (rows, cols, input states, RoPE or None) groups
+        self.exit_owed: dict[int, list[tuple]] = {}
+        self._filled_rows: list[torch.Tensor] = []  # rows whose owed exit K/V were projected during this step
         self.cache: KVCache | None = None
         self._rows: torch.Tensor | None = None
         self.static = static
@@ -185,7 +196,7 @@ class Engine:
         if self.static is None:
             self.static = self.cache.keys.device.type == "cuda"
         return (self.static and not self.policy.batch_moves_together and self.cache.length is not None
-                and getattr(self.kernel, "static_rope", True) and not self.gated)
+                and getattr(self.kernel, "static_rope", True) and not self.gated and self.head_subset is None)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) at the next column; returns next-token logits (B, V)."""
@@ -213,6 +224,7 @@ class Engine:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search; expanding rows to beams or samples)."""
+        self.fill_owed_exits()  # owed entries name rows by their old index
         in_place = self._static_step is not None and index.shape[0] == self.cache.batch
         self.cache.reorder(index, in_place=in_place)
         base = self._base.index_select(0, index)
@@ -227,7 +239,9 @@ class Engine:
 
     def flush(self) -> None:
         """Catch-up only: run every pending token through the layers (and exits) it skipped, so that the caches
-        equal a full-depth forward's. Generation does not need it; handing over the cache does."""
+        equal a full-depth forward's. Generation does not need it; handing over the cache does. Exit K/V that closed
+        gates left owed are written too."""
+        self.fill_owed_exits()
         if not self.pending:
             return
         x, start = None, None
@@ -282,6 +296,8 @@ class Engine:
 
     def run_exit(self, ex: ExitKernel, x: torch.Tensor, span: Span) -> torch.Tensor:
         c = self.cache
+        if ex.slot in self.exit_owed:  # earlier tokens' K/V, owed by closed gates: attention is about to read them
+            self._fill_owed(ex)
         if self.calls is not None:
             self.calls.append(("exit", self.exit_list[ex.slot], x.shape[1]))
         cross = self._cross(c.exit_cross_keys, c.exit_cross_values, ex.slot, span)
@@ -289,12 +305,14 @@ class Engine:
 
     def _decide(self, ex: ExitKernel, layer: int, state, hidden, prev, rows, crit_state, out, exit_layer):
         """Ask the criterion about `rows` (last-position states given); returns the leaving mask or None."""
-        logits = ex.logits(self.kernel, state) if self.criterion.needs_logits else None
+        sub = self.head_subset
+        logits = ex.logits(self.kernel, state, sub) if self.criterion.needs_logits else None  # (R, V) or (R, K)
         go = self.criterion(crit_state, rows, logits, hidden, prev)
         if not bool(go.any()):
             return None
         leaving = rows[go]
-        out[leaving] = (logits[go] if logits is not None else ex.logits(self.kernel, state[go])).to(out.dtype)
+        chosen = logits[go] if logits is not None else ex.logits(self.kernel, state[go], sub)
+        out[leaving] = (chosen if sub is None else sub.scatter(chosen)).to(out.dtype)
         exit_layer[leaving] = layer
         return go
 
@@ -403,12 +421,14 @@ class Engine:
             out[rows] = self.kernel.logits(x[:, -1]).to(out.dtype)
         for event in events:
             fill_skipped(self, event)
-        self.log.append(_StepLog(exit_layer, False, None, gate_log or None))
+        self.log.append(_StepLog(exit_layer, False, None, gate_log or None, self._filled_rows or None))
+        self._filled_rows = []
         return out
 
     def _gated_decision(self, ex, layer, x, prev, span, rows, crit_state, out, exit_layer, gate_log):
         """A gate on h_i first: rows it keeps closed run neither the exit transformer nor the head (their exit
-        K/V are projected from h_i, exactly what the exit layer would write); the others are checked as usual.
+        K/V, exactly what the exit layer would write, are projected from h_i: later, batched, when the exit next runs,
+        under `lazy_exit_fill`); the others are checked as usual.
         Returns (leaving mask over `rows` or None, the exit's state with rows where the gate was closed = h_i)."""
         opened = self.criterion.open(layer, x[:, -1])  # (R,) bool
         n_open = int(opened.sum())
@@ -419,8 +439,12 @@ class Engine:
                                 exit_layer), state
         if ex.uses_cache:
             closed = (~opened).nonzero()[:, 0]
-            fill_exit_kv(self, ex, x[closed, -1], rows[closed], span.cols[closed, -1],
-                         None if span.rope is None else (span.rope[0][closed, -1], span.rope[1][closed, -1]))
+            owed = (rows[closed], span.cols[closed, -1], x[closed, -1],
+                    None if span.rope is None else (span.rope[0][closed, -1], span.rope[1][closed, -1]))
+            if self.lazy_exit_fill:
+                self.exit_owed.setdefault(ex.slot, []).append(owed)
+            else:
+                fill_exit_kv(self, ex, owed[2], owed[0], owed[1], owed[3])
         if not n_open:
             return None, x
         idx = opened.nonzero()[:, 0]
@@ -436,6 +460,21 @@ class Engine:
         state[idx] = state_open
         return go, state
 
+    def _fill_owed(self, ex: ExitKernel) -> None:
+        """Project every K/V pair exit `ex` owes (closed gates since it last ran) in one batched call."""
+        owed = self.exit_owed.pop(ex.slot)
+        rows = torch.cat([o[0] for o in owed])
+        rope = None if owed[0][3] is None else tuple(torch.cat([o[3][i] for o in owed]) for i in range(2))
+        fill_exit_kv(self, ex, torch.cat([o[2] for o in owed]), rows, torch.cat([o[1] for o in owed]), rope)
+        self._filled_rows.append(rows)
+
+    def fill_owed_exits(self) -> None:
+        """Write every exit K/V closed gates left owed (lazy filling), e.g. before the cache is handed over."""
+        for layer in self.exit_list:
+            ex = self.exit_at[layer]
+            if ex.slot in self.exit_owed:
+                self._fill_owed(ex)
+
     def _full_exit_layer(self, b: int, device) -> torch.Tensor:
         if getattr(self, "_full", None) is None or self._full.shape[0] != b:
             self._full = torch.full((b,), self.n, dtype=torch.long, device=device)
@@ -446,13 +485,15 @@ class Engine:
         """The log as per-row work counts (see `eval/efficiency.py` for how they become the compute speedup).
 
         Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one in
-        all for criteria that decide without logits) plus the final head; under propagate/copy a row runs layers
-        1..exit layer and its skipped slots (deeper layers, deeper exit transformers) are filled by the policy. The
-        prefill and catch-up steps run the same layers for every row (their logged token counts).
+        all for criteria that decide without logits; a subset head counts K/V of one) plus the final head; under
+        propagate/copy a row runs layers 1..exit layer and its skipped slots (deeper layers, deeper exit transformers)
+        are filled by the policy. The prefill and catch-up steps run the same layers for every row (their logged token
+        counts).
         """
         positions = torch.tensor(self.exit_list if self.checking else [], dtype=torch.long)
         n_exits = len(self.exit_list)
         needs_logits = self.checking and self.criterion.needs_logits
+        share = 1.0 if self.head_subset is None else self.head_subset.fraction  # an exit check's head, in full heads
         out = []
         for entry in self.log:
             if hasattr(entry, "record"):  # speculative rounds count their own work
@@ -465,7 +506,7 @@ class Engine:
             reached_final = (exit_layer == self.n).float()
             if self.checking:
                 checked = torch.searchsorted(positions, exit_layer, right=True).float()
-                rec.heads += (checked if needs_logits else (1 - reached_final)) + reached_final
+                rec.heads += (checked if needs_logits else (1 - reached_final)) * share + reached_final
             else:
                 checked = torch.zeros(b)
                 rec.heads += 1
@@ -475,7 +516,7 @@ class Engine:
                 for _, rows, is_open in entry.gates:
                     opened.index_add_(0, rows.cpu(), is_open.float().cpu())
                 rec.gates += checked
-                rec.heads = (opened if needs_logits else 1 - reached_final) + reached_final
+                rec.heads = (opened if needs_logits else 1 - reached_final) * share + reached_final
             if entry.together is not None:
                 rec.blocks, rec.exit_blocks = entry.together
                 rec.layers += sum(q * calls for q, calls in rec.blocks.items())
@@ -485,7 +526,8 @@ class Engine:
                 if opened is not None:
                     if self.uses_exit_cache:
                         rec.exit_layers += opened
-                        rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
+                        if not self.lazy_exit_fill:
+                            rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
                 elif self.uses_exit_cache:
                     rec.exit_layers += checked
                 skipped = (self.n - exit_layer).float()
@@ -495,5 +537,8 @@ class Engine:
                     rec.kv_projections += skipped
                 else:
                     rec.kv_copies += skipped
+            if entry.owed_filled:  # lazy filling: exit K/V closed gates owed, projected (batched) during this step
+                filled = torch.cat(entry.owed_filled).cpu()
+                rec.kv_projections.index_add_(0, filled, torch.ones(filled.numel()))
             out.append(rec)
         return out

@@ -5,7 +5,8 @@ An ungated FREE check costs the exit transformer (one LM layer) plus the full-vo
 alone is several layers (SmolLM2: ~8 layers of parameters), so checks that do not fire make early exit slower than
 full depth. CALM's learned exit classifier is the peer: a gate reads h_i and predicts "this exit would fire at alpha
 and agree with the final layer". Only where it says yes do the exit transformer and head run; where it says no the
-exit's K/V are projected from h_i (exact: a layer's K/V depend on its input only) and the token moves on.
+token moves on with its h_i kept: the exit's K/V for it are projected from h_i (exact: a layer's K/V depend on its
+input only) when that exit next runs, in one batched call with every pair it owes (`Engine.exit_owed`).
 
 A gate is linear or a one-hidden-layer MLP, at most 1% of an LM layer's parameters (`gate_hidden_size`). Gates are
 trained on the training split after the exits (`train_gates`), with binary cross-entropy on teacher-forced states;
@@ -86,13 +87,21 @@ class GateReport:
 def gate_features(backbone, exits, examples, layers: list[int], batch_size: int = 32):
     """Teacher-forced per position (positions carrying a target): h_i per exit layer, the exit's max softmax and
     whether its argmax equals the final layer's. Returns {layer: (h (P, D), confidence (P,), agrees (P,))}."""
+    return exit_statistics(backbone, exits, examples, layers, batch_size=batch_size)[None]
+
+
+def exit_statistics(backbone, exits, examples, layers: list[int], subsets=(), batch_size: int = 32) -> dict:
+    """`gate_features` for the full head (key None) and for each `HeadSubset` in `subsets` (key: its size): with a
+    subset, confidence is the softmax renormalised over it and the exit agrees when the subset's argmax token is
+    the final layer's (`vocab.py`). One teacher-forced pass serves them all; h_i is shared."""
     from freevlm.train.batches import IGNORE, Collator
     from freevlm.train.forward import teacher_forced
 
     collate = Collator(backbone, train=True)
     lm = backbone.lm
     device = next(backbone.model.parameters()).device
-    out = {layer: ([], [], []) for layer in layers}
+    keys = [None] + [sub.size for sub in subsets]
+    out = {key: {layer: ([], [], []) for layer in layers} for key in keys}
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size]).to(device)
         tf = teacher_forced(backbone, batch, keep=set(layers), logits=True)
@@ -103,12 +112,16 @@ def gate_features(backbone, exits, examples, layers: list[int], batch_size: int 
             h = tf.states[layer]
             state = ex.state(lm, h, tf.ctx, None)
             logits = ex.logits(lm, state).float()
-            conf = torch.softmax(logits, -1).amax(-1)
-            agrees = logits.argmax(-1) == final
-            out[layer][0].append(h[keep].float().cpu())
-            out[layer][1].append(conf[keep].cpu())
-            out[layer][2].append(agrees[keep].cpu())
-    return {layer: tuple(torch.cat(parts) for parts in out[layer]) for layer in layers}
+            h_kept = h[keep].float().cpu()
+            for key, sub in zip(keys, (None, *subsets)):
+                lg = logits if sub is None else logits[..., sub.ids.to(logits.device)]
+                conf = torch.softmax(lg, -1).amax(-1)
+                pred = lg.argmax(-1) if sub is None else sub.token(lg.argmax(-1))
+                out[key][layer][0].append(h_kept)
+                out[key][layer][1].append(conf[keep].cpu())
+                out[key][layer][2].append((pred == final)[keep].cpu())
+    return {key: {layer: tuple(torch.cat(parts) for parts in per[layer]) for layer in layers}
+            for key, per in out.items()}
 
 
 def gate_labels(features, alpha: float) -> dict[int, torch.Tensor]:

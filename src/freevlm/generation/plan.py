@@ -41,19 +41,25 @@ class Candidate:
     kv_policy: str
     seconds_per_token: float  # predicted decode time per token (cost model x teacher-forced statistics)
     agreement: float  # share of dev positions whose chosen exit agrees with the final layer
+    head_subset: int | None = None  # exit checks score the K most frequent tokens (None: the full head)
 
     @property
     def name(self) -> str:
-        return f"exits {list(self.exits)}, alpha {self.threshold:g}, {self.kv_policy}{', gated' if self.gated else ''}"
+        subset = f", head subset {self.head_subset}" if self.head_subset is not None else ""
+        return (f"exits {list(self.exits)}, alpha {self.threshold:g}, {self.kv_policy}{', gated' if self.gated else ''}"
+                f"{subset}")
 
 
 def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]] | None, costs: MeasuredCosts,
                        num_layers: int, thresholds, max_exits: int, policy: str = "propagate",
-                       exit_transformers: bool = True) -> list[Candidate]:
+                       exit_transformers: bool = True, head_subset: int | None = None,
+                       head_share: float = 1.0) -> list[Candidate]:
     """Predicted time per token of every (subset, alpha, gates) on teacher-forced dev features.
 
     `features[layer] = (h, confidence, agrees)` per dev position; `gate_open[alpha][layer]` the gates' decisions.
     A position leaves at the first checked exit whose gate is open (if gated) and whose confidence exceeds alpha.
+    `head_subset`: the checks score that many tokens (`features` then hold the subset's confidence and agreement,
+    `gates.exit_statistics`), each costing `head_share` (K/V) of a head; the final head stays whole.
     """
     layers = sorted(features)
     positions = features[layers[0]][1].shape[0]
@@ -86,7 +92,7 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
                         seconds += closed * (costs.exit_layer if policy == "catch_up" else costs.kv_projection)
                 else:
                     checked = undecided
-                seconds += checked * ((costs.exit_layer if exit_transformers else 0.0) + costs.head)
+                seconds += checked * ((costs.exit_layer if exit_transformers else 0.0) + costs.head * head_share)
                 fires = checked & (conf > alpha)
                 agree |= fires & agrees
                 skipped = (num_layers - layer) + (len(subset) - i - 1 if exit_transformers else 0)
@@ -100,7 +106,7 @@ def predict_candidates(features, gate_open: dict[float, dict[int, torch.Tensor]]
                 seconds += _catch_up_seconds(~undecided, waiting, costs)
             agree |= undecided
             out.append(Candidate(subset, float(alpha), gated, policy, float(seconds.mean()),
-                                 float(agree.float().mean())))
+                                 float(agree.float().mean()), head_subset))
     return out
 
 
@@ -127,7 +133,7 @@ def shortlist(candidates: list[Candidate], limit: int) -> list[Candidate]:
     ranked = sorted(candidates, key=lambda c: (round(c.seconds_per_token, 7), -c.agreement))
     out, seen = [], set()
     for c in ranked:
-        key = (c.exits, c.threshold, c.gated, c.kv_policy)
+        key = (c.exits, c.threshold, c.gated, c.kv_policy, c.head_subset)
         if key not in seen:
             seen.add(key)
             out.append(c)
@@ -181,6 +187,8 @@ def read_plan(path: str | Path) -> dict:
     gates = plan["early_exit"].get("gates")
     if gates:
         plan["early_exit"]["gates"] = str((path.parent / gates).resolve())
+    if plan.get("token_ranking"):  # the vocabulary ranking a plan's head subsets are taken from
+        plan["token_ranking"] = str((path.parent / plan["token_ranking"]).resolve())
     plan["folder"] = str(path.parent.resolve())
     return plan
 
@@ -262,9 +270,13 @@ def apply_plan(options, plan: dict):
             return replace(options, mode="full")
         return replace(options, threshold=ee["threshold"], exit_layers=list(ee["exits"]),
                        gates=ee.get("gates") if ee.get("gated") else None,
-                       gate_threshold=ee.get("gate_threshold", 0.5), kv_policy=ee.get("kv_policy", options.kv_policy))
+                       gate_threshold=ee.get("gate_threshold", 0.5), kv_policy=ee.get("kv_policy", options.kv_policy),
+                       head_subset=ee.get("head_subset", options.head_subset),
+                       token_ranking=plan.get("token_ranking") or options.token_ranking)
     if options.mode == "speculative" and plan.get("speculative"):
         sp = plan["speculative"]
         return replace(options, draft_layer=sp["draft_layer"], draft_length=sp["draft_length"],
-                       draft_threshold=sp.get("draft_threshold"))
+                       draft_threshold=sp.get("draft_threshold"), draft_adapt=sp.get("draft_adapt", False),
+                       head_subset=sp.get("head_subset", options.head_subset),
+                       token_ranking=plan.get("token_ranking") or options.token_ranking)
     return options

@@ -2,13 +2,16 @@
 
 A round, for every unfinished row:
 1. draft: the current token and then each draft go through layers 1..e, the exit at e and the frozen head, which
-   proposes the next token; up to `max_draft` drafts, or fewer when the exit's confidence falls below `threshold`
-   (adaptive). Layers 1..e write their K/V as they go, and the exit transformer its own.
+   proposes the next token; up to `max_draft` drafts per row (with `adapt_length`, fewer for a row whose drafts
+   were rejected early in past rounds), never more than the row can still emit, and a row stops drafting once the
+   exit's confidence falls below `threshold` (adaptive) or it drafts an EOS (nothing after it could be emitted; the
+   EOS itself is not fed on). Rows that stopped leave the drafting batch; their later block positions are zeros,
+   which no token they keep attends to. Layers 1..e write their K/V as they go, and the exit transformer its own.
 2. verify: layers e+1..N run once over the whole block (the current token + the drafts), starting from the h_e states
    the drafting already computed, so layers 1..e never run twice. Greedy: the drafts that equal the full model's
    argmax are kept, then the full model's own next token; sampling: the standard speculative-sampling rule (accept
    draft x with probability min(1, p(x)/q(x)), else sample the residual max(0, p - q)), so the output distribution
-   is exactly plain sampling's.
+   is exactly plain sampling's. Acceptance statistics count only drafts a row could emit.
 3. roll back: each row's cache length becomes its old length + kept tokens; the rejected drafts' K/V (backbone and
    exit caches) stay where they are and are overwritten by the next round, since attention never reads past a row's
    own column. When every draft was kept, the last block token never ran the exit transformer, so its exit K/V are
@@ -34,7 +37,9 @@ from freevlm.generation.engine import Engine, StepRecord, _StepLog
 class DraftSettings:
     layer: int  # the exit that drafts (1-based layer)
     max_draft: int = 8  # drafts per round at most
-    threshold: float | None = None  # adaptive: stop drafting once the exit's max softmax falls below this
+    threshold: float | None = None  # adaptive: a row stops drafting once the exit's max softmax falls below this
+    adapt_length: bool = False  # per row, the draft length follows the acceptance so far (`_Pace`), <= max_draft
+    head_subset: object = None  # a `HeadSubset` (vocab.py): drafts score only its token ids; verification: full head
 
     def __post_init__(self):
         if self.max_draft < 1:
@@ -48,8 +53,8 @@ class SpeculativeStats:
     """What a speculative run did, summed over rows and rounds."""
 
     rounds: int = 0  # verifications (one per row per round)
-    drafted: int = 0  # draft tokens proposed
-    accepted: int = 0  # drafts the full model agreed with
+    drafted: int = 0  # draft tokens proposed (none past a drafted EOS or past what a row may still emit)
+    accepted: int = 0  # drafts the full model agreed with (each one emitted)
     tokens: int = 0  # tokens emitted (after the prefill's first)
     layer_calls: int = 0  # backbone layer x token calls (drafting + verification)
     exit_calls: int = 0  # exit-transformer x token calls
@@ -108,6 +113,8 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
     b, device = first_logits.shape[0], first_logits.device
     procs = s.processors(beams=False)
     eos = torch.tensor(s.eos_token_id, dtype=torch.long, device=device)
+    eos_set = set(s.eos_token_id)
+    subset = draft.head_subset
     out = torch.full((b, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
     if s.do_sample:
         cur = torch.multinomial(_warp(procs, first_logits), 1)[:, 0]
@@ -118,6 +125,7 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
     done = (torch.isin(cur, eos) if eos.numel() else torch.zeros(b, dtype=torch.bool, device=device)).tolist()
     done = [d or s.max_new_tokens == 1 for d in done]
     lengths = cache.lengths.tolist()  # host copy of the per-row columns: no device sync to plan a round
+    pace = _Pace(b, draft)
     while not all(done):
         rows_list = [r for r in range(b) if not done[r]]
         r_count = len(rows_list)
@@ -127,39 +135,71 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
         start = torch.tensor(starts, device=device)  # (R,) the column of each row's current token
         span_at = functools.partial(_span_at, engine, rows, aligned, start)
 
-        room = max(s.max_new_tokens - emitted[r] for r in rows_list)
-        limit = min(draft.max_draft, room - 1)
-        tok = cur if rows is None else cur[rows]
+        # each row drafts at most `cap` tokens: the draft length (per row when it adapts to acceptance) and never
+        # more than it can still emit (the verifier adds one token after the last kept draft)
+        cap = [min(pace.length(r), s.max_new_tokens - emitted[r] - 1) for r in rows_list]
+        count = [0] * r_count  # drafts made per row this round
+        fed = list(range(r_count))  # rows (indices into rows_list) whose next block token runs through 1..e
+        low = [False] * r_count  # the exit's confidence fell below draft.threshold: the row drafts no more
+        eos_end = [False] * r_count  # the row's last draft is an EOS (not fed: nothing after it is emitted)
+        tok = cur if rows is None else cur[rows]  # (R,) each row's next block token
         hs, drafts, draft_probs = [], [], []
-        stopped = torch.zeros(r_count, dtype=torch.bool, device=device)
         i = 0
-        while True:
-            span = span_at(i)
-            h = k.embed_tokens(tok[:, None], span.positions)
+        while fed:
+            every = len(fed) == r_count
+            if every:
+                span, tok_in = span_at(i), tok
+            else:
+                idx = torch.tensor(fed, device=device)
+                span, tok_in = _sub_span(engine, rows, aligned, start, idx, i), tok[idx]
+            h = k.embed_tokens(tok_in[:, None], span.positions)
             for layer in range(1, e + 1):
                 h = engine.run_layer(layer, h, span)
+            stats.layer_calls += e * len(fed)
+            if not every:  # rows that stopped feeding get zeros here: later positions never reach their kept tokens
+                h = torch.zeros((r_count, 1, h.shape[-1]), dtype=h.dtype, device=device).index_copy_(0, idx, h)
             hs.append(h)
-            stats.layer_calls += e * r_count
-            if i >= limit:
+            drafting = [j for j in fed if count[j] < cap[j] and not low[j]]
+            if not drafting:
                 break
-            state = engine.run_exit(ex, h, span) if ex.uses_cache else h
-            stats.exit_calls += r_count if ex.uses_cache else 0
-            lg = ex.logits(k, state[:, -1]).float()
-            if s.do_sample:
-                q = _warp(procs, lg)
-                tok = torch.multinomial(q, 1)[:, 0]
-                draft_probs.append(q)
+            if len(drafting) == r_count:
+                dspan, dh, didx = span, h, None
+            else:
+                didx = torch.tensor(drafting, device=device)
+                dspan, dh = _sub_span(engine, rows, aligned, start, didx, i), h[didx]
+            state = engine.run_exit(ex, dh, dspan) if ex.uses_cache else dh
+            stats.exit_calls += len(drafting) if ex.uses_cache else 0
+            lg = ex.logits(k, state[:, -1], subset).float()  # (D, V), or (D, K) over the subset's ids
+            if s.do_sample:  # the draft distribution q is the subset's, zero elsewhere: the acceptance rule holds
+                q = _warp(procs, lg if subset is None else subset.scatter(lg))
+                new_tok = torch.multinomial(q, 1)[:, 0]
                 conf = q.amax(-1)
             else:
-                tok = lg.argmax(-1)
+                new_tok = lg.argmax(-1) if subset is None else subset.token(lg.argmax(-1))
                 conf = torch.softmax(lg, -1).amax(-1) if draft.threshold is not None else None
+            if didx is None:
+                tok, q_all = new_tok, (q if s.do_sample else None)
+            else:
+                tok = torch.full_like(tok, s.pad_token_id).index_copy_(0, didx, new_tok)
+                q_all = q.new_zeros((r_count, q.shape[-1])).index_copy_(0, didx, q) if s.do_sample else None
             drafts.append(tok)
-            i += 1
+            if s.do_sample:
+                draft_probs.append(q_all)
+            ends = set()
+            if eos_set:  # a row that drafted EOS stops: nothing after it could be emitted
+                ended = torch.isin(new_tok, eos).tolist()
+                ends = {j for j, x in zip(drafting, ended) if x}
+                for j in ends:
+                    eos_end[j] = True
             if draft.threshold is not None:
-                stopped |= conf < draft.threshold
-                if bool(stopped.all()):
-                    limit = i  # feed this last draft through 1..e too, so that it is verified
-        m = len(hs)  # block: the current token + m - 1 drafts
+                for j, c in zip(drafting, (conf < draft.threshold).tolist()):
+                    low[j] = low[j] or c
+            for j in drafting:
+                count[j] += 1
+            fed = [j for j in fed if j in drafting and j not in ends]  # the last draft is fed, to verify the next
+            i += 1
+        m = len(hs)  # block: the current token + up to m - 1 drafts per row (m when every row's last one was an EOS)
+        nd = len(drafts)
         block = torch.cat(hs, 1)  # (R, m, D)
         span = span_at(0, m)
         x = block
@@ -168,46 +208,52 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
         stats.layer_calls += (n - e) * m * r_count
         final = k.logits(x).float()  # (R, m, V)
         d = torch.stack(drafts, 1) if drafts else torch.zeros((r_count, 0), dtype=torch.long, device=device)
+        drafted = torch.tensor(count, device=device)  # (R,) each row's drafts (the rest of its block is padding)
+        ar = torch.arange(r_count, device=device)
         if s.do_sample:
             p = _warp(procs, final)  # (R, m, V)
-            if m > 1:
-                q = torch.stack(draft_probs, 1)  # (R, m-1, V)
-                p_d = p[:, :-1].gather(-1, d[..., None])[..., 0]
+            if nd:
+                q = torch.stack(draft_probs, 1)  # (R, nd, V)
+                p_d = p[:, :nd].gather(-1, d[..., None])[..., 0]
                 q_d = q.gather(-1, d[..., None])[..., 0]
                 ok = torch.rand_like(p_d) < (p_d / q_d).clamp(max=1.0)
-                kept = ok.long().cumprod(1).sum(1)  # (R,)
+                kept = torch.minimum(ok.long().cumprod(1).sum(1), drafted)  # (R,)
             else:
                 kept = torch.zeros(r_count, dtype=torch.long, device=device)
-            at = p[torch.arange(r_count, device=device), kept]  # (R, V) target distribution at the first reject
-            if m > 1:
-                qd = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[torch.arange(r_count, device=device), kept]
-                rejected = (kept < m - 1)[:, None]
+            at = p[ar, kept.clamp(max=m - 1)]  # (R, V) target distribution at the first reject (past m: an EOS kept)
+            if nd:
+                qd = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[ar, kept]
+                rejected = (kept < drafted)[:, None]
                 resid = torch.where(rejected, (at - qd).clamp(min=0), at)
                 resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, at)  # p == q: nothing to correct
                 at = resid / resid.sum(-1, keepdim=True)
             nxt = torch.multinomial(at, 1)[:, 0]
         else:
             f = final.argmax(-1)  # (R, m)
-            kept = (d == f[:, : m - 1]).long().cumprod(1).sum(1) if m > 1 else torch.zeros(
+            kept = torch.minimum((d == f[:, :nd]).long().cumprod(1).sum(1), drafted) if nd else torch.zeros(
                 r_count, dtype=torch.long, device=device)
-            nxt = f[torch.arange(r_count, device=device), kept]
-        full = kept == m - 1  # every draft kept: the last block token's exit K/V are still missing
-        if ex.uses_cache and bool(full.any()):
-            sel = full.nonzero()[:, 0]
-            last = engine.span(sel if rows is None else rows[sel], (start[sel] + m - 1)[:, None])
-            engine.run_exit(ex, block[sel, -1:], last)  # only its K/V are needed: exactly what this layer writes
+            nxt = f[ar, kept.clamp(max=m - 1)]  # kept = m: the row kept its EOS and ends there
+        kept_list = kept.tolist()
+        # every draft kept and the last one fed (not an EOS): that last block token's exit K/V are still missing
+        full = [kept_list[j] == count[j] and not eos_end[j] for j in range(r_count)]
+        if ex.uses_cache and any(full):
+            sel = torch.tensor([j for j in range(r_count) if full[j]], device=device)
+            pos = drafted[sel]
+            last = engine.span(sel if rows is None else rows[sel], (start[sel] + pos)[:, None])
+            engine.run_exit(ex, block[sel, pos][:, None], last)  # only its K/V are needed: what this layer writes
             stats.exit_calls += int(sel.numel())
-        new = torch.zeros((r_count, m), dtype=torch.long, device=device)
-        new[:, : m - 1] = d
-        new[torch.arange(r_count, device=device), kept] = nxt
-        counts = (kept + 1).tolist()
+        new = torch.zeros((r_count, nd + 1), dtype=torch.long, device=device)
+        new[:, :nd] = d
+        new[ar, kept] = nxt
+        counts = [c + 1 for c in kept_list]
         new_rows = new.tolist()
         stats.rounds += r_count
-        stats.drafted += (m - 1) * r_count
-        stats.accepted += int(kept.sum())
-        engine.log.append(_speculative_log(engine, rows_list, b, e, m, counts, full.tolist(), ex.uses_cache))
-        eos_set = set(s.eos_token_id)
+        stats.drafted += sum(count)
+        stats.accepted += sum(kept_list)
+        engine.log.append(_speculative_log(engine, rows_list, b, e, m, count, eos_end, full, ex.uses_cache,
+                                           1.0 if subset is None else subset.fraction))
         for j, r in enumerate(rows_list):
+            pace.update(r, kept_list[j], count[j])
             take = new_rows[j][: counts[j]]
             emitted_now = 0
             for t in take:
@@ -235,6 +281,38 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
     return out[:, :steps], emitted
 
 
+def _sub_span(engine, rows, aligned: int | None, start: torch.Tensor, idx: torch.Tensor, offset: int):
+    """One token per row for the rows `idx` (indices into the round's rows), `offset` columns after their current
+    token."""
+    sub = idx if rows is None else rows[idx]
+    if aligned is not None:
+        return engine.aligned_span(sub, aligned + offset, 1)
+    return engine.span(sub, (start[idx] + offset)[:, None])
+
+
+class _Pace:
+    """Each row's draft length. `max_draft` unless `adapt`: then it follows a running estimate of the row's
+    per-draft acceptance probability a, counting kept drafts as successes and the first rejected draft as a failure
+    (drafts after it are unobserved), both counts decaying by half every round; the length is round(a / (1 - a)) + 1
+    clamped to 1..max_draft, a / (1 - a) being the expected run of kept drafts when each is kept with probability a.
+    A row starts at max_draft."""
+
+    def __init__(self, batch: int, draft: DraftSettings):
+        self.max_draft, self.adapt = draft.max_draft, draft.adapt_length
+        self.kept = [1.0] * batch
+        self.rejected = [0.0] * batch
+
+    def length(self, row: int) -> int:
+        if not self.adapt or not self.rejected[row]:
+            return self.max_draft
+        return max(1, min(self.max_draft, round(self.kept[row] / self.rejected[row]) + 1))
+
+    def update(self, row: int, kept: int, drafted: int) -> None:
+        if self.adapt and drafted:
+            self.kept[row] = 0.5 * self.kept[row] + kept
+            self.rejected[row] = 0.5 * self.rejected[row] + (1.0 if kept < drafted else 0.0)
+
+
 def _span_at(engine, rows, aligned: int | None, start: torch.Tensor, offset: int, q: int = 1):
     """The span of q tokens per row starting `offset` columns after each row's current token."""
     if aligned is not None:
@@ -242,19 +320,23 @@ def _span_at(engine, rows, aligned: int | None, start: torch.Tensor, offset: int
     return engine.span(rows, start[:, None] + offset + torch.arange(q, device=start.device)[None])
 
 
-def _speculative_log(engine, rows, b, e, m, counts, full, exit_cache):
-    """A round as a step record: per row, layer calls (drafting m tokens through 1..e, verifying m through e+1..N),
-    exit calls (m-1 drafts, + 1 when every draft was kept: the last token's exit K/V) and heads (m-1 drafts + m
-    verified)."""
+def _speculative_log(engine, rows, b, e, m, drafted, eos_end, full, exit_cache, head_share: float = 1.0):
+    """A round as a step record: per row, layer calls (its fed block tokens through 1..e: its drafts + 1, or just its
+    drafts when the last is an EOS; the whole block of m through e+1..N), exit calls (its drafts, + 1 when every
+    draft was kept: the last token's exit K/V) and heads (a draft head per draft, `head_share` of a full head each,
+    + m verified)."""
     log = _SpeculativeLog(torch.full((b,), engine.n, dtype=torch.long), False, None)
     z = torch.zeros(b)
     log.layers, log.exits, log.heads, log.proj = z.clone(), z.clone(), z.clone(), z.clone()
-    log.tokens = torch.zeros(b)
+    log.tokens, log.drafts = torch.zeros(b), torch.zeros(b)
     for j, r in enumerate(rows):
-        log.layers[r] = engine.n * m
-        log.exits[r] = (m - 1 + (1 if full[j] else 0)) if exit_cache else 0
-        log.heads[r] = (m - 1) + m
+        fed = drafted[j] + (0 if eos_end[j] else 1)
+        log.layers[r] = e * fed + (engine.n - e) * m
+        log.exits[r] = (drafted[j] + (1 if full[j] else 0)) if exit_cache else 0
+        log.heads[r] = drafted[j] * head_share + m
+        log.drafts[r] = drafted[j]
     log.live = torch.tensor(rows)
+    log.head_share = head_share
     return log
 
 
@@ -265,6 +347,8 @@ class _SpeculativeLog(_StepLog):
     heads: torch.Tensor | None = None
     proj: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    drafts: torch.Tensor | None = None  # (B,) drafts each row made in the round
+    head_share: float = 1.0  # a draft head's cost in full heads (a subset head: K/V)
     live: torch.Tensor | None = None
 
     def record(self) -> StepRecord:

@@ -93,7 +93,9 @@ class ExitKernel:
         self.classifier = module.classifier.weight if self.kind == "linear" else None
         self.uses_cache = self.kind == "transformer"
 
-    def logits(self, kernel, state: torch.Tensor) -> torch.Tensor:
+    def logits(self, kernel, state: torch.Tensor, subset=None) -> torch.Tensor:
+        """(R, V) logits, or (R, K) over the token ids of `subset` (a `HeadSubset`: its rows of the classifier)."""
         if self.classifier is not None:
-            return F.linear(kernel.final_norm(state), self.classifier)
-        return kernel.logits(state)
+            w = self.classifier if subset is None else subset.rows(self.classifier)
+            return F.linear(kernel.final_norm(state), w)
+        return kernel.logits(state) if subset is None else kernel.logits(state, subset.rows(kernel.head_w))

@@ -141,5 +141,6 @@ class LlamaKernel:
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, *self.norm)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.final_norm(x), self.head_w)
+    def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight`: rows of the head to score instead of all of them (a subset head, `vocab.py`)."""
+        return linear(self.final_norm(x), self.head_w if weight is None else weight)

@@ -128,5 +128,6 @@ class OPTKernel:
             x = self.project_out(x)
         return x
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.final_norm(x), self.head_w)
+    def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight`: rows of the head to score instead of all of them (a subset head, `vocab.py`)."""
+        return linear(self.final_norm(x), self.head_w if weight is None else weight)

@@ -150,8 +150,9 @@ class T5Kernel:
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, *self.norm, t5=True)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight`: rows of the head to score instead of all of them (a subset head, `vocab.py`)."""
         x = self.final_norm(x)
         if self.output_scale is not None:
             x = x * self.output_scale
-        return linear(x, self.head_w)
+        return linear(x, self.head_w if weight is None else weight)
