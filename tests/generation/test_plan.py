@@ -189,17 +189,17 @@ def test_plan_settings_reach_the_decoding_options(tmp_path):
                            "gate_threshold": 0.4, "kv_policy": "catch_up"},
             "speculative": {"draft_layer": 4, "draft_length": 3, "draft_threshold": 0.5}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    plan = read_plan(tmp_path)
+    raw, plan = plan, read_plan(tmp_path)
     ee = apply_plan(DecodeOptions(), plan)
     assert (ee.exit_layers, ee.threshold, ee.kv_policy, ee.gate_threshold) == ([2], 0.7, "catch_up", 0.4)
     assert ee.gates == str(gates.resolve())
     sp = apply_plan(DecodeOptions(mode="speculative"), plan)
     assert (sp.draft_layer, sp.draft_length, sp.draft_threshold) == (4, 3, 0.5)
     assert ee.head_subset is None and sp.head_subset is None and not sp.draft_adapt
-    subset_plan = {**plan, "token_ranking": "token_ranking.json",
-                   "early_exit": {**plan["early_exit"], "head_subset": 8},
-                   "speculative": {**plan["speculative"], "head_subset": 16, "draft_adapt": True}}
-    (tmp_path / "s").mkdir()
+    subset_plan = {**raw, "token_ranking": "token_ranking.json",
+                   "early_exit": {**raw["early_exit"], "head_subset": 8},
+                   "speculative": {**raw["speculative"], "head_subset": 16, "draft_adapt": True}}
+    (tmp_path / "s" / "gates" / "alpha-0.7").mkdir(parents=True)
     (tmp_path / "s" / "plan.json").write_text(json.dumps(subset_plan))
     subset_plan = read_plan(tmp_path / "s")
     ee, sp = apply_plan(DecodeOptions(), subset_plan), apply_plan(DecodeOptions(mode="speculative"), subset_plan)
