@@ -112,9 +112,12 @@ def test_cost_model_has_every_kind_of_work(workspace):
     root, _ = workspace
     vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits")
     costs = measure_costs(vlm, repeats=3, number=2)
-    for name in ("layer", "exit_layer", "head", "gate", "kv_projection", "kv_copy", "step"):
+    for name in ("layer", "exit_layer", "head", "gate", "kv_projection", "kv_copy"):
         value = getattr(costs, name)
         assert math.isfinite(value) and value > 0, name
+    # the step's fixed part is a difference of two timings (a whole step minus its layers and head), clamped at 0:
+    # on a loaded machine it can come out 0, so only its range is asserted
+    assert math.isfinite(costs.step) and costs.step >= 0
     assert sorted(costs.block) == [2, 4, 9] and all(v > 0 for v in costs.block.values())
     assert costs.call == 0.0  # no representative call given
     assert MeasuredCosts.from_json(json.loads(json.dumps(costs.to_json()))) == costs
