@@ -28,6 +28,7 @@ from freevlm.data.splits import split_by_image
 from freevlm.data.synthetic import load_synthetic_captions
 from freevlm.default import DefaultConfig, pretrained_default
 from freevlm.errors import FreeVLMError
+from freevlm.exits import load_exits
 from freevlm.outputs import write_json
 from freevlm.train.batches import caption_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
@@ -165,8 +166,22 @@ def real_exits(backbone, root: str | Path, train, cfg: RealConfig | None = None,
     """FREE's exits on the real VLM (stage 2), cached under `root`."""
     cfg = cfg or RealConfig()
     s2 = replace(cfg.stage2, loop=replace(cfg.stage2.loop, seed=seed, progress=progress))
-    exits, _ = train_exits(backbone, caption_examples(train), s2, Path(root) / f"real-free-s{seed}", resume=True)
+    folder = Path(root) / f"real-free-s{seed}"
+    # stage 2 stops at max_steps, before an epoch ends, so it leaves no checkpoint to resume from: a finished run is
+    # recognised by its stamp (settings + the stage-1 backbone it trained on) and loaded, not retrained
+    stamp = folder / "identity.json"
+    identity = json.loads(json.dumps({"stage2": {**asdict(s2), "loop": {**asdict(s2.loop), "progress": None}},
+                                      "stage1": _stage1_stamp(root, seed)}, default=str))
+    if (folder / "exits").is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == identity:
+        return load_exits(folder / "exits", backbone.lm, list(s2.exit_layers) if s2.exit_layers else None)
+    exits, _ = train_exits(backbone, caption_examples(train), s2, folder, resume=True)
+    write_json(stamp, identity)
     return exits
+
+
+def _stage1_stamp(root, seed: int):
+    stamp = Path(root) / f"real-stage1-s{seed}" / "identity.json"
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
 
 
 def _check_vision(cfg: RealConfig) -> None:
