@@ -7,31 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freevlm.backbones.tiny import EOS_ID, FAMILIES, TinySize, build_tiny
+from freevlm.backbones.tiny import EOS_ID
 from freevlm.errors import FreeVLMError
 from freevlm.eval.efficiency import CostModel, compute_speedup
-from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.criteria import Confidence
 from freevlm.generation.decode import generate_from_inputs
 from freevlm.generation.speculative import DraftSettings
 from freevlm.generation.vocab import HeadSubset, load_token_ranking, rank_tokens, save_token_ranking
-from tests.conftest import make_eos_likely, tiny_batch
+from tests.conftest import tiny_batch
 from tests.generation.regression_cases import SignRule
-
-SIZE = TinySize(lm_layers=6)
-EXIT_LAYERS = [1, 3, 5]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def setup(request):
-    bb = build_tiny(request.param, SIZE, seed=0)
-    make_eos_likely(bb, request.param, SIZE)
-    torch.manual_seed(0)
-    return request.param, bb, build_exits(bb.lm, ExitSpec("transformer", list(EXIT_LAYERS)))
-
-
-def _tokens(res):
-    return [res.sequences[i, : len(t)].tolist() for i, t in enumerate(res.trace)]
+from tests.generation.test_speculative import EXIT_LAYERS, SIZE, _tokens, setup  # noqa: F401 (the same fixture)
 
 
 def _run(bb, exits, lm_inputs, **kwargs):
@@ -56,7 +41,7 @@ def test_ranking_orders_by_count_and_subsets_keep_eos(tmp_path):
         HeadSubset.top(ranking, 0, [2], 12)
 
 
-def test_a_subset_of_the_whole_vocabulary_is_no_subset(setup):
+def test_a_subset_of_the_whole_vocabulary_is_no_subset(setup):  # noqa: F811
     family, bb, exits = setup
     pixels, ids, mask, extra = tiny_batch(family, SIZE, 3, seed=2)
     lm_inputs = bb.prepare(pixels, ids, mask, **extra)
@@ -71,7 +56,7 @@ def test_a_subset_of_the_whole_vocabulary_is_no_subset(setup):
 
 
 @pytest.mark.parametrize("size", [1, 6, 24])
-def test_speculative_drafts_from_a_small_subset_stay_lossless(setup, size):
+def test_speculative_drafts_from_a_small_subset_stay_lossless(setup, size):  # noqa: F811
     """The subset is ranked on the model's own outputs for other prompts, so it misses tokens these rows emit (a
     subset of 1 holds EOS only); the verifier's full head supplies them."""
     family, bb, exits = setup
@@ -92,7 +77,7 @@ def test_speculative_drafts_from_a_small_subset_stay_lossless(setup, size):
     assert missed, "the subset should miss some token the model emits"
 
 
-def test_early_exit_checks_and_emits_on_the_subset_and_is_charged_for_it(setup):
+def test_early_exit_checks_and_emits_on_the_subset_and_is_charged_for_it(setup):  # noqa: F811
     family, bb, exits = setup
     v = bb.lm.vocab_size
     sub = HeadSubset(torch.arange(0, v, 3), v)
