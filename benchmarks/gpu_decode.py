@@ -53,6 +53,7 @@ from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.criteria import Confidence
 from freevlm.generation.decode import generate_from_inputs
 from freevlm.generation.speculative import DraftSettings, SpeculativeStats
+from freevlm.generation.vocab import HeadSubset
 from freevlm.train.batches import CAPTION_PROMPT, encode_prompts
 
 # OPT-2.7B's LM (Appendix D.1) with a small vision side: 224 px, 14 px patches, a 2-layer 256-wide ViT and Q-Former
@@ -62,7 +63,16 @@ OPT_2_7B = TinySize(vocab_size=50272, lm_layers=32, lm_hidden=2560, lm_heads=32,
 # the smoke-test shape: the same depth (so the paper's exit layers apply as they are), tiny widths
 TINY = TinySize(vocab_size=512, lm_layers=32, lm_hidden=64, lm_heads=4, lm_ffn=128, vision_hidden=32,
                 vision_layers=1, qformer_layers=1, image_size=32, patch_size=8, num_query_tokens=4, max_positions=256)
+# SmolLM2-135M's LM (the real VLM's, `freevlm demo --real`): 30 layers, 576 wide, 9 heads / 3 K-V heads, a 49k head
+SMOLLM2 = TinySize(vocab_size=49152, lm_layers=30, lm_hidden=576, lm_heads=9, lm_kv_heads=3, lm_ffn=1536,
+                   vision_hidden=256, vision_layers=2, qformer_layers=2, image_size=224, patch_size=14,
+                   num_query_tokens=32, max_positions=2048)
 EXIT_LAYERS = [3, 6, 9, 12, 24, 27, 30]  # Table 10 (OPT); the columns of Table 11
+SHAPES = {  # name -> (family, size, exit layers, default speculative settings)
+    "opt-2.7b": ("blip2-opt", OPT_2_7B, EXIT_LAYERS, ["24:4", "30:6"]),
+    "smollm2": ("minigpt4-llama", SMOLLM2, [6, 11, 22, 25], ["6:4", "22:4"]),  # the real VLM's exits
+    "tiny": ("blip2-opt", TINY, EXIT_LAYERS, ["24:4", "30:6"]),
+}
 TABLE11 = {  # fraction of tokens leaving at each exit (Table 11); the rest reach the final layer
     "vqa-v2": [0.02, 0.07, 0.13, 0.09, 0.15, 0.18, 0.17],
     "ok-vqa": [0.03, 0.09, 0.11, 0.09, 0.13, 0.15, 0.18],
@@ -106,15 +116,16 @@ class DecodePath:
     check_layers: list[int] | None = None
     static: bool | None = None  # None: the engine's default (CUDA graphs on CUDA)
     draft: DraftSettings | None = None
+    subset: HeadSubset | None = None  # exit checks score these token ids only
 
 
-def build(size: TinySize, device: str, dtype: torch.dtype):
+def build(family: str, size: TinySize, exit_layers: list[int], device: str, dtype: torch.dtype):
     tok = default_tokenizer(SyntheticConfig())
     processor = Blip2Processor(BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size}), tok,
                                num_query_tokens=size.num_query_tokens)
     with torch.device(device):
-        backbone = build_tiny("blip2-opt", size, processor=processor, seed=0)
-        exits = build_exits(backbone.lm, ExitSpec("transformer", list(EXIT_LAYERS)))
+        backbone = build_tiny(family, size, processor=processor, seed=0)
+        exits = build_exits(backbone.lm, ExitSpec("transformer", list(exit_layers)))
     backbone.model.to(dtype).eval()
     exits.to(dtype).eval()
     return backbone, exits
@@ -146,15 +157,40 @@ def floor_bytes(lm, exits, mix: list[tuple[float, int, int]]) -> float:
     return total
 
 
+def force_acceptance(lm, exits, layer: int) -> None:
+    """Zero the residual writes of every layer past `layer` and of the exit transformer at `layer`: the final hidden
+    state is then h_layer, and so is the exit's output, so the exit's drafts are full depth's tokens. Every matrix
+    keeps its shape, so a step costs what it did (decoding is memory-bound: time follows bytes read)."""
+    def zero(block):
+        for name, p in block.named_parameters():
+            if name.split(".")[-2] in ("out_proj", "o_proj", "fc2", "down_proj"):
+                p.data.zero_()
+
+    for i in range(layer, lm.num_layers):  # 0-based: layers layer+1 .. N
+        zero(lm.layers[i])
+    zero(exits.exits[list(exits.layers).index(layer)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="a small model (32 layers, hidden 64): a smoke run")
+    parser.add_argument("--shape", default="opt-2.7b", choices=sorted(SHAPES), help="the LM's shape")
+    parser.add_argument("--tiny", action="store_true", help="--shape tiny (32 layers, hidden 64): a smoke run")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=64, help="tokens timed per call beyond --short")
     parser.add_argument("--short", type=int, default=8, help="new tokens of the short call (prefill + capture)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--spec", nargs="+", default=["24:4", "30:6"], help="speculative settings E:L (E an exit)")
+    parser.add_argument("--spec", nargs="+", default=None, help="speculative settings E:L (E an exit; default: "
+                        "the shape's)")
+    parser.add_argument("--subsets", type=int, nargs="*", default=[],
+                        help="head subset sizes K: checks-only and the first speculative setting also run with exit "
+                        "heads scoring K tokens (generation/vocab.py; random models: the K lowest ids)")
+    parser.add_argument("--force-accept", action="store_true",
+                        help="zero the residual writes (attention output and FFN down projections) of every layer "
+                        "past the first speculative setting's exit and of that exit's transformer: its drafts then "
+                        "equal full depth's tokens (100%% acceptance) at unchanged cost per layer; only full depth "
+                        "and that setting run")
+    parser.add_argument("--no-hf", action="store_true", help="leave out transformers generate")
     parser.add_argument("--table11", default="vqa-v2", choices=sorted(TABLE11))
     parser.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="GPU memory bandwidth, GB/s (H200)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) / float32 (default on CPU)")
@@ -163,7 +199,8 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_decode: no CUDA device here; pass --device cpu --tiny for a smoke run")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device != "cpu" else torch.float32)
-    size = TINY if args.tiny else OPT_2_7B
+    family, size, exit_layers, default_spec = SHAPES["tiny" if args.tiny else args.shape]
+    spec = args.spec or default_spec
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     cuda = args.device.startswith("cuda")
 
@@ -173,7 +210,7 @@ def main() -> None:
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    backbone, exits = build(size, args.device, dtype)
+    backbone, exits = build(family, size, exit_layers, args.device, dtype)
     lm = backbone.lm
     n = lm.num_layers
     machine = system_info()
@@ -184,26 +221,39 @@ def main() -> None:
         f"{sum(p.numel() for p in backbone.model.parameters()) / 1e9:.2f}B parameters in all, LM layers + head "
         f"{lm_bytes / 1e9:.2f} GB ({dtype}); exits {list(exits.layers)}; bandwidth {args.bandwidth_gbs:g} GB/s")
 
-    fractions = TABLE11[args.table11]
-    paths = [DecodePath("hf", "hf"), DecodePath("full graphs", "engine", static=None),
-             DecodePath("full eager", "engine", static=False)]
-    for k in EXIT_LAYERS:
+    fractions = TABLE11[args.table11] if len(exit_layers) == len(EXIT_LAYERS) else None  # Table 11 is OPT's
+    paths = [] if args.no_hf else [DecodePath("hf", "hf")]
+    paths += [DecodePath("full graphs", "engine", static=None), DecodePath("full eager", "engine", static=False)]
+    for k in exit_layers:
         paths.append(DecodePath(f"exit@{k}", "engine", Confidence(1e-9), [k]))
-    paths.append(DecodePath(f"table11 {args.table11}", "engine", Drawn(fractions)))
-    paths.append(DecodePath("checks only", "engine", Drawn([0.0] * len(EXIT_LAYERS))))
-    for text in args.spec:
+    if fractions is not None:
+        paths.append(DecodePath(f"table11 {args.table11}", "engine", Drawn(fractions)))
+    paths.append(DecodePath("checks only", "engine", Drawn([0.0] * len(exit_layers))))
+    ranking = torch.arange(lm.vocab_size)
+    for k in args.subsets:
+        paths.append(DecodePath(f"checks only subset {k}", "engine", Drawn([0.0] * len(exit_layers)),
+                                subset=HeadSubset(ranking[:k], lm.vocab_size)))
+    for i, text in enumerate(spec):
         e, length = (int(x) for x in text.split(":"))
         paths.append(DecodePath(f"spec e={e} L={length}", "engine", draft=DraftSettings(e, length)))
+        if i == 0:
+            for k in args.subsets:
+                paths.append(DecodePath(f"spec e={e} L={length} subset {k}", "engine", draft=DraftSettings(
+                    e, length, head_subset=HeadSubset(ranking[:k], lm.vocab_size))))
+    if args.force_accept:
+        e = int(spec[0].split(":")[0])
+        force_acceptance(lm, exits, e)
+        paths = [p for p in paths if p.name in ("full graphs", "full eager") or p.name.startswith(f"spec e={e} ")]
 
     def floor_ms(p: DecodePath) -> float | None:
-        if p.draft is not None:
-            return None  # depends on acceptance; see layer calls per token
+        if p.draft is not None or p.subset is not None:
+            return None  # depends on acceptance (see layer calls per token); subsets: not modelled
         if p.check_layers is not None:
             mix = [(1.0, p.check_layers[0], 1)]
         elif isinstance(p.criterion, Drawn):
             fr = p.criterion.fractions
-            mix = [(f, k, i + 1) for i, (f, k) in enumerate(zip(fr, EXIT_LAYERS))]
-            mix.append((1.0 - sum(fr), n, len(EXIT_LAYERS)))
+            mix = [(f, k, i + 1) for i, (f, k) in enumerate(zip(fr, exit_layers))]
+            mix.append((1.0 - sum(fr), n, len(exit_layers)))
         else:
             mix = [(1.0, n, 0)]
         return floor_bytes(lm, exits, mix) / (args.bandwidth_gbs * 1e9) * 1e3
@@ -212,7 +262,8 @@ def main() -> None:
                                         generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
     gen_config = backbone.model.generation_config
     results = {"machine": machine, "settings": vars(args), "model": {
-        "size": size.__dict__, "dtype": str(dtype), "exit_layers": EXIT_LAYERS, "lm_weight_bytes": lm_bytes,
+        "shape": "tiny" if args.tiny else args.shape, "size": size.__dict__, "dtype": str(dtype),
+        "exit_layers": exit_layers, "forced_acceptance": args.force_accept, "lm_weight_bytes": lm_bytes,
         "table11_fractions": fractions}, "batches": {}}
 
     for batch in args.batch_sizes:
@@ -232,6 +283,7 @@ def main() -> None:
                 lm_inputs = backbone.prepare(pixels, enc["input_ids"], enc["attention_mask"])
                 res = generate_from_inputs(lm, exits, lm_inputs, criterion=p.criterion, draft=p.draft,
                                            check_layers=p.check_layers, static=p.static, generation_config=gen_config,
+                                           head_subset=p.subset,
                                            max_new_tokens=new, eos_token_id=[])
                 sync()
                 if stats is not None:
@@ -240,31 +292,43 @@ def main() -> None:
 
         long = args.short + args.tokens
         info = {}
-        reference = call(paths[1], long).sequences.tolist()  # full depth's tokens
+        full_path = next(p for p in paths if p.name == "full graphs")
+        reference = call(full_path, long).sequences.tolist()  # full depth's tokens
+        failed = {}  # a path that raises is reported and left out; the others still run
         for p in paths:  # warm-up, and what each path produced
             stats = SpeculativeStats() if p.draft is not None else None
-            out = call(p, long, stats)
-            entry = {}
-            if p.kind == "hf":
-                entry["equals_full"] = out.tolist() == reference
-            else:
-                layers = [x for row in out.exit_layers for x in row]
-                entry["mean_exit_layer"] = statistics.fmean(layers)
-                entry["equals_full"] = out.sequences.tolist() == reference
-            if stats is not None:
-                entry.update(stats.to_json(n))
-            call(p, args.short)
-            info[p.name] = entry
-        times = {p.name: {"short": [], "long": []} for p in paths}
+            try:
+                out = call(p, long, stats)
+                entry = {}
+                if p.kind == "hf":
+                    entry["equals_full"] = out.tolist() == reference
+                else:
+                    layers = [x for row in out.exit_layers for x in row]
+                    entry["mean_exit_layer"] = statistics.fmean(layers)
+                    entry["equals_full"] = out.sequences.tolist() == reference
+                if stats is not None:
+                    entry.update(stats.to_json(n))
+                call(p, args.short)
+                info[p.name] = entry
+            except Exception as exc:  # noqa: BLE001 - reported per path
+                failed[p.name] = f"{type(exc).__name__}: {exc}"
+                log(f"{p.name}: FAILED {failed[p.name]}")
+        live = [p for p in paths if p.name not in failed]
+        times = {p.name: {"short": [], "long": []} for p in live}
         for _ in range(args.repeats):
-            for p in paths:
-                for key, new in (("short", args.short), ("long", long)):
-                    t0 = time.perf_counter()
-                    call(p, new)
-                    times[p.name][key].append(time.perf_counter() - t0)
+            for p in list(live):
+                try:
+                    for key, new in (("short", args.short), ("long", long)):
+                        t0 = time.perf_counter()
+                        call(p, new)
+                        times[p.name][key].append(time.perf_counter() - t0)
+                except Exception as exc:  # noqa: BLE001 - reported per path
+                    failed[p.name] = f"{type(exc).__name__} while timed: {exc}"
+                    log(f"{p.name}: FAILED {failed[p.name]}")
+                    live.remove(p)
         rows, table = [], {}
         full_ms = None
-        for p in paths:
+        for p in live:
             short, lng = statistics.median(times[p.name]["short"]), statistics.median(times[p.name]["long"])
             ms = (lng - short) / args.tokens * 1e3
             full_ms = ms if p.name == "full graphs" else full_ms
@@ -286,16 +350,19 @@ def main() -> None:
             rows.append([name, e["ms_per_token"], fl if fl is not None else "-",
                          e["ms_per_token"] / fl if fl else "-", e["vs_full_graphs"], e["end_to_end_ms_per_token"],
                          "; ".join(notes)])
+        rows += [[name, "-", "-", "-", "-", "-", f"FAILED: {why}"] for name, why in failed.items()]
         log(f"\n## batch {batch} ({args.tokens} tokens timed after {args.short}; prompt {prompt_len} tokens; "
             f"median of {args.repeats})\n")
         log(markdown_table(["path", "decode ms/token", "floor ms", "x floor", "speed vs full graphs",
                             "end-to-end ms/token", "notes"], rows))
+        table.update({name: {"error": why} for name, why in failed.items()})
         results["batches"][str(batch)] = table
     results["seconds"] = time.perf_counter() - start
     log(f"\ndone in {results['seconds']:.0f} s")
     text = json.dumps(results, indent=2, default=str)
     print(text)
-    for target in ([Path(os.environ["OUT"]) / "gpu_decode.json"] if os.environ.get("OUT") else []) + (
+    name = f"gpu_decode_{results['model']['shape']}{'_forced' * args.force_accept}.json"
+    for target in ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else []) + (
             [Path(args.out)] if args.out else []):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)

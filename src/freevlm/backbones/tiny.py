@@ -37,6 +37,7 @@ class TinySize:
     # sizes the generation cache from the encoder depth, so unequal depths break its own T5 generate)
     lm_hidden: int = 32  # LM hidden size
     lm_heads: int = 4  # LM attention heads (Llama: 2 key/value heads, so grouped-query attention is exercised)
+    lm_kv_heads: int | None = None  # Llama key/value heads (None: half the heads)
     lm_ffn: int = 64  # LM feed-forward size
     vision_hidden: int = 32  # vision encoder (and Q-Former) hidden size
     vision_layers: int = 2  # vision encoder layers
@@ -59,7 +60,7 @@ def _lm_config(kind: str, s: TinySize):
     if kind == "llama":
         return LlamaConfig(
             hidden_size=s.lm_hidden, num_hidden_layers=s.lm_layers, num_attention_heads=s.lm_heads,
-            num_key_value_heads=max(1, s.lm_heads // 2), intermediate_size=s.lm_ffn,
+            num_key_value_heads=s.lm_kv_heads or max(1, s.lm_heads // 2), intermediate_size=s.lm_ffn,
             max_position_embeddings=s.max_positions, attention_dropout=s.dropout, tie_word_embeddings=False, **common,
         )
     if kind == "t5":

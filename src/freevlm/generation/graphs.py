@@ -17,6 +17,7 @@ to step; speculative verification blocks; RoPE types that rescale with the seque
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +87,16 @@ class StaticStep:
                     self.outputs[i] = self._segment(i)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[i] = self._segment(i)
+            # No garbage collection during capture: a dead engine's graphs (held in a reference cycle) destroyed
+            # mid-capture invalidate it ("operation not permitted when stream is capturing", seen on an H200)
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[i] = self._segment(i)
+            finally:
+                if collecting:
+                    gc.enable()
             self.graphs[i] = graph
         self.graphs[i].replay()
         return self.outputs[i]
