@@ -61,8 +61,12 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert set(fractions) == {"2", "4", "6"} and abs(sum(fractions.values()) - 1) < 1e-9
     assert saved["full_depth"]["speed"]["parameter_speedup"] == 1.0
     shown = {f"FREE alpha={a}" for a in {saved["alpha"], 0.8}}
-    assert set(saved["wall_clock"]) == {*shown, "FREE + plan", "speculative (lossless)", "full_depth", "hf_generate",
-                                        "ratios"}
+    timed = {*shown, "FREE + plan", "speculative (lossless)"} - set(saved["not_timed_apart"])
+    assert set(saved["wall_clock"]) == {*timed, "full_depth", "hf_generate", "ratios"}
+    if saved["alpha"] == 1.0:  # decodes as full depth: reused, not run twice
+        assert "FREE alpha=1.0" in saved["not_timed_apart"] and saved["free"] == saved["full_depth"]
+    assert set(saved["phases_seconds"]) == {"alpha sweep (dev)", "plan (gates, costs, dev decodes)", "test decodes",
+                                            "wall-clock table"}
     assert saved["free_at_table10_alpha"]["speed"]["parameter_speedup"] >= 1.0  # alpha 0.8 is always shown too
     # lossless: the speculative mode's captions are full depth's
     same, total = saved["speculative_identical_to_full"]
@@ -124,3 +128,16 @@ def test_the_embedded_default_clip_ranks_a_true_caption_above_a_wrong_one_for_mo
     print(rates)
     assert rates["CLIP"]["true_over_near_miss"] > 0.6  # one attribute or one object changed
     assert rates["CLIP"]["true_over_other_image"] > 0.6
+
+
+def test_decodes_as_full_depth_only_where_no_exit_can_fire():
+    from freevlm.demo import decodes_as_full_depth
+    from freevlm.generation.api import DecodeOptions
+
+    assert decodes_as_full_depth(DecodeOptions(mode="full"))
+    assert decodes_as_full_depth(DecodeOptions(threshold=1.0))
+    assert decodes_as_full_depth(DecodeOptions(criterion="entropy", threshold=0.0))
+    assert not decodes_as_full_depth(DecodeOptions(threshold=0.8))
+    assert not decodes_as_full_depth(DecodeOptions(criterion="patience", threshold=2))
+    assert not decodes_as_full_depth(DecodeOptions(threshold=1.0, gates="runs/plan/gates"))
+    assert not decodes_as_full_depth(DecodeOptions(mode="speculative"))

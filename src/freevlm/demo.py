@@ -29,6 +29,7 @@ from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, select_th
 from freevlm.eval.planning import make_plan
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
+from freevlm.generation.criteria import make_criterion
 from freevlm.generation.plan import apply_plan, write_plan
 from freevlm.outputs import write_json
 from freevlm.train.batches import CAPTION_PROMPT, Example, caption_examples
@@ -139,16 +140,36 @@ def _describe(backbone) -> dict:
     return info
 
 
+def decodes_as_full_depth(options: DecodeOptions) -> bool:
+    """Whether these options decode as full depth by construction: mode "full" (a full-depth plan applies as that),
+    or ungated early exit whose criterion never fires (confidence at alpha = 1, entropy at 0), where the engine checks
+    no exit (tested against transformers `generate` in tests/generation/test_engine.py)."""
+    if options.mode == "full":
+        return True
+    return (options.mode == "early_exit" and options.gates is None
+            and make_criterion(options.criterion, options.threshold).never_exits())
+
+
 def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model: dict, model_label: str, split: dict,
             config: dict, start: float, speed_images: int, plan_train: int, plan_dev: int | None, progress: bool,
             batch_size: int = 32) -> dict:
     """Steps 4-5 of every demo: alpha on dev, the plan, then test quality (with paired-bootstrap intervals of each
     CIDEr difference to full depth) and wall-clock tokens/s of every path side by side; prints the tables, writes
     out/demo_report.json."""
+    phases = {}  # seconds per step of the comparison (where a demo's time goes)
+    tick = time.perf_counter()
+
+    def phase(name: str):
+        nonlocal tick
+        now = time.perf_counter()
+        phases[name] = now - tick
+        tick = now
+
     print(f"[4/5] choose alpha on the dev split from {list(PAPER_THRESHOLDS)} (fast in-process CIDEr)")
     sweep = {a: evaluate_captions(vlm, dev, DecodeOptions(threshold=a), official=False, progress=progress,
                                   batch_size=batch_size) for a in PAPER_THRESHOLDS}
     alpha = select_threshold(sweep, "CIDEr")
+    phase("alpha sweep (dev)")
     print("      plan: gates, exits to check, KV policy and the speculative draft setting from measured costs")
     # the planner's gates see a subset of the training split (a demo budget); its quality bound is checked on the
     # whole dev split, against the upper end of the drop's bootstrap interval
@@ -157,6 +178,7 @@ def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model:
     write_plan(out / f"plan-s{seed}", plan)
     planned = apply_plan(DecodeOptions(), plan)
     speculative = apply_plan(DecodeOptions(mode="speculative"), plan)
+    phase("plan (gates, costs, dev decodes)")
 
     # The paper picks "the best-performing threshold" on dev, which can be alpha = 1 (no exit at all) when no exit
     # beats the final layer; Table 10 lists 0.8, so the demo also shows that setting side by side.
@@ -164,18 +186,27 @@ def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model:
     print(f"[5/5] test split ({len(test)} images): full depth, FREE at alpha={' and '.join(map(str, shown))}, "
           f"FREE + plan, speculative; wall-clock on {speed_images} images, batch 1")
     full = evaluate_captions(vlm, test, DecodeOptions(mode="full"), progress=progress, batch_size=batch_size)
-    free = {a: evaluate_captions(vlm, test, DecodeOptions(threshold=a), progress=progress, batch_size=batch_size)
-            for a in shown}
-    with_plan = evaluate_captions(vlm, test, planned, progress=progress, batch_size=batch_size)
-    spec = evaluate_captions(vlm, test, speculative, progress=progress, batch_size=batch_size)
+
+    def on_test(options: DecodeOptions):  # a decode that is full depth by construction is not run twice
+        if decodes_as_full_depth(options):
+            return full
+        return evaluate_captions(vlm, test, options, progress=progress, batch_size=batch_size)
+
+    free = {a: on_test(DecodeOptions(threshold=a)) for a in shown}
+    with_plan = on_test(planned)
+    spec = on_test(speculative)
+    phase("test decodes")
     full_text = {p["key"]: p["prediction"] for p in full.predictions}
     identical = sum(p["prediction"] == full_text[p["key"]] for p in spec.predictions)
     refs = {s.image_id: s.captions for s in test}
     speed_examples = [Example(s.image_id, s.image_path, CAPTION_PROMPT, None) for s in test[:speed_images]]
     # one interleaved run: every path's ratio to full depth and to transformers' generate is measured side by side
+    also = {**{f"FREE alpha={a}": DecodeOptions(threshold=a) for a in shown}, "FREE + plan": planned,
+            "speculative (lossless)": speculative}
+    same_as_full = [name for name, options in also.items() if decodes_as_full_depth(options)]
     wall = speed_comparison(vlm, speed_examples, DecodeOptions(mode="full"), repeats=3, batch_size=1,
-                            also={**{f"FREE alpha={a}": DecodeOptions(threshold=a) for a in shown},
-                                  "FREE + plan": planned, "speculative (lossless)": speculative})
+                            also={k: v for k, v in also.items() if k not in same_as_full})
+    phase("wall-clock table")
 
     labels = {DEFAULT_ALPHA: f"FREE, alpha={DEFAULT_ALPHA} (Table 10)", alpha: f"FREE, alpha={alpha} (chosen on dev)"}
     rows, intervals = [], {}
@@ -222,13 +253,17 @@ def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model:
                          [[k, wall[k]["tokens_per_second"], wall[k]["tokens"],
                            wall[k]["tokens_per_second"] / wall["full_depth"]["tokens_per_second"],
                            wall[k]["tokens_per_second"] / wall["hf_generate"]["tokens_per_second"]] for k in names]))
+    if same_as_full:
+        print(f"  not timed apart: {', '.join(same_as_full)} (each decodes as full depth: no exit is checked)")
+    print("\nTime per step of the comparison: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()))
     report = {"alpha": alpha, "model": model, "split": split, "seed": seed, "test_images": len(test),
               "full_depth": full.to_json(), "free": free[alpha].to_json(),
               "free_at_table10_alpha": free[DEFAULT_ALPHA].to_json(),
               "free_plan": with_plan.to_json(), "speculative": spec.to_json(),
               "cider_vs_full_depth": intervals,
               "speculative_identical_to_full": [identical, len(spec.predictions)], "plan": plan,
-              "sweep": {str(a): r.to_json() for a, r in sweep.items()}, "wall_clock": wall, "system": system_info(),
+              "sweep": {str(a): r.to_json() for a, r in sweep.items()}, "wall_clock": wall,
+              "not_timed_apart": same_as_full, "phases_seconds": phases, "system": system_info(),
               "config": config, "seconds": time.perf_counter() - start}
     write_json(out / "demo_report.json", report, default=str)
     print(f"\ndone in {report['seconds'] / 60:.1f} min; report: {out / 'demo_report.json'}")
