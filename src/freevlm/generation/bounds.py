@@ -77,7 +77,7 @@ def check_generation_bounds(engine, lm_inputs, max_new_tokens: int, extra_column
     exit_slots = len(engine.exit_list) if engine.uses_exit_cache else 0
     rows = batch * expand
     need = cache_bytes(layers=engine.n, exit_slots=exit_slots, rows=rows, kv_heads=k.kv_heads, columns=columns,
-                       head_dim=k.head_dim, itemsize=embeds.element_size(),
+                       head_dim=k.head_dim, itemsize=k.dtype.itemsize,
                        cross_heads=k.heads if lm.is_encoder_decoder else 0,
                        encoder_len=embeds.shape[1] if lm.is_encoder_decoder else 0)
     if max_cache_gb is not None:

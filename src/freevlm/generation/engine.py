@@ -20,13 +20,14 @@ Work is logged per step in layer-call units (`StepRecord`s, built on demand) for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from freevlm.errors import FreeVLMError
 from freevlm.generation.cache import KVCache, Span, make_span
 from freevlm.generation.kernels import kernel_for
-from freevlm.generation.kernels.common import ExitKernel
+from freevlm.generation.kernels.common import DecoderKernel, EncoderDecoderKernel, ExitKernel
 from freevlm.generation.kv import SkipPolicy, fill_exit_kv, fill_skipped
 
 
@@ -104,7 +105,9 @@ class Engine:
         `lazy_exit_fill`: a closed gate leaves its exit's K/V pending (the exit's input state is kept) and they are
         projected in one batched call when that exit next runs (or at `flush`); False projects them at once."""
         self.lm = lm
-        self.kernel = kernel_for(lm)
+        self.kernel: DecoderKernel = kernel_for(lm)  # shared by every engine on `lm`: no per-call state on it
+        self.tables = None  # this call's tables from `kernel.start` (RoPE, T5's relative bias)
+        self.kv_stacks: dict = {}  # the stacked K/V projections propagation uses, checked fresh once per call (kv.py)
         self.n = lm.num_layers
         self.policy = policy or SkipPolicy()
         self.checking = exits is not None and criterion is not None and not criterion.never_exits()
@@ -149,16 +152,18 @@ class Engine:
         """Run the prompt; returns the first token's logits (B, V). Allocates the cache for `max_new_tokens` more
         columns (+ `extra_columns`, e.g. speculative drafts past the last kept token)."""
         k, lm = self.kernel, self.lm
-        embeds, mask = lm_inputs.inputs_embeds, lm_inputs.attention_mask
-        b, device, dtype = embeds.shape[0], embeds.device, embeds.dtype
+        dtype = k.dtype  # the cache holds what the layers write: the weights' dtype, whatever the inputs'
+        embeds, mask = lm_inputs.inputs_embeds.to(dtype), lm_inputs.attention_mask
+        b, device = embeds.shape[0], embeds.device
         num_exit_slots = len(self.exit_list) if self.uses_exit_cache else 0
         if lm.is_encoder_decoder:
+            k = cast(EncoderDecoderKernel, k)  # its layers cross-attend to the encoder output
             encoder = lm.encode(embeds, mask)  # the encoder runs whole, through transformers' module
             start = torch.full((b, 1), lm.config.decoder_start_token_id, dtype=torch.long, device=device)
             p = 1
             max_len = p + max_new_tokens + extra_columns
             cache = KVCache.allocate(self.n, num_exit_slots, b, k.kv_heads, max_len, k.head_dim, dtype, device)
-            k.start(max_len, device)
+            self.tables = k.start(max_len, device)
             cache.encoder_bias = k.encoder_bias(mask, dtype)
             ck, cv = zip(*(k.cross_kv(w, encoder) for w in k.layers))
             cache.cross_keys, cache.cross_values = torch.stack(ck), torch.stack(cv)
@@ -172,7 +177,7 @@ class Engine:
             p = embeds.shape[1]
             max_len = p + max_new_tokens + extra_columns
             cache = KVCache.allocate(self.n, num_exit_slots, b, k.kv_heads, max_len, k.head_dim, dtype, device)
-            k.start(max_len, device)
+            self.tables = k.start(max_len, device)
             real = mask.bool()
             cache.not_pad[:, :p] = real
             cache.has_pad = not bool(real.all())
@@ -196,7 +201,7 @@ class Engine:
         if self.static is None:
             self.static = self.cache.keys.device.type == "cuda"
         return (self.static and not self.policy.batch_moves_together and self.cache.length is not None
-                and getattr(self.kernel, "static_rope", True) and not self.gated and self.head_subset is None)
+                and self.kernel.static_rope and not self.gated and self.head_subset is None)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) at the next column; returns next-token logits (B, V)."""
@@ -259,7 +264,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------------------
     def _prepare(self, span: Span) -> Span:
-        span = self.kernel.prepare(span)
+        span = self.kernel.prepare(span, self.tables)
         bias = self.cache.encoder_bias
         if bias is not None:
             span.cross_bias = bias if span.rows is None else bias[span.rows]

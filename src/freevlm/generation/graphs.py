@@ -130,8 +130,10 @@ class StaticStep:
                 exit_layer[go] = hi
                 source = seg.state if e.policy.source == "exit" else seg.x[:, -1]
                 idx = go.nonzero()[:, 0]
-                span = self.span() if e.kernel.family == "llama" else None
-                rope = None if span is None else (span.rope[0][idx, -1], span.rope[1][idx, -1])
+                rope = None
+                if e.kernel.has_rope:  # propagation applies RoPE at the token's position
+                    cos, sin = e.kernel.rope((e._base + self.col)[idx], e.tables)
+                    rope = (cos[:, -1], sin[:, -1])
                 events.append(ExitEvent(idx, hi, ex.slot, source[idx].clone(), self.col.expand(idx.shape[0]), rope))
                 active = active & ~go
             if not remaining:

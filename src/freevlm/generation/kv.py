@@ -5,10 +5,10 @@ deeper attend to its keys and values there. Leaving those entries empty silently
 one of three policies always fills them:
 
 - `propagate` (CALM's state propagation): the exited state is fed through each skipped layer's K/V projections
-  (with the layer's own input norm, and RoPE for Llama-family LMs). The state is the backbone's h_i by default
-  (`source="hidden"`, as in CALM); `source="exit"` uses the exit transformer's output instead, which FREE trains to
-  resemble the final layer's. Cost per skipped layer: one norm + two projections (about a sixth of an OPT layer);
-  all skipped layers of a token are one batched matmul over their stacked projection weights.
+  (with the layer's own input norm, and RoPE where the LM has rotary embeddings). The state is the backbone's h_i by
+  default (`source="hidden"`, as in CALM); `source="exit"` uses the exit transformer's output instead, which FREE
+  trains to resemble the final layer's. Cost per skipped layer: one norm + two projections (about a sixth of an OPT
+  layer); all skipped layers of a token are one batched matmul over their stacked projection weights.
 - `copy` (MuE-style, and the cheapest): each skipped layer reuses the K/V the exit layer i itself stored for the token
   (no computation; one strided copy). Note this is not CALM's propagation, which recomputes K/V per layer.
 - `catch_up`: nothing is approximated. The skipped layers run for the exited token later, batched with the next token
@@ -48,7 +48,9 @@ class SkipPolicy:
 
 
 # Stacked projection weights per owner of the layers (the LM adapter, an ExitStack) and per layer set: built once,
-# rebuilt when a weight changes.
+# rebuilt when a weight changes (in place, or by `.to(dtype / device)`: `KVStack.fresh`). A stack is never written
+# to once built, so engines share them; each engine checks freshness once per call (`engine.kv_stacks`), not per
+# event.
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -60,9 +62,20 @@ def _stack(owner, key: tuple, kernel, weights) -> KVStack:
     return stack
 
 
+def _layers_stack(engine) -> KVStack:
+    stack = engine.kv_stacks.get("layers")
+    if stack is None:
+        kernel = engine.kernel
+        stack = engine.kv_stacks["layers"] = _stack(engine.lm, ("layers",), kernel, kernel.layers)
+    return stack
+
+
 def _exit_stack(engine) -> KVStack:
-    exits = [engine.exit_at[layer].layer for layer in engine.exit_list]
-    return _stack(engine.exits_owner, tuple(engine.exit_list), engine.kernel, exits)
+    stack = engine.kv_stacks.get("exits")
+    if stack is None:
+        exits = [engine.exit_at[layer].layer for layer in engine.exit_list]
+        stack = engine.kv_stacks["exits"] = _stack(engine.exits_owner, tuple(engine.exit_list), engine.kernel, exits)
+    return stack
 
 
 def fill_exit_kv(engine, ex, state: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, rope=None) -> None:
@@ -87,8 +100,7 @@ def fill_skipped(engine, event) -> None:
     rows, cols = event.rows, event.cols
     if engine.policy.name == "propagate":
         if e < n:
-            stack = _stack(engine.lm, ("layers",), kernel, kernel.layers)
-            k, v = kernel.project_kv(stack, e, n, event.state, event.rope)
+            k, v = kernel.project_kv(_layers_stack(engine), e, n, event.state, event.rope)
             _write(cache.keys[e:n], cache.values[e:n], rows, cols, k, v)
         if idx + 1 < n_exits:
             k, v = kernel.project_kv(_exit_stack(engine), idx + 1, n_exits, event.state, event.rope)

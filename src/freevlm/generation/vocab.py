@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from freevlm.errors import FreeVLMError
+from freevlm.generation.kernels.common import tensor_state
 
 RANKING_FILE = "token_ranking.json"
 RANKING_FORMAT = "freevlm-token-ranking/1"
@@ -49,7 +50,7 @@ def rank_tokens(sequences: Iterable[Sequence[int]], vocab_size: int) -> torch.Te
 
 class HeadSubset:
     """K token ids (ascending) and the head rows for them, gathered once per weight tensor (and re-gathered when the
-    weight changes in place, as `KVStack`)."""
+    weight changes, in place or by `.to(dtype / device)`, as `KVStack`)."""
 
     def __init__(self, ids: torch.Tensor, vocab_size: int):
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
@@ -57,7 +58,7 @@ class HeadSubset:
             raise FreeVLMError(f"a head subset needs token ids in 0..{vocab_size - 1}")
         self.ids = torch.unique(ids)  # sorted, deduplicated
         self.vocab_size = vocab_size
-        self._rows: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._rows: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}
 
     @classmethod
     def top(cls, ranking: torch.Tensor, size: int, eos_token_ids: Sequence[int], vocab_size: int) -> HeadSubset:
@@ -87,10 +88,11 @@ class HeadSubset:
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """weight (V, D) -> its rows for the subset (K, D)."""
         cached = self._rows.get(id(weight))
-        if cached is None or cached[0] is not weight or cached[1] != weight._version:
+        state = tensor_state(weight)
+        if cached is None or cached[0] is not weight or cached[1] != state:
             with torch.no_grad():
                 rows = weight.detach().index_select(0, self.ids.to(weight.device))
-            self._rows[id(weight)] = cached = (weight, weight._version, rows)
+            self._rows[id(weight)] = cached = (weight, state, rows)
         return cached[2]
 
     def scatter(self, logits: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from freevlm.generation.cache import Span, self_attention
-from freevlm.generation.kernels.common import KVStack, activation, linear, merge_heads, rms_norm, split_heads
+from freevlm.generation.kernels.common import (
+    KVStack,
+    activation,
+    linear,
+    merge_heads,
+    rms_norm,
+    split_heads,
+    tensor_state,
+)
 
 
 @dataclass
@@ -45,6 +53,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class LlamaKernel:
     family = "llama"
+    has_rope = True
 
     def __init__(self, lm):
         cfg = lm.config
@@ -62,7 +71,13 @@ class LlamaKernel:
         self.static_rope = getattr(self.rotary, "rope_type", "default") not in ("dynamic", "longrope")
         self.norm = (lm.norm.weight, lm.norm.variance_epsilon)
         self.head_w = lm.lm_head.weight
-        self._table: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        # the last table built, reused by later calls: (what it was built for, length, cos, sin); replaced whole,
+        # never written to, so a call holding an older one is unaffected
+        self._table: tuple[tuple, int, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].k_w.dtype
 
     @staticmethod
     def layer_weights(layer) -> LlamaLayer:
@@ -81,26 +96,33 @@ class LlamaKernel:
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed_w)
 
-    def start(self, max_len: int, device: torch.device) -> None:
-        """Once per call: the (cos, sin) table for every position a column up to `max_len` can hold."""
-        dtype = self.embed_w.dtype
+    def start(self, max_len: int, device: torch.device):
+        """Once per call: the (cos, sin) table for every position a column up to `max_len` can hold (None when the
+        RoPE type rescales with the sequence length: `rope` then asks the rotary module each time)."""
+        if not self.static_rope:
+            return None
+        inv_freq = getattr(self.rotary, "inv_freq", None)
+        built_for = (self.embed_w.dtype, torch.device(device), None if inv_freq is None else tensor_state(inv_freq))
         t = self._table
-        if self.static_rope and (t is None or t[0] < max_len or t[1].dtype != dtype or t[1].device != device):
+        if t is None or t[0] != built_for or t[1] < max_len:
             ids = torch.arange(max(max_len, 64), device=device)[None]
             with torch.no_grad():
                 cos, sin = self.rotary(self.embed_w[:1], ids)
-            self._table = (ids.shape[1], cos[0], sin[0])
+            t = self._table = (built_for, ids.shape[1], cos[0], sin[0])
+        return t[2], t[3]
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for position ids (R, q), each (R, q, hd), exactly as the model's rotary module computes them
-        (elementwise position x inverse frequency, so a table lookup gives the same values)."""
-        if not self.static_rope:
+        (elementwise position x inverse frequency, so a lookup in `start`'s table gives the same values). Padding's
+        position -1 reads position 0."""
+        positions = positions.clamp(min=0)
+        if tables is None:
             with torch.no_grad():
                 return self.rotary(self.embed_w[:1], positions)
-        return self._table[1][positions], self._table[2][positions]
+        return tables[0][positions], tables[1][positions]
 
-    def prepare(self, span: Span) -> Span:
-        span.rope = self.rope(span.positions.clamp(min=0))
+    def prepare(self, span: Span, tables) -> Span:
+        span.rope = self.rope(span.positions, tables)
         return span
 
     def _apply_rope(self, x: torch.Tensor, rope) -> torch.Tensor:

@@ -39,6 +39,8 @@ class OPTLayer:
 
 class OPTKernel:
     family = "opt"
+    has_rope = False  # learned absolute positions, added once to the embeddings
+    static_rope = True
 
     def __init__(self, lm):
         cfg = lm.config
@@ -60,6 +62,10 @@ class OPTKernel:
         self.norm = None if norm is None else (norm.weight, norm.bias, norm.eps)
         self.head_w = lm.lm_head.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].k_w.dtype
+
     @staticmethod
     def layer_weights(layer) -> OPTLayer:
         a, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
@@ -78,10 +84,13 @@ class OPTKernel:
         return self.embed(F.embedding(tokens, self.embed_w), positions)
 
     def start(self, max_len: int, device: torch.device) -> None:
-        pass
+        return None  # no per-call tables
 
-    def prepare(self, span: Span) -> Span:
+    def prepare(self, span: Span, tables) -> Span:
         return span
+
+    def rope(self, positions: torch.Tensor, tables) -> None:
+        return None
 
     # --- one layer -----------------------------------------------------------------------------------------------
     def _norm(self, x, w, b, eps):

@@ -39,6 +39,8 @@ class T5Layer:
 
 class T5Kernel:
     family = "t5"
+    has_rope = False  # relative position bias, added to the self-attention scores
+    static_rope = True
 
     def __init__(self, lm):
         cfg = lm.config
@@ -55,7 +57,10 @@ class T5Kernel:
         self.norm = (lm.decoder.final_layer_norm.weight, lm.decoder.final_layer_norm.variance_epsilon)
         self.head_w = lm.lm_head.weight
         self.output_scale = cfg.d_model**-0.5 if getattr(cfg, "scale_decoder_outputs", False) else None
-        self._bias: torch.Tensor | None = None  # (H, T, T) relative bias table for the current call
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].k_w.dtype
 
     @staticmethod
     def layer_weights(block) -> T5Layer:
@@ -77,14 +82,17 @@ class T5Kernel:
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed_w)
 
-    def start(self, max_len: int, device: torch.device) -> None:
-        """Build the decoder's relative bias for every (query, key) column pair once per call. (H, T, T)"""
+    def start(self, max_len: int, device: torch.device) -> torch.Tensor:
+        """The call's table: the decoder's relative bias for every (query, key) column pair, (H, T, T)."""
         with torch.no_grad():
-            self._bias = self.bias_module.compute_bias(max_len, max_len, device=device)[0].to(self.embed_w.dtype)
+            return self.bias_module.compute_bias(max_len, max_len, device=device)[0].to(self.dtype)
 
-    def prepare(self, span: Span) -> Span:
+    def rope(self, positions: torch.Tensor, tables) -> None:
+        return None
+
+    def prepare(self, span: Span, tables: torch.Tensor) -> Span:
         """The additive self-attention mask: block 0's relative bias where attention is allowed, -inf elsewhere."""
-        bias = self._bias[:, :, : span.kv_len]  # (H, T, kv)
+        bias = tables[:, :, : span.kv_len]  # (H, T, kv)
         rows = span.cols.shape[0]
         if span.start is not None:
             b = bias[:, span.start : span.start + span.q][None]  # (1, H, q, kv)
