@@ -282,7 +282,7 @@ def _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode="e
     draft settings that were not given; a plan (`freevlm plan`) replaces the early-exit settings (exits checked,
     alpha, gates, KV policy) or the speculative draft settings with its own."""
     if plan is not None:
-        from freevlm.generation.plan import apply_plan
+        from freevlm.planning.plan import apply_plan
 
         opts = _options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer, draft_length,
                         draft_threshold, draft_record, max_cache_gb=max_cache_gb)
@@ -353,7 +353,7 @@ def _read_plan(plan: Path | None, exits: Path | None):
     """A plan file (or folder) read before anything is claimed; it must come with the exits it was made for."""
     if plan is None:
         return None
-    from freevlm.generation.plan import read_plan
+    from freevlm.planning.plan import read_plan
 
     if exits is None:
         raise FreeVLMError("--plan configures exits: give --exits (the exits the plan was made for)")
@@ -605,7 +605,7 @@ def _sweep(backbone, exits, out, dataset, data, images, questions, split, settin
     from dataclasses import replace
 
     from freevlm.eval.plots import plot_sweep
-    from freevlm.generation.plan import plan_gates
+    from freevlm.planning.plan import plan_gates
 
     task, samples = _samples(dataset, split, data, images, questions, limit=limit)
     if task not in ("caption", "vqa", "gqa", "vizwiz"):
@@ -735,7 +735,7 @@ def plan(
     """
     from freevlm.eval.planning import make_plan, verify_plan
     from freevlm.generation.kv import POLICIES
-    from freevlm.generation.plan import COSTS_FILE, PLAN_FILE, remove_unused_gates, write_plan
+    from freevlm.planning.plan import COSTS_FILE, PLAN_FILE, remove_unused_gates, write_plan
 
     check.dataset_name(dataset)
     check.fraction("train_fraction", train_fraction)

@@ -29,8 +29,8 @@ from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, select_th
 from freevlm.eval.planning import make_plan
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.generation.plan import apply_plan, write_plan
 from freevlm.outputs import write_json
+from freevlm.planning.plan import apply_plan, write_plan
 from freevlm.train.batches import CAPTION_PROMPT, Example, caption_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.stage1 import Stage1Config, train_backbone

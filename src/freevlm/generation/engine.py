@@ -42,7 +42,7 @@ class StepRecord:
     kv_copies: torch.Tensor  # skipped cache slots filled by copying the exit layer's K/V
     prefill: bool = False  # True for the prompt's step (which runs every layer whatever the exits decide)
     tokens: torch.Tensor | None = None  # tokens the step produced per row (None: one each; speculative rounds: more)
-    gates: torch.Tensor | None = None  # exit gates asked (cheap predictors on h_i; see `generation/gates.py`)
+    gates: torch.Tensor | None = None  # exit gates asked (cheap predictors on h_i; see `planning/gates.py`)
     # steps where every row ran the same layers (catch-up): {q: calls} of backbone / exit layers over q tokens per
     # row, so a cost model can price blocks (one layer over q tokens costs far less than q layer calls)
     blocks: dict[int, int] | None = None

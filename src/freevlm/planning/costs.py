@@ -22,9 +22,9 @@ from freevlm.backbones.base import LMInputs
 from freevlm.generation.cache import make_span
 from freevlm.generation.criteria import Confidence
 from freevlm.generation.engine import Engine, StepRecord
-from freevlm.generation.gates import ExitGates, gate_hidden_size
 from freevlm.generation.kernels.common import ExitKernel
 from freevlm.generation.kv import _stack, _write
+from freevlm.planning.gates import ExitGates, gate_hidden_size
 
 
 @dataclass
