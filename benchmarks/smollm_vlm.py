@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from freevlm.demo import DEFAULT_ALPHA, system_info
+from freevlm.demo import DEFAULT_ALPHA
 from freevlm.eval.evaluate import evaluate_captions, speed_comparison
 from freevlm.eval.planning import default_costs
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
+from freevlm.machine import system_info
 from freevlm.outputs import write_json
 from freevlm.planning.plan import apply_plan, read_plan
 from freevlm.real import RealConfig, real_backbone, real_exits, real_splits

@@ -642,8 +642,8 @@ def _sweep(backbone, exits, out, dataset, data, images, questions, split, settin
 
 def _sweep_speculative(backbone, exits, out, dataset, data, images, questions, split, draft_layers, draft_lengths,
                        draft_thresholds, speed_images, max_new_tokens, batch_size, limit, progress, plan=None) -> None:
-    from freevlm.demo import system_info
     from freevlm.eval.evaluate import decode, speed_comparison
+    from freevlm.machine import system_info
     from freevlm.train.batches import VQA_TEMPLATE, Example
 
     task, samples = _samples(dataset, split, data, images, questions, limit=limit)

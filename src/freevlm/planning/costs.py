@@ -24,6 +24,7 @@ from freevlm.generation.criteria import Confidence
 from freevlm.generation.engine import Engine, StepRecord
 from freevlm.generation.kernels.common import ExitKernel
 from freevlm.generation.kv import _stack, _write
+from freevlm.machine import system_info
 from freevlm.planning.gates import ExitGates, gate_hidden_size
 
 
@@ -103,8 +104,6 @@ def measure_costs(vlm, call: Callable[[], object] | None = None, batch_size: int
     """Time each kind of work on `vlm` (a backbone with exits). `call`: one representative generate call of
     `batch_size` images with `max_new_tokens=1` (its time is the per-call fixed cost); without it the call cost
     is left at 0."""
-    from freevlm.demo import system_info
-
     bb, exits = vlm.backbone, vlm.exits
     lm = bb.lm
     device = next(bb.model.parameters()).device
