@@ -25,6 +25,7 @@ import torch
 
 from freevlm.errors import FreeVLMError
 from freevlm.generation.cache import KVCache, Span, make_span
+from freevlm.generation.events import ExitEvent
 from freevlm.generation.kernels import kernel_for
 from freevlm.generation.kernels.common import ExitKernel
 from freevlm.generation.kv import SkipPolicy, fill_exit_kv, fill_skipped
@@ -76,18 +77,6 @@ class _Pending:
     depth: int
     col: int
     hidden: torch.Tensor  # (B, 1, D)
-
-
-@dataclass
-class ExitEvent:
-    """Rows that left at one exit during a step: what the skip policy needs to fill their skipped slots."""
-
-    rows: torch.Tensor  # (R,) batch rows
-    layer: int  # exit layer (1-based)
-    index: int  # position of that exit among the exits (= its exit-cache slot for transformer exits)
-    state: torch.Tensor  # (R, D) state to propagate (h_i, or the exit's output with source="exit")
-    cols: torch.Tensor  # (R,) the column of the token
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # (R, hd) cos/sin at that column (Llama)
 
 
 class Engine:
