@@ -37,7 +37,6 @@ from freevlm.backbones import load_backbone
 from freevlm.data.images import load_image
 from freevlm.data.synthetic import load_synthetic_captions
 from freevlm.default import DefaultConfig, prepare_data
-from freevlm.demo import system_info
 from freevlm.errors import FreeVLMError
 from freevlm.eval.efficiency import measure_throughput, parameter_speedup
 from freevlm.eval.evaluate import PAPER_THRESHOLDS
@@ -45,6 +44,7 @@ from freevlm.eval.report import markdown_table
 from freevlm.exits import load_exits
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.generation.speculative import SpeculativeStats
+from freevlm.machine import system_info
 from freevlm.train.batches import CAPTION_PROMPT, encode_prompts
 
 DEFAULT_SPEC = ["4:4", "4:8:0.5", "9:8"]  # (draft exit, draft length[, adaptive alpha_draft]) settings tried

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from freevlm.data.synthetic import load_synthetic_captions
-from freevlm.demo import system_info
 from freevlm.eval.evaluate import speed_comparison
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.generation.gates import ExitGates, exits_fingerprint, gate_hidden_size, save_gates
+from freevlm.machine import system_info
+from freevlm.planning.gates import ExitGates, exits_fingerprint, gate_hidden_size, save_gates
 from freevlm.train.batches import CAPTION_PROMPT, Example
 
 

@@ -47,13 +47,13 @@ from transformers import Blip2Processor, BlipImageProcessorPil
 from freevlm.backbones.tiny import TinySize, build_tiny
 from freevlm.data.synthetic import SyntheticConfig
 from freevlm.default import default_tokenizer
-from freevlm.demo import system_info
 from freevlm.eval.report import markdown_table
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.criteria import Confidence
 from freevlm.generation.decode import generate_from_inputs
 from freevlm.generation.speculative import DraftSettings, SpeculativeStats
 from freevlm.generation.vocab import HeadSubset
+from freevlm.machine import system_info
 from freevlm.train.batches import CAPTION_PROMPT, encode_prompts
 
 # OPT-2.7B's LM (Appendix D.1) with a small vision side: 224 px, 14 px patches, a 2-layer 256-wide ViT and Q-Former

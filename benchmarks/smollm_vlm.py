@@ -8,7 +8,7 @@ of repeats after a warm-up), at batch 1 and 8 and with 1 and 2 threads:
 - tokens/s of full depth, FREE at the demo's chosen alpha and at 0.8 (every exit checked), FREE + plan, the
   lossless speculative mode (the plan's draft setting) and transformers' `generate`, as ratios to full depth and to
   `generate`;
-- the component costs (`generation.costs.measure_costs`: layer, exit transformer, head check, gate, K/V
+- the component costs (`planning.costs.measure_costs`: layer, exit transformer, head check, gate, K/V
   propagation and copy, per-step and per-call overheads) and the share of drafts accepted.
 
     HF_HUB_OFFLINE=1 python benchmarks/smollm_vlm.py [--out runs/real] [--images 8] [--repeats 3]
@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from freevlm.demo import DEFAULT_ALPHA, system_info
+from freevlm.demo import DEFAULT_ALPHA
 from freevlm.eval.evaluate import evaluate_captions, speed_comparison
 from freevlm.eval.planning import default_costs
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.generation.plan import apply_plan, read_plan
+from freevlm.machine import system_info
 from freevlm.outputs import write_json
+from freevlm.planning.plan import apply_plan, read_plan
 from freevlm.real import RealConfig, real_backbone, real_exits, real_splits
 from freevlm.train.batches import CAPTION_PROMPT, Example
 

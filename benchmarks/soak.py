@@ -322,7 +322,7 @@ def _tokens(res) -> list[list[int]]:
 # --- the soak -----------------------------------------------------------------------------------------------------
 
 def machine() -> dict:
-    from freevlm.demo import system_info
+    from freevlm.machine import system_info
 
     info = system_info()
     try:

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from freevlm.generation.plan import PLAN_FORMAT, read_plan
+from freevlm.planning.plan import PLAN_FORMAT, read_plan
 from tests.test_cli_errors import ROOT, _run, evaluate, generate, shared, sweep, train_exits, ws  # noqa: F401 (fixtures)
 from tests.test_rankers import clip_folder  # noqa: F401 (fixture)
 
@@ -35,7 +35,7 @@ from tests.test_rankers import clip_folder  # noqa: F401 (fixture)
 @pytest.fixture(scope="module")
 def exits_info(shared):  # noqa: F811
     from freevlm.generation.api import EarlyExitVLM
-    from freevlm.generation.gates import exits_fingerprint
+    from freevlm.planning.gates import exits_fingerprint
 
     root, _, paths = shared
     vlm = EarlyExitVLM.from_pretrained(paths["backbone"], root / "exits")
@@ -44,7 +44,7 @@ def exits_info(shared):  # noqa: F811
 
 def make_plan_folder(ws, exits_info, name: str = "plan", edit=None) -> Path:  # noqa: F811
     """A plan as `freevlm plan` writes it (gated early exit + a draft setting), optionally edited."""
-    from freevlm.generation.gates import ExitGates, save_gates
+    from freevlm.planning.gates import ExitGates, save_gates
 
     fingerprint, hidden = exits_info
     folder = ws.case / name
@@ -318,7 +318,7 @@ def _plan_argv(ws, out: Path, *extra: str) -> list[str]:  # noqa: F811
 
 def _check_plan_whole(out: Path) -> dict:
     """plan.json reads, its gates exist and load: a complete plan, never a mixed one."""
-    from freevlm.generation.gates import load_gates
+    from freevlm.planning.gates import load_gates
 
     plan = read_plan(out)
     gates = Path(plan["folder"]) / plan["gates_root"] / "alpha-0.5"

@@ -151,8 +151,44 @@ def test_a_table_is_a_module_with_a_measurement_stored_at_its_key_and_a_section_
     assert text.index("## Extra") < text.index("## The paper's claims")
 
 
+def test_a_seed_runs_its_method_loop_then_each_measurement_in_order_at_its_key():
+    """`run_seed`: measurements run after the method loop, in table order, when their `when` holds, and a later one
+    reads an earlier one's result from the seed's results."""
+    from types import SimpleNamespace
+
+    from freevlm.reproduce.run import run_seed
+    from freevlm.reproduce.tables.base import Table, full_only
+
+    calls = []
+
+    class FakeRun:
+        def __init__(self):
+            self.cfg, self.results = quick_config(), {"split": "s"}
+
+        def method_loop(self):
+            calls.append("loop")
+            self.results["methods"] = {"FREE": {}}
+            return SimpleNamespace(core=True)
+
+    def first(run, core):
+        calls.append("first")
+        assert core.core and "methods" in run.results
+        return 1
+
+    def second(run, core):
+        calls.append("second")
+        return run.results["a"]["b"] + 1
+
+    tables = [Table(lambda rep: [], first, ("a", "b")), Table(lambda rep: [], lambda run, core: 99, ("never",),
+                                                              when=full_only),
+              Table(lambda rep: []), Table(lambda rep: [], second, ("c",))]
+    res = run_seed(FakeRun(), tables, full=False)
+    assert calls == ["loop", "first", "second"]
+    assert res == {"split": "s", "methods": {"FREE": {}}, "a": {"b": 1}, "c": 2}
+
+
 def _fake_seed(i: int) -> dict:
-    """One seed's results, shaped as `SeedRun.run` leaves them, for FREE and DeeBLIP plus the plan and speculative
+    """One seed's results, shaped as `run.run_seed` leaves them, for FREE and DeeBLIP plus the plan and speculative
     measurements (numbers chosen so that the rendered cells are predictable)."""
     metrics = {"BLEU-4": 0.2, "CIDEr": 0.5, "METEOR": 0.25, "ROUGE-L": 0.45}
     row = {"metrics": metrics, "speed": {"parameter_speedup": 1.5, "compute_speedup": 1.4},

@@ -1,4 +1,5 @@
-"""The `freevlm` command line: a table of plain functions (see `commands.py`), each callable from Python too.
+"""The `freevlm` command line: a table of plain functions (`commands/`, one module per command), each callable from
+Python too.
 
 Arguments come from each function's signature: a parameter `exit_layers: list[int] | None = None` becomes
 `--exit-layers 3 6 9`, a `bool` parameter becomes `--flag/--no-flag`, a parameter without a default is required.
@@ -17,20 +18,20 @@ import types
 import typing
 from pathlib import Path
 
-from freevlm import commands
+from freevlm.commands import demo, evaluate, generate, make_data, plan, pretrain, reproduce, sweep, train
 from freevlm.errors import FreeVLMError
 
 COMMANDS = {
-    "demo": commands.demo,
-    "make-data": commands.make_data,
-    "pretrain": commands.pretrain,
-    "train-backbone": commands.train_backbone,
-    "train-exits": commands.train_exits,
-    "generate": commands.generate,
-    "evaluate": commands.evaluate,
-    "sweep": commands.sweep,
-    "plan": commands.plan,
-    "reproduce": commands.reproduce,
+    "demo": demo.demo,
+    "make-data": make_data.make_data,
+    "pretrain": pretrain.pretrain,
+    "train-backbone": train.train_backbone,
+    "train-exits": train.train_exits,
+    "generate": generate.generate,
+    "evaluate": evaluate.evaluate,
+    "sweep": sweep.sweep,
+    "plan": plan.plan,
+    "reproduce": reproduce.reproduce,
 }
 
 

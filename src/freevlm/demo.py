@@ -13,8 +13,6 @@ setup -> fit -> validate, as the paper's protocol (§4) lays it out:
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,8 +28,9 @@ from freevlm.eval.planning import make_plan
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.generation.criteria import make_criterion
-from freevlm.generation.plan import apply_plan, write_plan
+from freevlm.machine import system_info
 from freevlm.outputs import write_json
+from freevlm.planning.plan import apply_plan, write_plan
 from freevlm.train.batches import CAPTION_PROMPT, Example, caption_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.stage1 import Stage1Config, train_backbone
@@ -52,23 +51,6 @@ def demo_stage2(exit_layers=None) -> ExitTrainConfig:
     # 128-wide model would cost about two LM layers per position and dominate the run.
     return ExitTrainConfig(exit_layers=exit_layers, optim=OptimConfig(name="adamw", lr=1e-3, warmup_steps=20),
                            discriminator_lr=1e-4, discriminator_hidden=512, loop=LoopConfig(epochs=3, batch_size=32))
-
-
-def system_info() -> dict:
-    """The machine a measurement ran on: CPU model and vector capability (AVX-512 and AVX2 kernels round
-    differently, so training on them diverges), core count, torch threads, GPU if any."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch.__version__}
 
 
 def demo(out: str | Path = "runs/demo", seed: int = 0, speed_images: int = 16, progress: bool = True,

@@ -104,7 +104,7 @@ def test_threshold_choice_prefers_the_fastest_of_the_best():
 
 
 def test_sweep_command_writes_json_and_plot(tmp_path):
-    from freevlm.commands import sweep
+    from freevlm.commands.sweep import sweep
     from freevlm.data.synthetic import SyntheticConfig, write_synthetic
     from freevlm.default import build_default_model
     from freevlm.exits import save_exits

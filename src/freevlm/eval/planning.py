@@ -1,7 +1,7 @@
 """`freevlm plan`: choose the exits to check, the threshold, the gates and the speculative draft setting on the
 development split, from the cost model measured here; then check the plan on the test split.
 
-The search itself (candidate prediction) is `generation/plan.py`; this module feeds it data: teacher-forced
+The search itself (candidate prediction) is `planning/plan.py`; this module feeds it data: teacher-forced
 statistics, gates trained on the training split, real decodes of the development split for quality, and the
 verification on test (predicted vs measured tokens/s, quality drop).
 """
@@ -20,8 +20,9 @@ from freevlm.eval.bootstrap import paired_bootstrap, per_image_cider
 from freevlm.eval.efficiency import measure_throughput
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, evaluate_vqa
 from freevlm.generation.api import DecodeOptions
-from freevlm.generation.costs import MeasuredCosts, measure_costs, predict_seconds
-from freevlm.generation.gates import (
+from freevlm.generation.vocab import RANKING_FILE, HeadSubset, rank_tokens, save_token_ranking
+from freevlm.planning.costs import MeasuredCosts, measure_costs, predict_seconds
+from freevlm.planning.gates import (
     evaluate_gates,
     exit_statistics,
     exits_fingerprint,
@@ -30,8 +31,7 @@ from freevlm.generation.gates import (
     save_gates,
     train_gates,
 )
-from freevlm.generation.plan import PLAN_FORMAT, full_depth_seconds, predict_candidates, shortlist
-from freevlm.generation.vocab import RANKING_FILE, HeadSubset, rank_tokens, save_token_ranking
+from freevlm.planning.plan import PLAN_FORMAT, full_depth_seconds, predict_candidates, shortlist
 from freevlm.train.batches import CAPTION_PROMPT, VQA_TEMPLATE, Example, caption_examples, vqa_examples
 
 QUALITY_BOUNDS = ("bootstrap", "point")
@@ -95,7 +95,7 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
               draft_thresholds=(0.5,), spec_images: int = 16, head_subsets=(),
               max_new_tokens: int = 30, batch_size: int = 32, gates_dir: str = "gates",
               quality_bound: str = "bootstrap", progress: bool = True) -> dict:
-    """The plan (see `generation/plan.py`) as a JSON-ready dict; gates are saved under `out/<gates_dir>/` (a folder
+    """The plan (see `planning/plan.py`) as a JSON-ready dict; gates are saved under `out/<gates_dir>/` (a folder
     of this run's own, so that the gates of a plan already in `out` stay untouched until plan.json is replaced).
 
     A candidate is kept when its dev quality drop is at most `max_quality_drop`: by default the upper end of the
@@ -246,7 +246,7 @@ def _speculative_settings(vlm, task, samples, layers, lengths, thresholds, costs
 def verify_plan(vlm, plan: dict, task: str, samples, *, speed_images: int = 16, repeats: int = 3,
                 batch_size: int = 32, plan_folder: Path | None = None, progress: bool = True) -> dict:
     """On the test split: the plan's quality drop, and its predicted vs measured tokens/s (batch 1, interleaved)."""
-    from freevlm.generation.plan import apply_plan
+    from freevlm.planning.plan import apply_plan
 
     costs = MeasuredCosts.from_json(plan["costs"])
     max_new = 30 if task == "caption" else 10

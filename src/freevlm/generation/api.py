@@ -78,7 +78,7 @@ class EarlyExitVLM:
 
     def load_gates(self, folder: str | Path):
         """Exit gates from a folder (cached per folder): refused if they were trained for other exits."""
-        from freevlm.generation.gates import exits_fingerprint, load_gates
+        from freevlm.planning.gates import exits_fingerprint, load_gates
 
         key = str(Path(folder).resolve())
         cache = self.__dict__.setdefault("_gates", {})

@@ -26,6 +26,7 @@ import torch
 
 from freevlm.errors import FreeVLMError
 from freevlm.generation.cache import KVCache, Span, make_span
+from freevlm.generation.events import ExitEvent
 from freevlm.generation.kernels import kernel_for
 from freevlm.generation.kernels.common import DecoderKernel, EncoderDecoderKernel, ExitKernel
 from freevlm.generation.kv import SkipPolicy, fill_exit_kv, fill_skipped
@@ -43,7 +44,7 @@ class StepRecord:
     kv_copies: torch.Tensor  # skipped cache slots filled by copying the exit layer's K/V
     prefill: bool = False  # True for the prompt's step (which runs every layer whatever the exits decide)
     tokens: torch.Tensor | None = None  # tokens the step produced per row (None: one each; speculative rounds: more)
-    gates: torch.Tensor | None = None  # exit gates asked (cheap predictors on h_i; see `generation/gates.py`)
+    gates: torch.Tensor | None = None  # exit gates asked (cheap predictors on h_i; see `planning/gates.py`)
     # steps where every row ran the same layers (catch-up): {q: calls} of backbone / exit layers over q tokens per
     # row, so a cost model can price blocks (one layer over q tokens costs far less than q layer calls)
     blocks: dict[int, int] | None = None
@@ -77,18 +78,6 @@ class _Pending:
     depth: int
     col: int
     hidden: torch.Tensor  # (B, 1, D)
-
-
-@dataclass
-class ExitEvent:
-    """Rows that left at one exit during a step: what the skip policy needs to fill their skipped slots."""
-
-    rows: torch.Tensor  # (R,) batch rows
-    layer: int  # exit layer (1-based)
-    index: int  # position of that exit among the exits (= its exit-cache slot for transformer exits)
-    state: torch.Tensor  # (R, D) state to propagate (h_i, or the exit's output with source="exit")
-    cols: torch.Tensor  # (R,) the column of the token
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # (R, hd) cos/sin at that column (Llama)
 
 
 class Engine:

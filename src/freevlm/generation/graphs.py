@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from freevlm.generation.cache import Span
+from freevlm.generation.events import ExitEvent
 
 
 @dataclass
@@ -103,8 +104,6 @@ class StaticStep:
 
     def step(self, tokens: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Decode one token per row at column `col`: (logits (B, V), exit layer per row (B,), exit events)."""
-        from freevlm.generation.engine import ExitEvent
-
         e = self.engine
         self.tokens.copy_(tokens)
         self.col.fill_(col)

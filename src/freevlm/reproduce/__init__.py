@@ -1,6 +1,6 @@
 """`freevlm reproduce`: the paper's experiments on the embedded default, as a report folder of tables and figures.
 
-Per seed (`run.SeedRun`; the pretrained backbone is shared, as a released checkpoint would be; each seed draws its
+Per seed (`seed.SeedRun`; the pretrained backbone is shared, as a released checkpoint would be; each seed draws its
 own 80/20 split, stage-1 fine-tune, exit initialisation and data order), the method loop trains the full-depth
 backbone's competitors (FREE, every baseline, the ablations), chooses each one's setting on the development split
 and scores it on the test split with the official COCO scorer and the three speedups. Then each table in

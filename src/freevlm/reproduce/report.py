@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from freevlm.demo import system_info
+from freevlm.machine import system_info
 from freevlm.outputs import replace_folder, write_json, write_text
 from freevlm.reproduce.claims import claims
 from freevlm.reproduce.config import ReproduceConfig

@@ -11,7 +11,7 @@ from freevlm.eval.report import markdown_table, mean_std
 
 if TYPE_CHECKING:
     from freevlm.reproduce.config import ReproduceConfig
-    from freevlm.reproduce.run import SeedCore, SeedRun
+    from freevlm.reproduce.seed import SeedCore, SeedRun
 
 
 def ms(values, scale: float = 1.0, digits: int = 1) -> str:
@@ -50,8 +50,9 @@ class Table:
     """One section of the report.
 
     `render(report)` returns its Markdown lines ([] when the seeds' results do not hold its data). `measure(run,
-    core)`, if given, runs once per seed after the method loop (`SeedRun.run`), when `when(cfg, full)` holds; its
-    return value is stored in the seed's results at `key` (results.json keeps that layout)."""
+    core)`, if given, runs once per seed after the method loop (`SeedRun.method_loop`, then `run.run_seed`), when
+    `when(cfg, full)` holds; its return value is stored in the seed's results at `key` (results.json keeps that
+    layout)."""
 
     render: Callable[[Report], list[str]]
     measure: Callable[[SeedRun, SeedCore], Any] | None = None

@@ -7,7 +7,7 @@ import torch
 
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.losses import IGNORE
-from freevlm.reproduce.run import forced_exit
+from freevlm.reproduce.seed import forced_exit
 from freevlm.reproduce.tables.base import Report, Table, markdown_table, ms, section
 from freevlm.train.batches import Collator, caption_examples
 from freevlm.train.forward import teacher_forced

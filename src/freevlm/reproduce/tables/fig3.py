@@ -8,7 +8,7 @@ import statistics
 from freevlm.eval.plots import plot_layers
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.reproduce.run import PER_LAYER, forced_exit, per_layer_layers
+from freevlm.reproduce.seed import PER_LAYER, forced_exit, per_layer_layers
 from freevlm.reproduce.tables.base import Report, Table, markdown_table, section
 
 VANILLA = "linear head per layer (vanilla EE)"

@@ -14,7 +14,7 @@ import time
 
 from freevlm.eval.planning import make_plan, verify_plan
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.generation.plan import apply_plan, read_plan, write_plan
+from freevlm.planning.plan import apply_plan, read_plan, write_plan
 from freevlm.reproduce.tables.base import Report, Table, lookup, markdown_table, ms, section
 
 PATHS = (("early_exit_plan", "early exit (plan)"), ("speculative_plan", "speculative (plan)"),

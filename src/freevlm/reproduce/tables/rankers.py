@@ -14,7 +14,7 @@ from freevlm.backbones import load_backbone
 from freevlm.data.splits import split_by_image
 from freevlm.data.synthetic import SyntheticConfig, caption_is_correct, load_synthetic_captions, wrong_captions
 from freevlm.rankers import LikelihoodRanker
-from freevlm.reproduce.run import TINY_CLIP, prompt_examples
+from freevlm.reproduce.seed import TINY_CLIP, prompt_examples
 from freevlm.reproduce.tables.base import Report, Table, markdown_table, ms, section
 from freevlm.train.batches import Example
 from freevlm.train.pseudo import rank_samples, sample_captions

@@ -7,7 +7,7 @@ from freevlm.backbones import load_backbone
 from freevlm.data.synthetic import load_synthetic_visdial
 from freevlm.eval.evaluate import evaluate_visdial
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.reproduce.run import unique_keys
+from freevlm.reproduce.seed import unique_keys
 from freevlm.reproduce.tables.base import Report, Table, full_only, markdown_table, method_rows, section
 from freevlm.train.pseudo import greedy_targets
 

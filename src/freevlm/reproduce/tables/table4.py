@@ -1,4 +1,5 @@
-"""Table 4: captioning, semi-supervised. Its rows are the method loop's (`SeedRun.run`): no measurement of its own."""
+"""Table 4: captioning, semi-supervised. Its rows are the method loop's (`SeedRun.method_loop`): no measurement of
+its own."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from freevlm.baselines import METHODS
 from freevlm.data.synthetic import load_synthetic_captions, load_synthetic_nocaps
 from freevlm.demo import DEFAULT_ALPHA
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.reproduce.run import prompt_examples, unique_keys
+from freevlm.reproduce.seed import prompt_examples, unique_keys
 from freevlm.reproduce.tables.base import Report, Table, markdown_table, ms, section
 from freevlm.reproduce.tables.rankers import top_precision
 from freevlm.reproduce.tables.table1 import DOMAINS

@@ -14,8 +14,8 @@ import torch
 from freevlm.cli import main
 from freevlm.errors import FreeVLMError
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
-from freevlm.generation.costs import MeasuredCosts, measure_costs
-from freevlm.generation.plan import apply_plan, predict_candidates, read_plan, shortlist
+from freevlm.planning.costs import MeasuredCosts, measure_costs
+from freevlm.planning.plan import apply_plan, predict_candidates, read_plan, shortlist
 
 N = 4  # layers of the fake model
 
@@ -124,8 +124,8 @@ def test_cost_model_has_every_kind_of_work(workspace):
 
 
 def test_catch_up_steps_are_priced_by_block_size(workspace):
-    from freevlm.generation.costs import step_seconds
     from freevlm.generation.engine import StepRecord
+    from freevlm.planning.costs import step_seconds
 
     # one step: 3 layer calls over 2 tokens, 9 over 1; one exit call over 2 tokens; the final head
     rec = StepRecord.zeros(1, N, "cpu", False)
@@ -216,7 +216,7 @@ def test_plan_settings_reach_the_decoding_options(tmp_path):
 
 def test_a_plan_for_other_exits_is_refused(workspace, tmp_path, capsys):
     from freevlm.eval.planning import check_plan
-    from freevlm.generation.gates import exits_fingerprint
+    from freevlm.planning.gates import exits_fingerprint
 
     root, data = workspace
     vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits")

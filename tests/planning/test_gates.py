@@ -11,7 +11,8 @@ from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.criteria import Gated
 from freevlm.generation.decode import generate_from_inputs
-from freevlm.generation.gates import (
+from freevlm.generation.kv import SkipPolicy
+from freevlm.planning.gates import (
     ExitGates,
     evaluate_gates,
     gate_hidden_size,
@@ -19,7 +20,6 @@ from freevlm.generation.gates import (
     save_gates,
     train_gates,
 )
-from freevlm.generation.kv import SkipPolicy
 from tests.conftest import tiny_batch
 from tests.generation.regression_cases import SignRule
 

@@ -22,9 +22,10 @@ from freevlm.backbones.base import LMInputs
 from freevlm.generation.cache import make_span
 from freevlm.generation.criteria import Confidence
 from freevlm.generation.engine import Engine, StepRecord
-from freevlm.generation.gates import ExitGates, gate_hidden_size
 from freevlm.generation.kernels.common import ExitKernel
 from freevlm.generation.kv import _stack, _write
+from freevlm.machine import system_info
+from freevlm.planning.gates import ExitGates, gate_hidden_size
 
 
 @dataclass
@@ -68,17 +69,31 @@ class MeasuredCosts:
         return t_lo + (self.block[hi] - t_lo) * (q - lo) / (hi - lo)
 
 
-def _timed(fns: dict[str, Callable[[], object]], repeats: int, number: int) -> dict[str, float]:
-    """Median seconds per call of each function; functions alternate so machine drift hits all alike."""
+def _synchronizer(device: torch.device | str | None) -> Callable[[], None]:
+    """What waits for the device's queued work: CUDA kernels run asynchronously, so a timer read without it measures
+    the launches, not the work (and charges the queue to whatever is timed next). Nothing on a CPU."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _timed(fns: dict[str, Callable[[], object]], repeats: int, number: int,
+           device: torch.device | str | None = None) -> dict[str, float]:
+    """Median seconds per call of each function; functions alternate so machine drift hits all alike. On a CUDA
+    `device` each timed region starts and ends with the device synchronised."""
+    sync = _synchronizer(device)
     for fn in fns.values():  # warm-up
         for _ in range(3):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             for _ in range(number):
                 fn()
+            sync()
             times[name].append((time.perf_counter() - start) / number)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -89,8 +104,6 @@ def measure_costs(vlm, call: Callable[[], object] | None = None, batch_size: int
     """Time each kind of work on `vlm` (a backbone with exits). `call`: one representative generate call of
     `batch_size` images with `max_new_tokens=1` (its time is the per-call fixed cost); without it the call cost
     is left at 0."""
-    from freevlm.demo import system_info
-
     bb, exits = vlm.backbone, vlm.exits
     lm = bb.lm
     device = next(bb.model.parameters()).device
@@ -164,7 +177,7 @@ def measure_costs(vlm, call: Callable[[], object] | None = None, batch_size: int
                                                start=col))
         xq = x.expand(b, q, d).contiguous()
         fns[f"block{q}"] = lambda xq=xq, sp=block_span: all_layers(xq, sp)
-    times = _timed(fns, repeats, number)
+    times = _timed(fns, repeats, number, device)
     times["layer"] = times.pop("layers") / n
     if "exit_layers" in times:
         times["exit_layer"] = times.pop("exit_layers") / len(exit_kernels)
@@ -172,7 +185,7 @@ def measure_costs(vlm, call: Callable[[], object] | None = None, batch_size: int
         times[f"block{q}"] /= n
     call_seconds = 0.0
     if call is not None:
-        call_seconds = _timed({"call": call}, max(3, repeats // 2), max(1, number // 10))["call"]
+        call_seconds = _timed({"call": call}, max(3, repeats // 2), max(1, number // 10), device)["call"]
     head_check = times.get("check", times["head"])
     step = max(0.0, times["full_step"] - n * times["layer"] - times["head"])
     return MeasuredCosts(

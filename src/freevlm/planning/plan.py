@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from freevlm.errors import FreeVLMError
-from freevlm.generation.costs import MeasuredCosts
+from freevlm.planning.costs import MeasuredCosts
 
 PLAN_FILE = "plan.json"
 COSTS_FILE = "costs.json"  # the cost model measured for the plan, beside it (see docs/design.md)
