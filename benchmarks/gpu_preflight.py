@@ -41,10 +41,10 @@ from freevlm.backbones.tiny import TinySize, build_tiny
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.criteria import Gated
 from freevlm.generation.decode import generate_from_inputs
-from freevlm.generation.gates import ExitGates
 from freevlm.generation.kv import SkipPolicy
 from freevlm.generation.speculative import DraftSettings
 from freevlm.generation.vocab import HeadSubset
+from freevlm.planning.gates import ExitGates
 
 SIZE = TinySize(lm_layers=6, max_positions=256)
 EXITS = [2, 4]
