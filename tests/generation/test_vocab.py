@@ -126,3 +126,26 @@ def test_api_head_subset_option():
     assert spec.sequences.tolist() == full.sequences.tolist()
     assert all(e.head_share == 8 / v for e in spec.engine.log[1:])
     assert ee.engine.head_subset.size == 8
+
+
+@pytest.mark.parametrize("policy", ["propagate", "copy"])
+def test_the_static_step_checks_subsets_as_the_dynamic_engine(setup, policy):  # noqa: F811
+    """Subset checks run in the static (CUDA-graph) step too: same tokens, exit layers and work as the dynamic one."""
+    from freevlm.generation.kv import SkipPolicy
+
+    family, bb, exits = setup
+    v = bb.lm.vocab_size
+    sub = HeadSubset(torch.arange(0, v, 2), v)
+    pixels, ids, mask, extra = tiny_batch(family, SIZE, 3, seed=4)
+    lm_inputs = bb.prepare(pixels, ids, mask, **extra)
+    runs = {}
+    with torch.no_grad():
+        for static in (False, True):
+            runs[static] = _run(bb, exits, lm_inputs, criterion=SignRule(), policy=SkipPolicy(policy),
+                                head_subset=sub, static=static, max_new_tokens=9)
+    assert runs[True].engine._static_step is not None, "the static step must have run"
+    assert _tokens(runs[True]) == _tokens(runs[False])
+    assert runs[True].exit_layers == runs[False].exit_layers
+    assert any(layer < SIZE.lm_layers for row in runs[True].exit_layers for layer in row)
+    for a, b in zip(runs[True].records, runs[False].records):
+        assert torch.equal(a.heads, b.heads) and torch.equal(a.layers, b.layers)

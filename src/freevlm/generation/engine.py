@@ -190,7 +190,7 @@ class Engine:
         if self.static is None:
             self.static = self.cache.keys.device.type == "cuda"
         return (self.static and not self.policy.batch_moves_together and self.cache.length is not None
-                and self.kernel.static_rope and not self.gated and self.head_subset is None)
+                and self.kernel.static_rope and not self.gated)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) at the next column; returns next-token logits (B, V)."""

@@ -74,7 +74,7 @@ class StaticStep:
         if ex is None:
             return _SegmentOut(x, None, None, k.logits(x[:, -1]))
         state = e.run_exit(ex, x, span) if ex.uses_cache else x
-        return _SegmentOut(x, prev[:, -1], state[:, -1], ex.logits(k, state[:, -1]))
+        return _SegmentOut(x, prev[:, -1], state[:, -1], ex.logits(k, state[:, -1], e.head_subset))  # (B, V|K)
 
     def _run(self, i: int) -> _SegmentOut:
         if not self.capture:
@@ -125,7 +125,8 @@ class StaticStep:
                              seg.prev) & active
             left, remaining = (int(v) for v in torch.stack([go.sum(), (active & ~go).sum()]).tolist())  # one sync
             if left:
-                logits[go] = seg.logits[go].to(logits.dtype)
+                chosen = seg.logits[go] if e.head_subset is None else e.head_subset.scatter(seg.logits[go])
+                logits[go] = chosen.to(logits.dtype)
                 exit_layer[go] = hi
                 source = seg.state if e.policy.source == "exit" else seg.x[:, -1]
                 idx = go.nonzero()[:, 0]
