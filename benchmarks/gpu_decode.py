@@ -191,6 +191,8 @@ def main() -> None:
                         "equal full depth's tokens (100%% acceptance) at unchanged cost per layer; only full depth "
                         "and that setting run")
     parser.add_argument("--no-hf", action="store_true", help="leave out transformers generate")
+    parser.add_argument("--paths", nargs="*", default=None,
+                        help="run only the paths whose name starts with one of these (full depth always runs)")
     parser.add_argument("--table11", default="vqa-v2", choices=sorted(TABLE11))
     parser.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="GPU memory bandwidth, GB/s (H200)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) / float32 (default on CPU)")
@@ -240,6 +242,8 @@ def main() -> None:
             for k in args.subsets:
                 paths.append(DecodePath(f"spec e={e} L={length} subset {k}", "engine", draft=DraftSettings(
                     e, length, head_subset=HeadSubset(ranking[:k], lm.vocab_size))))
+    if args.paths is not None:
+        paths = [p for p in paths if p.name in ("full graphs", "full eager") or p.name.startswith(tuple(args.paths))]
     if args.force_accept:
         e = int(spec[0].split(":")[0])
         force_acceptance(lm, exits, e)
