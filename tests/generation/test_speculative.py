@@ -51,6 +51,30 @@ def test_greedy_output_equals_full_depth(setup, draft):
         assert all(layer == SIZE.lm_layers for seq in spec.exit_layers for layer in seq)
 
 
+@pytest.mark.parametrize("draft", [(1, 3, None), (3, 4, 0.3, True), (5, 8, None)],
+                         ids=["e1-k3", "e3-k4-adaptive-pace", "e5-k8-perfect"])
+def test_static_rounds_equal_the_dynamic_path(setup, draft):
+    """The static speculative rounds (CUDA graphs on a GPU; the same functions eagerly here): the dynamic path's tokens,
+    statistics and work log, per row, with rows drifting apart, EOS inside blocks and the token budget mid-block."""
+    family, bb, exits = setup
+    for batch, seed in ((1, 2), (3, 5)):
+        pixels, ids, mask, extra = tiny_batch(family, SIZE, batch, seed=seed)
+        lm_inputs = bb.prepare(pixels, ids, mask, **extra)
+        with torch.no_grad():
+            runs = {static: _run(bb, exits, lm_inputs, DraftSettings(*draft), max_new_tokens=11, static=static)
+                    for static in (False, True)}
+            full = _run(bb, exits, lm_inputs, max_new_tokens=11)
+        dynamic, graphed = runs[False], runs[True]
+        assert _tokens(graphed) == _tokens(dynamic) == _tokens(full)
+        assert graphed.speculative.to_json(SIZE.lm_layers) == dynamic.speculative.to_json(SIZE.lm_layers)
+        assert graphed.speculative.per_round == dynamic.speculative.per_round
+        for a, b in zip(graphed.records, dynamic.records):
+            for name in ("layers", "exit_layers", "heads", "tokens"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert (x is None and y is None) or torch.equal(x, y), name
+        assert torch.equal(graphed.caches().lengths, dynamic.caches().lengths)
+
+
 def _mid_sequence_token(rows):
     """A token that some row first produces at position >= 2 (and no row starts with): an EOS that ends a row inside
     a draft block. Random tiny models repeat themselves, so the model's own EOS rarely does that."""
@@ -150,7 +174,8 @@ def test_batched_rows_accept_different_counts_and_equal_row_by_row(setup):
     assert diverged, "rows should keep different numbers of tokens in some round"
 
 
-def test_exit_cache_holds_the_kept_tokens_exit_kv():
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_exit_cache_holds_the_kept_tokens_exit_kv(static):
     """After decoding, the drafting exit's cache equals the exit transformer run over the full-depth h_e of every
     kept token (rejected drafts' columns are past the row's length and not compared)."""
     bb = build_tiny("blip2-opt", SIZE, seed=0)
@@ -159,7 +184,7 @@ def test_exit_cache_holds_the_kept_tokens_exit_kv():
     lm_inputs = bb.prepare(pixels, ids, mask, **extra)
     with torch.no_grad():
         for layer in (1, 5):  # some drafts rejected / all drafts kept
-            res = _run(bb, exits, lm_inputs, DraftSettings(layer, 3), max_new_tokens=9)
+            res = _run(bb, exits, lm_inputs, DraftSettings(layer, 3), max_new_tokens=9, static=static)
             cache = res.caches()
             lm = bb.lm
             tokens = res.sequences

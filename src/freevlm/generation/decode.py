@@ -31,7 +31,12 @@ from freevlm.errors import FreeVLMError
 from freevlm.generation.bounds import check_generation_bounds
 from freevlm.generation.engine import Engine, StepRecord
 from freevlm.generation.kv import SkipPolicy
-from freevlm.generation.speculative import DraftSettings, SpeculativeStats, speculative_decode
+from freevlm.generation.speculative import (
+    DraftSettings,
+    SpeculativeStats,
+    speculative_decode,
+    static_speculative_decode,
+)
 
 
 @dataclass
@@ -327,7 +332,9 @@ def generate_from_inputs(
         if s.output_logits:
             raise FreeVLMError("output_logits is not available in speculative mode (tokens come in blocks)")
         stats = SpeculativeStats()
-        sequences, lengths = speculative_decode(engine, logits, s, draft, stats)
+        graphed = (static if static is not None else logits.device.type == "cuda") and not s.do_sample
+        run = static_speculative_decode if graphed and engine.kernel.static_rope else speculative_decode
+        sequences, lengths = run(engine, logits, s, draft, stats)
         traces = [[(t, r) for t in range(n)] for r, n in enumerate(lengths)]
         rows = torch.arange(sequences.shape[0])
         live = [rows] + [entry.live for entry in engine.log[1:]]

@@ -134,6 +134,7 @@ class Engine:
         self._rows: torch.Tensor | None = None
         self.static = static
         self._static_step = None
+        self.static_rounds = None  # speculative decoding's static rounds (`graphs.StaticSpeculative`), when used
         self._prefill_last: torch.Tensor | None = None  # (B,) last real prompt column, when not every row's is p-1
 
     # ----------------------------------------------------------------------------------------------------------

@@ -11,8 +11,11 @@ per exit decision. Full depth is one segment, one graph per token.
 Rows that leave keep riding through the later segments (static shapes: the batch cannot shrink inside a graph); what
 they compute there is overwritten afterwards by the skip policy's fill (`kv.py`), so the caches and tokens are those
 of the dynamic engine (tested on CPU, where the same segment functions run eagerly), and the work records still count
-what each row needed. Not captured (they run on the dynamic path): catch-up, whose token groups change shape from step
-to step; speculative verification blocks; RoPE types that rescale with the sequence length.
+what each row needed.
+
+Greedy speculative decoding has its own static rounds (`StaticSpeculative`: L + 1 single-token drafting feeds and one
+verification block, each one graph). Not captured (they run on the dynamic path): catch-up, whose token groups change
+shape from step to step; gated checks; speculative sampling; RoPE types that rescale with the sequence length.
 """
 
 from __future__ import annotations
@@ -139,3 +142,118 @@ class StaticStep:
             if not remaining:
                 break
         return logits, exit_layer, events
+
+
+class StaticSpeculative:
+    """Greedy self-speculative rounds over static buffers; CUDA graphs on CUDA, the same functions eagerly elsewhere.
+
+    A round is L + 1 single-token feeds and one verification block, each one replayable graph (gpt-fast's shape of
+    speculative decoding): feed i (0..L) runs token i of the block (the current token, then draft i) through layers
+    1..e and the exit transformer at e, keeping h_e, and feeds 0..L-1 also score the exit's head, whose argmax is the
+    next draft. Then layers e+1..N run once over the L + 1 h_e states at each row's own columns (rows drift apart as
+    they keep different numbers of drafts, so K/V are scattered per row), the full model's argmax is compared with the
+    drafts, and `kept` / `next` are decided on the device. Every row drafts L every round (static shapes); what a row
+    may really draft (its cap, EOS, the confidence threshold) is a mask on the device, so the tokens are exactly the
+    dynamic path's. The last feed's exit step writes that token's exit K/V, so no fix-up runs when every draft is
+    kept. One host transfer per round brings back what the host emits.
+    """
+
+    def __init__(self, engine, layer: int, length: int, threshold: float | None, subset, eos: torch.Tensor,
+                 capture: bool | None = None):
+        self.engine = engine
+        cache = engine.cache
+        device = cache.keys.device
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.layer, self.length, self.threshold, self.subset, self.eos = layer, length, threshold, subset, eos
+        b, d = cache.batch, engine.lm.hidden_size
+        self.tok = torch.zeros(b, dtype=torch.long, device=device)  # the round's current token per row
+        self.col = torch.zeros(b, dtype=torch.long, device=device)  # its column per row
+        self.cap = torch.zeros(b, dtype=torch.long, device=device)  # drafts each row may make this round
+        self.hs = torch.zeros(b, length + 1, d, dtype=cache.keys.dtype, device=device)  # (B, L+1, D) h_e per feed
+        self.drafts = torch.zeros(b, length, dtype=torch.long, device=device)
+        self.stop = torch.zeros(b, length, dtype=torch.bool, device=device)  # a draft after which the row stops
+        self.result: torch.Tensor | None = None  # (B, 3 + L): kept, drafted, next token, drafts
+        self.columns = torch.arange(cache.max_len, device=device)
+        self.offsets = torch.arange(length + 1, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def _span(self, cols: torch.Tensor) -> Span:
+        """Every row at its own columns `cols` (B, q), attending over every cache column up to each (static)."""
+        e, cache = self.engine, self.engine.cache
+        j = self.columns
+        own = j[None, None, :] == cols[:, :, None]  # (B, q, T)
+        allowed = (j[None, None, :] <= cols[:, :, None]) & (cache.not_pad[:, None, :] | own)
+        span = Span(None, cols.shape[1], cache.max_len, cols, e._base + cols, allowed[:, None])
+        return e._prepare(span)
+
+    def _feed(self, i: int) -> None:
+        e, k = self.engine, self.engine.kernel
+        span = self._span((self.col + i)[:, None])
+        tok = self.tok if i == 0 else self.drafts[:, i - 1]
+        h = k.embed_tokens(tok[:, None], span.positions)
+        for layer in range(1, self.layer + 1):
+            h = e.run_layer(layer, h, span)
+        self.hs[:, i] = h[:, 0]
+        ex = e.exit_at[self.layer]
+        state = e.run_exit(ex, h, span) if ex.uses_cache else h
+        if i == self.length:
+            return
+        lg = ex.logits(k, state[:, -1], self.subset).float()  # (B, V) or (B, K)
+        best = lg.argmax(-1)
+        draft = best if self.subset is None else self.subset.token(best)
+        self.drafts[:, i] = draft
+        stop = torch.isin(draft, self.eos)  # nothing after a drafted EOS could be emitted
+        if self.threshold is not None:
+            stop = stop | (torch.softmax(lg, -1).amax(-1) < self.threshold)
+        self.stop[:, i] = stop
+
+    def _verify(self) -> None:
+        e, k = self.engine, self.engine.kernel
+        length = self.length
+        span = self._span(self.col[:, None] + self.offsets[None])
+        x = self.hs
+        for layer in range(self.layer + 1, e.n + 1):
+            x = e.run_layer(layer, x, span)
+        f = k.logits(x).float().argmax(-1)  # (B, L+1) the full model's next token after each block token
+        # draft i is made when i < cap and no earlier draft stopped the row
+        go_on = torch.cat([torch.ones_like(self.stop[:, :1]), ~self.stop[:, :-1]], 1).long().cumprod(1).bool()
+        made = go_on & (self.offsets[None, :length] < self.cap[:, None])
+        drafted = made.sum(1)
+        kept = torch.minimum((self.drafts == f[:, :length]).long().cumprod(1).sum(1), drafted)
+        nxt = f.gather(1, kept[:, None])[:, 0]
+        self.result = torch.cat([kept[:, None], drafted[:, None], nxt[:, None], self.drafts], 1)
+
+    def _run(self, key: int, fn) -> None:
+        if not self.capture:
+            fn()
+            return
+        if key not in self.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph; it writes only columns the round rewrites
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            collecting = gc.isenabled()  # no garbage collection during capture (see StaticStep._run)
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    fn()
+            finally:
+                if collecting:
+                    gc.enable()
+            self.graphs[key] = graph
+        self.graphs[key].replay()
+
+    def round(self, tok: torch.Tensor, col: torch.Tensor, cap: torch.Tensor) -> list[list[int]]:
+        """One round for every row from its current token `tok` at column `col`, drafting at most `cap`: per row
+        [kept, drafted, next token, draft 1..L] (one host transfer)."""
+        self.tok.copy_(tok)
+        self.col.copy_(col)
+        self.cap.copy_(cap)
+        for i in range(self.length + 1):
+            self._run(i, lambda i=i: self._feed(i))
+        self._run(-1, self._verify)
+        return self.result.tolist()

@@ -155,7 +155,6 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
             h = k.embed_tokens(tok_in[:, None], span.positions)
             for layer in range(1, e + 1):
                 h = engine.run_layer(layer, h, span)
-            stats.layer_calls += e * len(fed)
             if not every:  # rows that stopped feeding get zeros here: later positions never reach their kept tokens
                 h = torch.zeros((r_count, 1, h.shape[-1]), dtype=h.dtype, device=device).index_copy_(0, idx, h)
             hs.append(h)
@@ -168,7 +167,6 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
                 didx = torch.tensor(drafting, device=device)
                 dspan, dh = _sub_span(engine, rows, aligned, start, didx, i), h[didx]
             state = engine.run_exit(ex, dh, dspan) if ex.uses_cache else dh
-            stats.exit_calls += len(drafting) if ex.uses_cache else 0
             lg = ex.logits(k, state[:, -1], subset).float()  # (D, V), or (D, K) over the subset's ids
             if s.do_sample:  # the draft distribution q is the subset's, zero elsewhere: the acceptance rule holds
                 q = _warp(procs, lg if subset is None else subset.scatter(lg))
@@ -205,7 +203,6 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
         x = block
         for layer in range(e + 1, n + 1):
             x = engine.run_layer(layer, x, span)
-        stats.layer_calls += (n - e) * m * r_count
         final = k.logits(x).float()  # (R, m, V)
         d = torch.stack(drafts, 1) if drafts else torch.zeros((r_count, 0), dtype=torch.long, device=device)
         drafted = torch.tensor(count, device=device)  # (R,) each row's drafts (the rest of its block is padding)
@@ -241,37 +238,12 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
             pos = drafted[sel]
             last = engine.span(sel if rows is None else rows[sel], (start[sel] + pos)[:, None])
             engine.run_exit(ex, block[sel, pos][:, None], last)  # only its K/V are needed: what this layer writes
-            stats.exit_calls += int(sel.numel())
         new = torch.zeros((r_count, nd + 1), dtype=torch.long, device=device)
         new[:, :nd] = d
         new[ar, kept] = nxt
-        counts = [c + 1 for c in kept_list]
         new_rows = new.tolist()
-        stats.rounds += r_count
-        stats.drafted += sum(count)
-        stats.accepted += sum(kept_list)
-        engine.log.append(_speculative_log(engine, rows_list, b, e, m, count, eos_end, full, ex.uses_cache,
-                                           1.0 if subset is None else subset.fraction))
-        for j, r in enumerate(rows_list):
-            pace.update(r, kept_list[j], count[j])
-            take = new_rows[j][: counts[j]]
-            emitted_now = 0
-            for t in take:
-                if emitted[r] >= s.max_new_tokens:
-                    break
-                out[r, emitted[r]] = t
-                emitted[r] += 1
-                emitted_now += 1
-                if t in eos_set:
-                    done[r] = True
-                    break
-            if emitted[r] >= s.max_new_tokens:
-                done[r] = True
-            stats.tokens += emitted_now
-            stats.per_round.append(emitted_now)
-            engine.log[-1].tokens[r] = emitted_now
-        for j, r in enumerate(rows_list):
-            lengths[r] = starts[j] + counts[j]
+        _finish_round(engine, stats, pace, s, out, emitted, done, lengths, rows_list, count, kept_list, new_rows,
+                      eos_end, full, m, subset)
         cache.set_lengths(torch.tensor(lengths, device=device))
         if rows is None:
             cur = nxt
@@ -279,6 +251,80 @@ def speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: Dra
             cur[rows] = nxt
     steps = max(emitted)
     return out[:, :steps], emitted
+
+
+def _finish_round(engine, stats, pace, s, out, emitted, done, lengths, rows_list, count, kept_list, new_rows,
+                  eos_end, full, m, subset) -> None:
+    """A round's bookkeeping, whichever path ran it: statistics, the work log, each row's pace, the tokens it emits
+    (its kept drafts, then the full model's next token; up to an EOS or the token budget) and its new length."""
+    e = engine.exit_list[0]
+    ex = engine.exit_at[e]
+    eos_set = set(s.eos_token_id)
+    stats.rounds += len(rows_list)
+    stats.drafted += sum(count)
+    stats.accepted += sum(kept_list)
+    stats.layer_calls += sum(e * (c + (0 if end else 1)) for c, end in zip(count, eos_end))
+    stats.layer_calls += (engine.n - e) * m * len(rows_list)
+    if ex.uses_cache:
+        stats.exit_calls += sum(count) + sum(full)
+    engine.log.append(_speculative_log(engine, rows_list, out.shape[0], e, m, count, eos_end, full, ex.uses_cache,
+                                       1.0 if subset is None else subset.fraction))
+    for j, r in enumerate(rows_list):
+        pace.update(r, kept_list[j], count[j])
+        emitted_now = 0
+        for t in new_rows[j][: kept_list[j] + 1]:
+            if emitted[r] >= s.max_new_tokens:
+                break
+            out[r, emitted[r]] = t
+            emitted[r] += 1
+            emitted_now += 1
+            if t in eos_set:
+                done[r] = True
+                break
+        if emitted[r] >= s.max_new_tokens:
+            done[r] = True
+        stats.tokens += emitted_now
+        stats.per_round.append(emitted_now)
+        engine.log[-1].tokens[r] = emitted_now
+        lengths[r] += kept_list[j] + 1
+
+
+def static_speculative_decode(engine: Engine, first_logits: torch.Tensor, s, draft: DraftSettings,
+                              stats: SpeculativeStats) -> tuple[torch.Tensor, list[int]]:
+    """Greedy speculative decoding through `graphs.StaticSpeculative` (CUDA graphs on a GPU): the same tokens,
+    statistics and work log as `speculative_decode`, one host transfer per round."""
+    from freevlm.generation.graphs import StaticSpeculative
+
+    _check_settings(s)
+    b, device = first_logits.shape[0], first_logits.device
+    eos = torch.tensor(s.eos_token_id, dtype=torch.long, device=device)
+    eos_set = set(s.eos_token_id)
+    step = engine.static_rounds = StaticSpeculative(engine, draft.layer, draft.max_draft, draft.threshold,
+                                                    draft.head_subset, eos)
+    out = torch.full((b, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
+    cur = first_logits.float().argmax(-1).tolist()
+    out[:, 0] = torch.tensor(cur, device=device)
+    emitted = [1] * b
+    done = [t in eos_set or s.max_new_tokens == 1 for t in cur]
+    lengths = engine.cache.lengths.tolist()
+    pace = _Pace(b, draft)
+    while not all(done):
+        rows_list = [r for r in range(b) if not done[r]]
+        caps = [0 if done[r] else min(pace.length(r), s.max_new_tokens - emitted[r] - 1) for r in range(b)]
+        inputs = torch.tensor([cur, lengths, caps], device=device)  # one copy to the device per round
+        result = step.round(inputs[0], inputs[1], inputs[2])  # per row: kept, drafted, next, drafts
+        count = [result[r][1] for r in rows_list]
+        kept_list = [result[r][0] for r in rows_list]
+        eos_end = [c > 0 and result[r][2 + c] in eos_set for r, c in zip(rows_list, count)]
+        full = [k == c and not end for k, c, end in zip(kept_list, count, eos_end)]
+        m = max(c + (0 if end else 1) for c, end in zip(count, eos_end))  # the dynamic path's block width
+        new_rows = [result[r][3: 3 + kept_list[j]] + [result[r][2]] for j, r in enumerate(rows_list)]
+        _finish_round(engine, stats, pace, s, out, emitted, done, lengths, rows_list, count, kept_list, new_rows,
+                      eos_end, full, m, draft.head_subset)
+        for r in rows_list:
+            cur[r] = result[r][2]
+    engine.cache.set_lengths(torch.tensor(lengths, device=device))
+    return out[:, : max(emitted)], emitted
 
 
 def _sub_span(engine, rows, aligned: int | None, start: torch.Tensor, idx: torch.Tensor, offset: int):
