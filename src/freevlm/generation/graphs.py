@@ -120,17 +120,17 @@ class StaticStep:
         events = []
         for i, (_, hi) in enumerate(self.segments):
             seg = self._run(i)
-            if hi == e.n:
-                logits[active] = seg.logits[active].to(logits.dtype)
+            if hi == e.n:  # torch.where, not a masked write: no host sync
+                logits = torch.where(active[:, None], seg.logits.to(logits.dtype), logits)
                 break
             ex = e.exit_at[hi]
             go = e.criterion(crit_state, rows, seg.logits if e.criterion.needs_logits else None, seg.x[:, -1],
                              seg.prev) & active
             left, remaining = (int(v) for v in torch.stack([go.sum(), (active & ~go).sum()]).tolist())  # one sync
             if left:
-                chosen = seg.logits[go] if e.head_subset is None else e.head_subset.scatter(seg.logits[go])
-                logits[go] = chosen.to(logits.dtype)
-                exit_layer[go] = hi
+                chosen = seg.logits if e.head_subset is None else e.head_subset.scatter(seg.logits)
+                logits = torch.where(go[:, None], chosen.to(logits.dtype), logits)
+                exit_layer = torch.where(go, hi, exit_layer)
                 source = seg.state if e.policy.source == "exit" else seg.x[:, -1]
                 idx = go.nonzero()[:, 0]
                 rope = None
