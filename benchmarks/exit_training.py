@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     train, _, test = real_splits(data_root, args.seed, cfg)
     test = test[: args.images]
     sets = {"FREE (CE + adv)": real_exits(bb, out, train, cfg, args.seed)}
-    train_images = list({e.image_id: e for e in caption_examples(train, every_caption=False)}.values())
+    train_images = caption_examples(train, every_caption=False)  # one per image
     print(f"pseudo-labels: the backbone's greedy captions of {len(train_images)} training images", flush=True)
     kd_examples = greedy_targets(bb, train_images)
     kd = replace(cfg.stage2, task="kd", kl_direction="final_to_exit")
