@@ -89,6 +89,20 @@ def plan_conflicts(plan: Path | None, mode: str, criterion: str, **given) -> Non
         raise FreeVLMError(f"--plan sets {what}; {flags} would conflict with it: give either --plan or {flags}")
 
 
+def checked_decoding(plan: Path | None, mode: str, criterion: str, threshold, kv_policy, num_beams: int,
+                     max_new_tokens: int, draft_layer, draft_length, draft_threshold, draft_record,
+                     max_cache_gb) -> tuple[float, str]:
+    """The decoding arguments `generate` and `evaluate` share, checked (one-line errors); returns the threshold and
+    KV policy with their defaults filled in."""
+    plan_conflicts(plan, mode, criterion, threshold=threshold, kv_policy=kv_policy, draft_layer=draft_layer,
+                   draft_length=draft_length, draft_threshold=draft_threshold, draft_record=draft_record)
+    threshold, kv_policy = DEFAULT_THRESHOLD if threshold is None else threshold, kv_policy or "propagate"
+    check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
+    check.drafting(mode, draft_layer, 8 if draft_length is None else draft_length, draft_threshold)
+    check.optional(check.positive_number, "max_cache_gb", max_cache_gb)
+    return threshold, kv_policy
+
+
 def check_plan_task(plan: dict | None, task: str, dataset: str) -> None:
     """A plan is chosen for one task's quality (CIDEr or VQA accuracy): refused on another task's data."""
     if plan is not None and plan.get("task") is not None and plan["task"] != task:

@@ -7,15 +7,14 @@ from pathlib import Path
 
 from freevlm import validate as check
 from freevlm.commands.common import (
-    DEFAULT_THRESHOLD,
     check_inputs,
     check_plan_task,
     check_references,
+    checked_decoding,
     decode_options,
     decoding_mode,
     load_samples,
     load_vlm,
-    plan_conflicts,
     read_plan_for,
 )
 from freevlm.eval.evaluate import evaluate_captions, evaluate_visdial, evaluate_vqa
@@ -63,12 +62,8 @@ def evaluate(
     progress: show progress bars
     """
     check.dataset_name(dataset)
-    plan_conflicts(plan, mode, criterion, threshold=threshold, kv_policy=kv_policy, draft_layer=draft_layer,
-                   draft_length=draft_length, draft_threshold=draft_threshold, draft_record=draft_record)
-    threshold, kv_policy = DEFAULT_THRESHOLD if threshold is None else threshold, kv_policy or "propagate"
-    check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
-    check.drafting(mode, draft_layer, 8 if draft_length is None else draft_length, draft_threshold)
-    check.optional(check.positive_number, "max_cache_gb", max_cache_gb)
+    threshold, kv_policy = checked_decoding(plan, mode, criterion, threshold, kv_policy, num_beams, max_new_tokens,
+                                            draft_layer, draft_length, draft_threshold, draft_record, max_cache_gb)
     check.positive_int("batch_size", batch_size)
     check.number("noise", noise, 0.0)
     check.optional(check.positive_int, "limit", limit)

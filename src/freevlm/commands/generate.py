@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from freevlm import validate as check
 from freevlm.commands.common import (
-    DEFAULT_THRESHOLD,
     check_inputs,
+    checked_decoding,
     decode_options,
     decoding_mode,
     load_vlm,
-    plan_conflicts,
     read_plan_for,
 )
 from freevlm.errors import FreeVLMError
@@ -48,12 +46,8 @@ def generate(
     max_cache_gb: refuse a generate call whose KV cache would pass this many GiB (default: the device's free memory)
     compare: also decode at full depth and with transformers' generate, and print tokens/s side by side
     """
-    plan_conflicts(plan, mode, criterion, threshold=threshold, kv_policy=kv_policy, draft_layer=draft_layer,
-                   draft_length=draft_length, draft_threshold=draft_threshold, draft_record=draft_record)
-    threshold, kv_policy = DEFAULT_THRESHOLD if threshold is None else threshold, kv_policy or "propagate"
-    check.decoding(criterion, [threshold], kv_policy, num_beams, max_new_tokens)
-    check.drafting(mode, draft_layer, 8 if draft_length is None else draft_length, draft_threshold)
-    check.optional(check.positive_number, "max_cache_gb", max_cache_gb)
+    threshold, kv_policy = checked_decoding(plan, mode, criterion, threshold, kv_policy, num_beams, max_new_tokens,
+                                            draft_layer, draft_length, draft_threshold, draft_record, max_cache_gb)
     check_inputs(backbone, exits)
     for path in image:
         if not Path(path).is_file():
