@@ -29,7 +29,8 @@ from transformers.generation.logits_process import (
 
 from freevlm.errors import FreeVLMError
 from freevlm.generation.bounds import check_generation_bounds
-from freevlm.generation.engine import Engine, StepRecord
+from freevlm.generation.cache import KVCache
+from freevlm.generation.engine import Engine, StepRecord, WorkLog
 from freevlm.generation.kv import SkipPolicy
 from freevlm.generation.speculative import (
     DraftSettings,
@@ -117,29 +118,40 @@ class DecodeSettings:
 
 @dataclass
 class GenerationResult:
-    """What generation produced, token by token."""
+    """What generation produced, token by token, and what it cost. It holds statistics, not the engine: the engine's
+    buffers (KV cache, static steps, CUDA graphs) go back to the decode session for the next call, so a result kept
+    around holds no device memory beyond its tensors, unless the cache was asked for (`keep_cache=True`)."""
 
     sequences: torch.Tensor  # (R, T) generated token ids, prompt removed, padded with pad_token_id after EOS
     texts: list[str]  # decoded sequences (empty strings when no tokenizer was given)
     exit_layers: list[list[int]]  # per sequence, the layer each generated token left at (N = final layer)
     trace: list[list[tuple[int, int]]]  # per sequence, the (step, batch row) that produced each token
     num_layers: int  # N, the LM's depth
-    seconds: float  # wall-clock time of the whole generate call
+    seconds: float  # wall-clock time of the generate call (decoding; not the completion of a kept cache)
     live_rows: list[torch.Tensor]  # per step, rows whose output was still used (unfinished sequences / beams)
-    engine: Engine  # holds the caches and the step log
+    work: WorkLog  # what the engine ran, per step (`records` reads it as work counts)
     logits: tuple[torch.Tensor, ...] | None = None  # per step (rows, V), when asked for with output_logits=True
     speculative: SpeculativeStats | None = None  # speculative mode: acceptance, tokens per verification, ...
+    calls: list[tuple[str, int, int]] | None = None  # trace=True: every kernel call (kind, 1-based layer, tokens)
+    cache: KVCache | None = None  # keep_cache=True: the KV cache after generation (see `caches`)
 
     @cached_property
     def records(self) -> list[StepRecord]:
         """Per step, per row: what the engine ran (step 0 is the prompt's prefill)."""
-        return self.engine.records()
+        return self.work.records()
 
-    def caches(self):
+    @property
+    def log(self) -> list:
+        """The engine's step log (speculative rounds: drafts, tokens and live rows per round)."""
+        return self.work.entries
+
+    def caches(self) -> KVCache:
         """The KV cache after generation, complete: under catch-up the tokens still waiting for their deeper layers
-        are run first (`Engine.flush`). Valid until the engine decodes again."""
-        self.engine.flush()
-        return self.engine.cache
+        were run when generation ended (`Engine.flush`), as were exit K/V closed gates still owed. Kept only when
+        asked for: a cache is the call's largest allocation, and without it the session reuses it."""
+        if self.cache is None:
+            raise FreeVLMError("the KV cache was not kept: pass keep_cache=True to generate")
+        return self.cache
 
     @property
     def num_tokens(self) -> int:
@@ -287,7 +299,7 @@ def generate_from_inputs(
     lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
     generation_config=None, draft: DraftSettings | None = None, trace: bool = False, static: bool | None = None,
     check_layers: list[int] | None = None, max_cache_gb: float | None = None, head_subset=None,
-    lazy_exit_fill: bool = True, **generate_kwargs,
+    lazy_exit_fill: bool = True, keep_cache: bool = False, **generate_kwargs,
 ) -> GenerationResult:
     """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
@@ -299,7 +311,8 @@ def generate_from_inputs(
     available on the device); the call is refused up front past it or past the LM's positions (`bounds.py`).
     `head_subset` (a `HeadSubset`, `vocab.py`): exit checks and drafts score only its token ids (speculative
     verification keeps the full head). `lazy_exit_fill`: closed gates' exit K/V are projected when the exit next
-    runs (False: at once; see `Engine`).
+    runs (False: at once; see `Engine`). `keep_cache`: the result keeps the KV cache (`GenerationResult.caches`),
+    completed first (catch-up's pending layers, owed exit K/V); otherwise it is dropped (or reused by a session).
     """
     start = time.perf_counter()
     s = DecodeSettings.from_kwargs(generation_config, lm.config, **generate_kwargs)
@@ -355,5 +368,12 @@ def generate_from_inputs(
     if tokenizer is not None:
         ids = sequences.tolist()
         texts = [tokenizer.decode(ids[i][: len(tr)], skip_special_tokens=True).strip() for i, tr in enumerate(traces)]
-    return GenerationResult(sequences, texts, exit_layers, traces, lm.num_layers, time.perf_counter() - start, live,
-                            engine, tuple(logits_out) if logits_out is not None else None, stats)
+    seconds = time.perf_counter() - start
+    work = engine.work()
+    calls = None if engine.calls is None else list(engine.calls)  # the decode's calls (not the completion's below)
+    cache = None
+    if keep_cache:
+        engine.flush()
+        cache = engine.cache
+    return GenerationResult(sequences, texts, exit_layers, traces, lm.num_layers, seconds, live, work,
+                            tuple(logits_out) if logits_out is not None else None, stats, calls, cache)

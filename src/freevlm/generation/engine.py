@@ -72,6 +72,89 @@ class _StepLog:
 
 
 @dataclass
+class WorkLog:
+    """What one generate call ran, step by step, and what reading it as work counts needs: statistics only (no cache,
+    no model, no graphs), so that a result does not keep its engine alive and the engine's buffers can serve the next
+    call (`session.py`)."""
+
+    entries: list[_StepLog]  # per step, step 0 the prompt's prefill (speculative rounds: `_SpeculativeLog`s)
+    num_layers: int
+    exit_list: list[int]  # the exits that ran (checked, or the drafting one)
+    checking: bool  # exits decided (early exit)
+    needs_logits: bool  # the criterion read the exits' logits (one head per check)
+    head_subset: object  # the `HeadSubset` exit checks and drafts scored (None: the full head)
+    uses_exit_cache: bool
+    lazy_exit_fill: bool
+    policy: str  # the skip policy's name
+    static: bool = False  # static steps (or static speculative rounds) ran
+    graphed: bool = False  # ... captured as CUDA graphs
+    pending: int = 0  # catch-up: tokens whose deeper layers had not run when decoding ended
+    owed_exit_kv: int = 0  # lazy exit filling: exit K/V pairs closed gates still owed when decoding ended
+
+    def records(self) -> list[StepRecord]:
+        """The log as per-row work counts (see `eval/efficiency.py` for how they become the compute speedup).
+
+        Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one in
+        all for criteria that decide without logits; a subset head counts K/V of one) plus the final head; under
+        propagate/copy a row runs layers 1..exit layer and its skipped slots (deeper layers, deeper exit transformers)
+        are filled by the policy. The prefill and catch-up steps run the same layers for every row (their logged token
+        counts).
+        """
+        positions = torch.tensor(self.exit_list if self.checking else [], dtype=torch.long)
+        n_exits = len(self.exit_list)
+        needs_logits = self.needs_logits
+        share = 1.0 if self.head_subset is None else self.head_subset.fraction  # an exit check's head, in full heads
+        out = []
+        for entry in self.entries:
+            if hasattr(entry, "record"):  # speculative rounds count their own work
+                out.append(entry.record())
+                continue
+            exit_layer = entry.exit_layer.cpu()
+            b = exit_layer.shape[0]
+            rec = StepRecord.zeros(b, self.num_layers, "cpu", entry.prefill)
+            rec.exit_layer = exit_layer.clone()
+            reached_final = (exit_layer == self.num_layers).float()
+            if self.checking:
+                checked = torch.searchsorted(positions, exit_layer, right=True).float()
+                rec.heads += (checked if needs_logits else (1 - reached_final)) * share + reached_final
+            else:
+                checked = torch.zeros(b)
+                rec.heads += 1
+            opened = None
+            if entry.gates is not None:  # a gate was asked at each exit reached; only open ones were checked
+                opened = torch.zeros(b)
+                for _, rows, is_open in entry.gates:
+                    opened.index_add_(0, rows.cpu(), is_open.float().cpu())
+                rec.gates += checked
+                rec.heads = (opened if needs_logits else 1 - reached_final) * share + reached_final
+            if entry.together is not None:
+                rec.blocks, rec.exit_blocks = entry.together
+                rec.layers += sum(q * calls for q, calls in rec.blocks.items())
+                rec.exit_layers += sum(q * calls for q, calls in rec.exit_blocks.items())
+            else:
+                rec.layers += exit_layer.float()
+                if opened is not None:
+                    if self.uses_exit_cache:
+                        rec.exit_layers += opened
+                        if not self.lazy_exit_fill:
+                            rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
+                elif self.uses_exit_cache:
+                    rec.exit_layers += checked
+                skipped = (self.num_layers - exit_layer).float()
+                if self.uses_exit_cache:
+                    skipped = skipped + (n_exits - checked)
+                if self.policy == "propagate":
+                    rec.kv_projections += skipped
+                else:
+                    rec.kv_copies += skipped
+            if entry.owed_filled:  # lazy filling: exit K/V closed gates owed, projected (batched) during this step
+                filled = torch.cat(entry.owed_filled).cpu()
+                rec.kv_projections.index_add_(0, filled, torch.ones(filled.numel()))
+            out.append(rec)
+        return out
+
+
+@dataclass
 class _Pending:
     """Catch-up: a token whose layers after `depth` have not run yet, with its state after layer `depth`."""
 
@@ -475,65 +558,12 @@ class Engine:
             self._full = torch.full((b,), self.n, dtype=torch.long, device=device)
         return self._full
 
-    # ----------------------------------------------------------------------------------------------------------
-    def records(self) -> list[StepRecord]:
-        """The log as per-row work counts (see `eval/efficiency.py` for how they become the compute speedup).
-
-        Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one in
-        all for criteria that decide without logits; a subset head counts K/V of one) plus the final head; under
-        propagate/copy a row runs layers 1..exit layer and its skipped slots (deeper layers, deeper exit transformers)
-        are filled by the policy. The prefill and catch-up steps run the same layers for every row (their logged token
-        counts).
-        """
-        positions = torch.tensor(self.exit_list if self.checking else [], dtype=torch.long)
-        n_exits = len(self.exit_list)
-        needs_logits = self.checking and self.criterion.needs_logits
-        share = 1.0 if self.head_subset is None else self.head_subset.fraction  # an exit check's head, in full heads
-        out = []
-        for entry in self.log:
-            if hasattr(entry, "record"):  # speculative rounds count their own work
-                out.append(entry.record())
-                continue
-            exit_layer = entry.exit_layer.cpu()
-            b = exit_layer.shape[0]
-            rec = StepRecord.zeros(b, self.n, "cpu", entry.prefill)
-            rec.exit_layer = exit_layer.clone()
-            reached_final = (exit_layer == self.n).float()
-            if self.checking:
-                checked = torch.searchsorted(positions, exit_layer, right=True).float()
-                rec.heads += (checked if needs_logits else (1 - reached_final)) * share + reached_final
-            else:
-                checked = torch.zeros(b)
-                rec.heads += 1
-            opened = None
-            if entry.gates is not None:  # a gate was asked at each exit reached; only open ones were checked
-                opened = torch.zeros(b)
-                for _, rows, is_open in entry.gates:
-                    opened.index_add_(0, rows.cpu(), is_open.float().cpu())
-                rec.gates += checked
-                rec.heads = (opened if needs_logits else 1 - reached_final) * share + reached_final
-            if entry.together is not None:
-                rec.blocks, rec.exit_blocks = entry.together
-                rec.layers += sum(q * calls for q, calls in rec.blocks.items())
-                rec.exit_layers += sum(q * calls for q, calls in rec.exit_blocks.items())
-            else:
-                rec.layers += exit_layer.float()
-                if opened is not None:
-                    if self.uses_exit_cache:
-                        rec.exit_layers += opened
-                        if not self.lazy_exit_fill:
-                            rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
-                elif self.uses_exit_cache:
-                    rec.exit_layers += checked
-                skipped = (self.n - exit_layer).float()
-                if self.uses_exit_cache:
-                    skipped = skipped + (n_exits - checked)
-                if self.policy.name == "propagate":
-                    rec.kv_projections += skipped
-                else:
-                    rec.kv_copies += skipped
-            if entry.owed_filled:  # lazy filling: exit K/V closed gates owed, projected (batched) during this step
-                filled = torch.cat(entry.owed_filled).cpu()
-                rec.kv_projections.index_add_(0, filled, torch.ones(filled.numel()))
-            out.append(rec)
-        return out
+    def work(self) -> WorkLog:
+        """What this call ran, as statistics the result keeps (the engine and its buffers are not kept)."""
+        return WorkLog(
+            self.log, self.n, list(self.exit_list), self.checking, self.checking and self.criterion.needs_logits,
+            self.head_subset, self.uses_exit_cache, self.lazy_exit_fill, self.policy.name,
+            static=self._static_step is not None or self.static_rounds is not None,
+            graphed=any(s is not None and s.capture for s in (self._static_step, self.static_rounds)),
+            pending=len(self.pending),
+            owed_exit_kv=sum(o[0].numel() for group in self.exit_owed.values() for o in group))
