@@ -29,9 +29,11 @@ from transformers.generation.logits_process import (
 
 from freevlm.errors import FreeVLMError
 from freevlm.generation.bounds import check_generation_bounds
+from freevlm.generation.buffers import Buffers
 from freevlm.generation.cache import KVCache
 from freevlm.generation.engine import Engine, StepRecord, WorkLog
 from freevlm.generation.kv import SkipPolicy
+from freevlm.generation.session import DecodeSession, bucket_columns, decode_key
 from freevlm.generation.speculative import (
     DraftSettings,
     SpeculativeStats,
@@ -178,8 +180,8 @@ def _greedy_or_sample(engine: Engine, logits: torch.Tensor, s: DecodeSettings, p
     steps = 0
     for t in range(s.max_new_tokens):
         scores = logits.float()
-        if logits_out is not None:
-            logits_out.append(scores)
+        if logits_out is not None:  # a copy where `float()` was none: a static step's output is overwritten next step
+            logits_out.append(scores.clone() if scores is logits else scores)
         if t < s.min_new_tokens and eos.numel():
             scores = scores.clone()
             scores[:, eos] = float("-inf")
@@ -235,7 +237,7 @@ def _beam_search(engine: Engine, logits: torch.Tensor, s: DecodeSettings, batch:
     for t in range(max_new):
         scores = logits.float()
         if logits_out is not None:
-            logits_out.append(scores)
+            logits_out.append(scores.clone() if scores is logits else scores)
         log_probs = torch.log_softmax(scores, dim=-1)
         if t < s.min_new_tokens and eos.numel():
             log_probs[:, eos] = float("-inf")
@@ -299,7 +301,7 @@ def generate_from_inputs(
     lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
     generation_config=None, draft: DraftSettings | None = None, trace: bool = False, static: bool | None = None,
     check_layers: list[int] | None = None, max_cache_gb: float | None = None, head_subset=None,
-    lazy_exit_fill: bool = True, keep_cache: bool = False, **generate_kwargs,
+    lazy_exit_fill: bool = True, keep_cache: bool = False, session: DecodeSession | None = None, **generate_kwargs,
 ) -> GenerationResult:
     """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
@@ -313,6 +315,8 @@ def generate_from_inputs(
     verification keeps the full head). `lazy_exit_fill`: closed gates' exit K/V are projected when the exit next
     runs (False: at once; see `Engine`). `keep_cache`: the result keeps the KV cache (`GenerationResult.caches`),
     completed first (catch-up's pending layers, owed exit K/V); otherwise it is dropped (or reused by a session).
+    `session` (a `DecodeSession`, `session.py`): the cache and the static steps (their CUDA graphs) come from it and
+    stay in it for the next call of the same shape and signature; without one they are this call's own.
     """
     start = time.perf_counter()
     s = DecodeSettings.from_kwargs(generation_config, lm.config, **generate_kwargs)
@@ -323,11 +327,49 @@ def generate_from_inputs(
     else:
         engine = Engine(lm, exits, criterion, policy, trace=trace, static=static, check_layers=check_layers,
                         head_subset=head_subset, lazy_exit_fill=lazy_exit_fill)
-    batch = lm_inputs.inputs_embeds.shape[0]
+    embeds = lm_inputs.inputs_embeds
     extra_columns = draft.max_draft + 1 if draft else 0
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
-    check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb)
-    logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=extra_columns)
+    static = static if static is not None else embeds.device.type == "cuda"
+    if draft is not None:  # greedy speculative rounds have a static path (`graphs.StaticSpeculative`), sampling not
+        static = static and not s.do_sample and engine.kernel.static_rope
+    columns = (1 if lm.is_encoder_decoder else embeds.shape[1]) + s.max_new_tokens + extra_columns
+    check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb, memory=False)
+    key = None
+    if session is not None:
+        key, pins = decode_key(engine, lm_inputs, expand, bucket_columns(columns), static, draft, s.eos_token_id)
+        buffers, reused = session.buffers(key, bucket_columns(columns), pins)
+    else:
+        buffers, reused = Buffers(columns), False
+    try:
+        if not reused:  # a reused entry's memory is already allocated
+            try:
+                check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb,
+                                        positions=False, columns=buffers.max_len)
+            except FreeVLMError:
+                if session is None or not session.evict_others(key):
+                    raise
+                check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb,
+                                        positions=False, columns=buffers.max_len)
+        result = _decode(engine, buffers, lm, lm_inputs, s, draft, static, expand, extra_columns, tokenizer,
+                         keep_cache, start)
+    except BaseException:
+        if session is not None:  # a call that failed midway (a capture included) leaves nothing to reuse
+            session.drop(key)
+        raise
+    finally:
+        buffers.release()
+    if keep_cache and session is not None:
+        session.drop(key)  # the cache is the result's now
+    return result
+
+
+def _decode(engine: Engine, buffers: Buffers, lm, lm_inputs, s: DecodeSettings, draft: DraftSettings | None,
+            static: bool, expand: int, extra_columns: int, tokenizer, keep_cache: bool, start: float
+            ) -> GenerationResult:
+    """`generate_from_inputs` once the engine and its buffers are chosen: prefill, decode, the result."""
+    batch = lm_inputs.inputs_embeds.shape[0]
+    logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=extra_columns, buffers=buffers)
     if not lm.is_encoder_decoder:
         prompt_ids = lm_inputs.input_ids
     else:
@@ -345,8 +387,7 @@ def generate_from_inputs(
         if s.output_logits:
             raise FreeVLMError("output_logits is not available in speculative mode (tokens come in blocks)")
         stats = SpeculativeStats()
-        graphed = (static if static is not None else logits.device.type == "cuda") and not s.do_sample
-        run = static_speculative_decode if graphed and engine.kernel.static_rope else speculative_decode
+        run = static_speculative_decode if static else speculative_decode
         sequences, lengths = run(engine, logits, s, draft, stats)
         traces = [[(t, r) for t in range(n)] for r, n in enumerate(lengths)]
         rows = torch.arange(sequences.shape[0])

@@ -25,6 +25,7 @@ from typing import cast
 import torch
 
 from freevlm.errors import FreeVLMError
+from freevlm.generation.buffers import Buffers
 from freevlm.generation.cache import KVCache, Span, make_span
 from freevlm.generation.events import ExitEvent
 from freevlm.generation.kernels import kernel_for
@@ -214,6 +215,7 @@ class Engine:
         self.exit_owed: dict[int, list[tuple]] = {}
         self._filled_rows: list[torch.Tensor] = []  # rows whose owed exit K/V were projected during this step
         self.cache: KVCache | None = None
+        self.buffers: Buffers | None = None  # where the cache, offsets, tables and static steps live (`buffers.py`)
         self._rows: torch.Tensor | None = None
         self.static = static
         self._static_step = None
@@ -221,9 +223,11 @@ class Engine:
         self._prefill_last: torch.Tensor | None = None  # (B,) last real prompt column, when not every row's is p-1
 
     # ----------------------------------------------------------------------------------------------------------
-    def prefill(self, lm_inputs, max_new_tokens: int, extra_columns: int = 0) -> torch.Tensor:
-        """Run the prompt; returns the first token's logits (B, V). Allocates the cache for `max_new_tokens` more
-        columns (+ `extra_columns`, e.g. speculative drafts past the last kept token)."""
+    def prefill(self, lm_inputs, max_new_tokens: int, extra_columns: int = 0, buffers: Buffers | None = None
+                ) -> torch.Tensor:
+        """Run the prompt; returns the first token's logits (B, V). The cache has room for `max_new_tokens` more
+        columns (+ `extra_columns`, e.g. speculative drafts past the last kept token): in `buffers` (a decode session's
+        entry, which may have more columns and is reset, not reallocated), else allocated for exactly that."""
         k, lm = self.kernel, self.lm
         dtype = k.dtype  # the cache holds what the layers write: the weights' dtype, whatever the inputs'
         embeds, mask = lm_inputs.inputs_embeds.to(dtype), lm_inputs.attention_mask
@@ -234,23 +238,21 @@ class Engine:
             encoder = lm.encode(embeds, mask)  # the encoder runs whole, through transformers' module
             start = torch.full((b, 1), lm.config.decoder_start_token_id, dtype=torch.long, device=device)
             p = 1
-            max_len = p + max_new_tokens + extra_columns
-            cache = KVCache.allocate(self.n, num_exit_slots, b, k.kv_heads, max_len, k.head_dim, dtype, device)
-            self.tables = k.start(max_len, device)
-            cache.encoder_bias = k.encoder_bias(mask, dtype)
+            cache = self._cache(b, p + max_new_tokens + extra_columns, num_exit_slots, dtype, device, buffers)
+            cache.put("encoder_bias", k.encoder_bias(mask, dtype))
             ck, cv = zip(*(k.cross_kv(w, encoder) for w in k.layers))
-            cache.cross_keys, cache.cross_values = torch.stack(ck), torch.stack(cv)
+            cache.put("cross_keys", torch.stack(ck))
+            cache.put("cross_values", torch.stack(cv))
             if num_exit_slots:
                 eck, ecv = zip(*(k.cross_kv(self.exit_at[layer].layer, encoder) for layer in self.exit_list))
-                cache.exit_cross_keys, cache.exit_cross_values = torch.stack(eck), torch.stack(ecv)
+                cache.put("exit_cross_keys", torch.stack(eck))
+                cache.put("exit_cross_values", torch.stack(ecv))
             positions = torch.zeros((b, 1), dtype=torch.long, device=device)
             h0 = k.embed(k.embed_tokens(start, positions), positions)
-            self._base = torch.zeros((b, 1), dtype=torch.long, device=device)  # position = column for T5
+            base = torch.zeros((b, 1), dtype=torch.long, device=device)  # position = column for T5
         else:
             p = embeds.shape[1]
-            max_len = p + max_new_tokens + extra_columns
-            cache = KVCache.allocate(self.n, num_exit_slots, b, k.kv_heads, max_len, k.head_dim, dtype, device)
-            self.tables = k.start(max_len, device)
+            cache = self._cache(b, p + max_new_tokens + extra_columns, num_exit_slots, dtype, device, buffers)
             real = mask.bool()
             cache.not_pad[:, :p] = real
             cache.has_pad = not bool(real.all())
@@ -261,7 +263,8 @@ class Engine:
                 self._prefill_last = p - 1 - torch.flip(real, [1]).long().argmax(1)
             positions = (torch.cumsum(mask, 1) * mask - 1).long()  # as transformers: real tokens count from 0
             h0 = k.embed(embeds, positions)
-            self._base = (mask.sum(1, keepdim=True) - p).long()  # a generated token at column c has position c + base
+            base = (mask.sum(1, keepdim=True) - p).long()  # a generated token at column c has position c + base
+        self._base = self.buffers.base(base)
         self.cache = cache
         self.prompt_len = p
         self._rows = torch.arange(b, device=device)
@@ -269,6 +272,18 @@ class Engine:
         logits = self._step_together(h0, span, prefill=True)
         cache.advance(p)
         return logits
+
+    def _cache(self, b: int, columns: int, exit_slots: int, dtype, device, buffers: Buffers | None) -> KVCache:
+        """The prompt rows' cache (and this call's tables) from `buffers`, or from new ones of exactly `columns`."""
+        self.buffers = buffers if buffers is not None else Buffers(columns)
+        max_len = self.buffers.max_len
+        if max_len < columns:
+            raise FreeVLMError(f"decode buffers of {max_len} columns cannot hold a call needing {columns}")
+        k = self.kernel
+        cache = self.buffers.cache(b, lambda: KVCache.allocate(self.n, exit_slots, b, k.kv_heads, max_len, k.head_dim,
+                                                               dtype, device))
+        self.tables = self.buffers.table(lambda: k.start(max_len, device))
+        return cache
 
     def _static_ok(self) -> bool:
         if self.static is None:
@@ -280,10 +295,8 @@ class Engine:
         """One new token per row (B,) at the next column; returns next-token logits (B, V)."""
         cache, col = self.cache, self.cache.length
         if self._static_ok():
-            from freevlm.generation.graphs import StaticStep
-
-            if self._static_step is None or self._static_step.tokens.shape[0] != tokens.shape[0]:
-                self._static_step = StaticStep(self)
+            if self._static_step is None or self._static_step.keys is not cache.keys:
+                self._static_step = self.buffers.step(self)
             logits, exit_layer, events = self._static_step.step(tokens, col)
             for event in events:
                 fill_skipped(self, event)
@@ -303,10 +316,15 @@ class Engine:
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search; expanding rows to beams or samples)."""
         self.fill_owed_exits()  # owed entries name rows by their old index
-        in_place = self._static_step is not None and index.shape[0] == self.cache.batch
-        self.cache.reorder(index, in_place=in_place)
         base = self._base.index_select(0, index)
-        self._base = self._base.copy_(base) if in_place else base
+        if index.shape[0] != self.cache.batch:  # expanding: into the buffers' cache of that many rows
+            self.cache = self.buffers.expand(self.cache, index)
+            self._base = self.buffers.base(base)
+        else:
+            # the static step's graphs read these addresses (a session's entry: the graphs of an earlier call)
+            in_place = self._static_step is not None or (self.buffers.kept and self._static_ok())
+            self.cache.reorder(index, in_place=in_place)
+            self._base = self._base.copy_(base) if in_place else base
         self._rows = torch.arange(index.shape[0], device=index.device)
         for p in self.pending:
             p.hidden = p.hidden.index_select(0, index)
