@@ -156,3 +156,62 @@ def test_the_api_decodes_in_its_session():
     assert _entry(vlm.session) is entry
     assert again.sequences.tolist() == first.sequences.tolist() and again.texts == first.texts
 
+
+@pytest.mark.parametrize("family", ["blip2-opt", "llava-llama"])
+def test_rows_admitted_between_steps_decode_as_they_do_alone(family):
+    """Continuous batching: a prompt admitted into a running batch (longer and shorter than the columns used so far,
+    into a released row) gets the tokens and exit layers it gets alone."""
+    bb, exits = _models(family)
+    prompts = []
+    for seed, length in ((3, 5), (4, 9), (5, 2), (6, 4)):
+        pixels, ids, mask, extra = tiny_batch(family, SIZE, 1, seed=seed, lengths=(length,))
+        prompts.append(bb.prepare(pixels, ids, mask, **extra))
+    new = 6
+    alone = []
+    with torch.no_grad():
+        for lm_inputs in prompts:
+            res = generate_from_inputs(bb.lm, exits, lm_inputs, criterion=SignRule(), static=True, max_new_tokens=new,
+                                       eos_token_id=[], generation_config=bb.model.generation_config)
+            alone.append((res.sequences[0].tolist(), res.exit_layers[0]))
+        session = DecodeSession()
+        batch = session.rows(bb.lm, exits, rows=2, columns=48, criterion=SignRule(), static=True,
+                             generation_config=bb.model.generation_config)
+        got = {}  # prompt -> (tokens, exit layers)
+        at = {}  # row -> prompt
+        waiting = list(range(len(prompts)))
+        steps = 0
+        while waiting or at:
+            while waiting and batch.free:
+                i = waiting.pop(0)
+                row, token, layer = batch.admit(prompts[i])
+                at[row], got[i] = i, ([token], [layer])
+            for row, (token, layer) in batch.step().items():
+                got[at[row]][0].append(token)
+                got[at[row]][1].append(layer)
+            steps += 1
+            for row in [r for r, i in at.items() if len(got[i][0]) == new]:
+                batch.release(row)
+                del at[row]
+        batch.close()
+    assert steps < len(prompts) * new, "prompts must have shared steps"
+    assert [got[i] for i in range(len(prompts))] == alone
+    assert any(layer < SIZE.lm_layers for _, layers in alone for layer in layers), "some tokens exit early"
+    assert session.entries, "the batch's buffers stay in the session"
+
+
+def test_a_row_batch_refuses_what_it_cannot_hold():
+    bb, exits = _models("blip2-t5")
+    with pytest.raises(FreeVLMError, match="decoder-only"):
+        DecodeSession().rows(bb.lm, exits, rows=2, columns=32, criterion=SignRule())
+    bb, exits = _models("blip2-opt")
+    batch = DecodeSession().rows(bb.lm, exits, rows=1, columns=16, criterion=SignRule(),
+                                 generation_config=bb.model.generation_config)
+    pixels, ids, mask, extra = tiny_batch("blip2-opt", SIZE, 1, seed=3, lengths=(5,))
+    lm_inputs = bb.prepare(pixels, ids, mask, **extra)
+    with torch.no_grad():
+        batch.admit(lm_inputs)
+        with pytest.raises(FreeVLMError, match="no free row"):
+            batch.admit(lm_inputs)
+        with pytest.raises(FreeVLMError, match="used up"):
+            for _ in range(batch.room + 1):
+                batch.step()

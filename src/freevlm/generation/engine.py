@@ -273,6 +273,51 @@ class Engine:
         cache.advance(p)
         return logits
 
+    def open_rows(self, b: int, buffers: Buffers, device: torch.device) -> None:
+        """Continuous batching (`session.RowBatch`): `b` empty rows over `buffers`, which prompts are admitted into
+        (`admit`) between steps. Decoder-only LMs: T5's cross-attention K/V have the encoder's length, one per row."""
+        if self.lm.is_encoder_decoder:
+            raise FreeVLMError("rows are admitted between steps for decoder-only LMs only (T5's encoder output has "
+                               "its own length per prompt)")
+        if self.policy.batch_moves_together:
+            raise FreeVLMError("rows are admitted between steps under the propagate or copy policies (catch-up "
+                               "moves the whole batch's pending tokens together)")
+        exit_slots = len(self.exit_list) if self.uses_exit_cache else 0
+        self.cache = self._cache(b, buffers.max_len, exit_slots, self.kernel.dtype, device, buffers)
+        self.cache.has_pad = True  # rows hold masked columns (before their prompts)
+        self._base = self.buffers.base(torch.zeros((b, 1), dtype=torch.long, device=device))
+        self._rows = torch.arange(b, device=device)
+
+    def admit(self, row: int, lm_inputs) -> torch.Tensor:
+        """Continuous batching: prefill one prompt (`lm_inputs` of one row) into batch row `row`; returns its first
+        token's logits (1, V). Every row writes the same column each step (the static step's shape), so the prompt
+        sits right-aligned before the batch's next column, the columns before it masked as left padding, its positions
+        counting from its own first token: it decodes as it would alone. A prompt longer than the columns used so far
+        first makes every row skip the difference (masked columns; positions do not move)."""
+        cache, k = self.cache, self.kernel
+        embeds, mask = lm_inputs.inputs_embeds.to(k.dtype), lm_inputs.attention_mask
+        p, device = embeds.shape[1], embeds.device
+        col = cache.length
+        if col < p:
+            cache.not_pad[:, col:p] = False
+            self._base -= p - col  # in place: the static step's graphs read this tensor
+            cache.advance(p - col)
+            col = p
+        start = col - p
+        real = mask[0].bool()
+        cache.not_pad[row, :start] = False  # what the row held before (a released prompt, or nothing)
+        cache.not_pad[row, start:col] = real
+        self._base[row] = mask.sum() - col  # a generated token at column c has position c + base
+        positions = (torch.cumsum(mask, 1) * mask - 1).long()
+        self._prefill_last = None if bool(real[-1]) else (p - 1 - torch.flip(real, [0]).long().argmax()).view(1)
+        rows, every = torch.tensor([row], device=device), self._rows
+        self._rows = torch.arange(1, device=device)  # the prefill's own rows (its criterion state has one)
+        try:
+            span = self._prepare(make_span(cache, p, positions, start=start, rows=rows))
+            return self._step_together(k.embed(embeds, positions), span, prefill=True)
+        finally:
+            self._rows = every
+
     def _cache(self, b: int, columns: int, exit_slots: int, dtype, device, buffers: Buffers | None) -> KVCache:
         """The prompt rows' cache (and this call's tables) from `buffers`, or from new ones of exactly `columns`."""
         self.buffers = buffers if buffers is not None else Buffers(columns)

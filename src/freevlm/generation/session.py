@@ -24,6 +24,9 @@ it, so a call through a session decodes exactly as a call without one over the s
 `max_entries` caches stays allocated between calls: `clear()` gives it back; a call refused for memory evicts the
 other entries and is checked again. A result that keeps its cache (`keep_cache=True`) takes it out of the session.
 
+`DecodeSession.rows` opens a `RowBatch` over an entry: greedy decoding where a finished row is released and a new
+prompt admitted into it between steps (continuous batching), each prompt decoding as it would alone. One batch (or
+call) decodes in an entry at a time: a session serves one caller thread.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from collections import OrderedDict
 
 import torch
 
+from freevlm.errors import FreeVLMError
+from freevlm.generation.bounds import max_positions
 from freevlm.generation.buffers import Buffers
+from freevlm.generation.engine import Engine
 from freevlm.generation.kernels.common import tensor_state
 
 COLUMN_BUCKET = 64
@@ -84,6 +90,27 @@ class DecodeSession:
             torch.cuda.empty_cache()  # freed blocks back to the device, so the memory check sees them
         return bool(others)
 
+    def rows(self, lm, exits=None, *, rows: int, columns: int, criterion=None, policy=None, check_layers=None,
+             head_subset=None, static: bool | None = None, generation_config=None) -> RowBatch:
+        """A `RowBatch` of `rows` rows and `columns` cache columns (rounded up to the bucket, within the LM's positions)
+        over this session's entry for that shape and signature: prompts admitted and rows released between steps."""
+        engine = Engine(lm, exits, criterion, policy, static=static, check_layers=check_layers,
+                        head_subset=head_subset)
+        device = engine.kernel.head_w.device
+        static = static if static is not None else device.type == "cuda"
+        limit = max_positions(lm)
+        columns = bucket_columns(columns) if limit is None else min(bucket_columns(columns), limit)
+        key, pins = _key(engine, ("rows", rows, columns, engine.kernel.dtype, device), static)
+        buffers, _ = self.buffers(key, columns, pins)
+        try:
+            engine.open_rows(rows, buffers, device)
+        except FreeVLMError:
+            self.drop(key)
+            raise
+        pad = getattr(generation_config, "pad_token_id", None) if generation_config is not None else None
+        pad = lm.config.pad_token_id if pad is None else pad
+        return RowBatch(engine, int(pad or 0))
+
     def clear(self) -> None:
         self.entries.clear()
         if torch.cuda.is_available():
@@ -117,3 +144,71 @@ def _key(engine, shape: tuple, static: bool, draft=None, eos_ids: list[int] | No
     key = (id(k), id(exits) if exits is not None else None, tuple(weights), shape, signature, bool(static))
     return key, pins
 
+
+class RowBatch:
+    """Greedy decoding of up to `rows` prompts side by side over one session entry, rows released and admitted
+    between steps: continuous batching, where a server starts a request as soon as a row is free instead of waiting
+    for the whole batch to finish.
+
+    Every row writes the same column each step (the static step's shape, so its CUDA graphs serve every step): a prompt
+    admitted when the batch is at column L sits in its row's columns L-p..L-1, right-aligned, the columns before it
+    masked as left padding is, and its positions count from its own first token, so its tokens are those it gets
+    alone (`Engine.admit`). Free rows ride along on the pad token (static shapes; their outputs are ignored), and a
+    released row's columns are masked when the row is reused. Columns are used up as the batch decodes: `room` says
+    how many are left, and a new batch (a new session entry) starts afresh. The caller decides when a row is done (EOS,
+    token budget) and releases it. Decoder-only LMs, propagate / copy policies.
+    """
+
+    def __init__(self, engine, pad_token_id: int):
+        self.engine = engine
+        cache = engine.cache
+        self.pad = pad_token_id
+        self.tokens = torch.full((cache.batch,), pad_token_id, dtype=torch.long, device=cache.keys.device)
+        self.free = list(range(cache.batch))
+
+    @property
+    def room(self) -> int:
+        """Columns left: steps the batch can still take (a prompt longer than the columns used so far takes more)."""
+        return self.engine.cache.max_len - self.engine.cache.length
+
+    def admit(self, lm_inputs) -> tuple[int, int, int]:
+        """Prefill one prompt (`lm_inputs` of one row, as `VLMBackbone.prepare` gives it) into a free row: (row, its
+        first token, the layer that token left at)."""
+        if lm_inputs.inputs_embeds.shape[0] != 1:
+            raise FreeVLMError(f"admit takes one prompt at a time, got {lm_inputs.inputs_embeds.shape[0]}")
+        if not self.free:
+            raise FreeVLMError("no free row: release one first")
+        cache = self.engine.cache
+        if max(cache.length, lm_inputs.inputs_embeds.shape[1]) >= cache.max_len:
+            raise FreeVLMError(f"the batch's {cache.max_len} columns are used up: start a new batch")
+        row = self.free.pop(0)
+        logits = self.engine.admit(row, lm_inputs)
+        token = int(logits.float().argmax(-1))
+        self.tokens[row] = token
+        return row, token, int(self.engine.log.pop().exit_layer[0])
+
+    def step(self) -> dict[int, tuple[int, int]]:
+        """One token for every occupied row: {row: (token, the layer it left at)}."""
+        if self.room < 1:
+            raise FreeVLMError(f"the batch's {self.engine.cache.max_len} columns are used up: start a new batch")
+        logits = self.engine.step(self.tokens)
+        nxt = logits.float().argmax(-1)
+        self.tokens.copy_(nxt)
+        if self.free:
+            self.tokens[self.free] = self.pad
+        exit_layer = self.engine.log.pop().exit_layer  # the step's log is returned, not kept (a batch runs on)
+        busy = [r for r in range(self.tokens.shape[0]) if r not in self.free]
+        toks, layers = nxt.tolist(), exit_layer.tolist()
+        return {r: (toks[r], layers[r]) for r in busy}
+
+    def release(self, row: int) -> None:
+        """The row's prompt is done; the row takes the next admitted prompt."""
+        if row in self.free:
+            return
+        self.free.append(row)
+        self.free.sort()
+        self.tokens[row] = self.pad
+
+    def close(self) -> None:
+        """The batch is over: its entry stays in the session for the next batch of that shape."""
+        self.engine.buffers.release()
