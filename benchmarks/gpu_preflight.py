@@ -125,9 +125,7 @@ def run_family(family: str, device: str, dtype: torch.dtype, batch: int, new: in
         try:
             eager = call(make(), False)
             default, syncs = count_syncs(device, lambda m=make: call(m(), None))
-            engine = default.engine
-            static = engine._static_step or engine.static_rounds
-            entry["graphed"] = bool(static is not None and static.capture)
+            entry["graphed"] = default.work.graphed
             entry["default == eager"] = default.sequences.tolist() == eager.sequences.tolist()
             if not name.startswith("speculative"):
                 entry["exit layers equal"] = default.exit_layers == eager.exit_layers

@@ -39,7 +39,7 @@ def test_baseline_trains_and_its_exits_skip_layers(tmp_path, name):
                          kv_policy=method.kv_policy, max_new_tokens=4)
     res = vlm.generate([e.image_path for e in examples[:2]], ["a photo of"] * 2, opts, min_new_tokens=4, trace=True)
     calls = [0] * lm.num_layers
-    for kind, layer, _ in res.engine.calls:
+    for kind, layer, _ in res.calls:
         if kind == "layer":
             calls[layer - 1] += 1
     # a layer runs in a decode step iff some row of the batch had not left before it; the prefill runs them all

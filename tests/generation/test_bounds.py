@@ -83,8 +83,8 @@ def test_t5_has_no_position_limit_but_the_budget_bounds_it():
 
 def test_cache_bytes_matches_the_allocated_cache(opt):
     bb, _ = opt
-    res = _gen(bb, _inputs(bb), max_new_tokens=3)
-    cache = res.engine.cache
+    res = _gen(bb, _inputs(bb), max_new_tokens=3, keep_cache=True)
+    cache = res.caches()
     expected = cache_bytes(layers=cache.keys.shape[0], exit_slots=0, rows=cache.batch, kv_heads=cache.keys.shape[2],
                            columns=cache.max_len, head_dim=cache.keys.shape[4], itemsize=cache.keys.element_size())
     allocated = 2 * cache.keys.numel() * cache.keys.element_size() + cache.not_pad.numel()

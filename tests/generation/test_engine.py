@@ -87,7 +87,7 @@ def test_exited_token_runs_exactly_its_layers(setups, policy):
                                max_new_tokens=4, min_new_tokens=4, trace=True)
     assert res.exit_layers == [[6, 2, 4, 6]]
     prompt = lm_inputs.inputs_embeds.shape[1]
-    steps = _calls_by_step(res.engine.calls, prompt)
+    steps = _calls_by_step(res.calls, prompt)
     full = [("layer", i, prompt) for i in (1, 2)] + [("exit", 2, prompt)] + [("layer", i, prompt) for i in (3, 4)]
     assert steps[0] == full + [("exit", 4, prompt), ("layer", 5, prompt), ("layer", 6, prompt)]
     assert steps[1] == [("layer", 1, 1), ("layer", 2, 1), ("exit", 2, 1)]  # left at layer 2: nothing deeper ran
@@ -106,7 +106,7 @@ def test_catch_up_runs_skipped_layers_with_the_next_deep_token(setups):
     plan = [[None], [0], [None], [None]]  # step 1 exits at layer 2; step 2 goes deep and carries step 1's token
     res = generate_from_inputs(bb.lm, exits, lm_inputs, criterion=Scripted(plan), policy=SkipPolicy("catch_up"),
                                max_new_tokens=3, min_new_tokens=3, trace=True)
-    steps = _calls_by_step(res.engine.calls, lm_inputs.inputs_embeds.shape[1])
+    steps = _calls_by_step(res.calls, lm_inputs.inputs_embeds.shape[1])
     layers = [[(layer, q) for kind, layer, q in step if kind == "layer"] for step in steps]
     assert layers[1] == [(1, 1), (2, 1)]
     assert layers[2] == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (6, 2)]  # layers 3..6 run for two tokens
@@ -142,10 +142,9 @@ def test_catch_up_cache_equals_full_depth_forward_after_flush(setups, batch):
     plan = [[None] * batch, [0] * batch, [1, 0][:batch], [None] * batch, [0] * batch, [1] * batch]
     with torch.no_grad():
         res = generate_from_inputs(bb.lm, exits, lm_inputs, criterion=Scripted(plan), policy=SkipPolicy("catch_up"),
-                                   max_new_tokens=6, min_new_tokens=6)
-        assert res.engine.pending, "the plan ends on exiting tokens, so some layers are still pending"
-        cache = res.caches()  # runs the pending layers first
-        assert not res.engine.pending
+                                   max_new_tokens=6, min_new_tokens=6, keep_cache=True)
+        assert res.work.pending, "the plan ends on exiting tokens, so some layers are still pending"
+        cache = res.caches()  # the pending layers ran before the cache was handed over
         ref, states, mask, ctx = _full_depth_cache(bb, lm_inputs, res.sequences)
     width = mask.shape[1]
     real = mask.bool()[:, None, :, None]  # padded positions hold K/V nobody attends to
@@ -193,7 +192,7 @@ def test_propagated_entries_are_skipped_layers_projections_of_the_exit_state(set
     with torch.no_grad():
         res = generate_from_inputs(lm, exits, lm_inputs, criterion=Scripted(plan),
                                    policy=SkipPolicy("propagate", source), max_new_tokens=steps,
-                                   min_new_tokens=steps)
+                                   min_new_tokens=steps, keep_cache=True)
         _, states, mask, ctx = _full_depth_cache(bb, lm_inputs, res.sequences)  # layers 1-2 ran for real
         cache = res.caches()
         prompt_len = lm_inputs.inputs_embeds.shape[1]
@@ -222,7 +221,7 @@ def test_copied_entries_are_the_exit_layers_own(setups):
     plan = [[None, None]] + [[0, 1]] * 3  # row 0 leaves at layer 2, row 1 at layer 4
     with torch.no_grad():
         res = generate_from_inputs(bb.lm, exits, lm_inputs, criterion=Scripted(plan), policy=SkipPolicy("copy"),
-                                   max_new_tokens=3, min_new_tokens=3)
+                                   max_new_tokens=3, min_new_tokens=3, keep_cache=True)
     cache = res.caches()
     col = lm_inputs.inputs_embeds.shape[1] + 1  # the second decode step's token
     for row, exit_layer in ((0, 2), (1, 4)):
@@ -238,8 +237,8 @@ def test_exit_transformers_never_change_the_backbone_cache(setups):
     checked_never_taken = Scripted([[None, None]])  # every exit is evaluated, no token leaves
     with torch.no_grad():
         with_exits = generate_from_inputs(bb.lm, exits, lm_inputs, criterion=checked_never_taken, max_new_tokens=4,
-                                          trace=True)
-        without = generate_from_inputs(bb.lm, None, lm_inputs, max_new_tokens=4)
+                                          trace=True, keep_cache=True)
+        without = generate_from_inputs(bb.lm, None, lm_inputs, max_new_tokens=4, keep_cache=True)
     assert with_exits.records[1].exit_layers.sum() == 2 * len(EXIT_LAYERS)  # the exits did run
     assert with_exits.caches().exit_keys.shape[0] == len(EXIT_LAYERS)  # in their own cache
     assert torch.equal(with_exits.caches().keys, without.caches().keys)
@@ -285,7 +284,7 @@ def test_alpha_one_equals_hf_generate_and_checks_no_exit(family, num_beams, batc
                                     generation_config=bb.model.generation_config)
     prompt_len = 1 if bb.lm.is_encoder_decoder else ids.shape[1]
     assert torch.equal(ref[:, prompt_len:], ours.sequences)
-    assert not [c for c in ours.engine.calls if c[0] == "exit"]
+    assert not [c for c in ours.calls if c[0] == "exit"]
     assert all(layer == SIZE.lm_layers for seq in ours.exit_layers for layer in seq)
 
 

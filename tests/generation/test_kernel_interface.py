@@ -50,6 +50,7 @@ def _inputs(bb, family, batch, seed=1):  # seed 1: a mix of exits on every famil
 
 def _generate(bb, exits, lm_inputs, **kwargs):
     kwargs.setdefault("policy", SkipPolicy("propagate"))
+    kwargs.setdefault("keep_cache", True)  # the tests compare caches
     return generate_from_inputs(bb.lm, exits, lm_inputs, criterion=SignRule(), max_new_tokens=6,
                                 generation_config=bb.model.generation_config, **kwargs)
 
@@ -81,7 +82,7 @@ def test_to_bf16_after_decoding_equals_a_model_converted_before(family, source, 
 
     with torch.no_grad():
         before = _generate(bb, exits, _inputs(bb, family, 3), **kw)
-        assert before.engine.cache.keys.dtype == torch.float32
+        assert before.caches().keys.dtype == torch.float32
         bb.model.to(torch.bfloat16)
         exits.to(torch.bfloat16)
         after = _generate(bb, exits, _inputs(bb, family, 3), **kw)
@@ -89,7 +90,7 @@ def test_to_bf16_after_decoding_equals_a_model_converted_before(family, source, 
 
     for res in (before, after):  # propagation ran, before and after the conversion
         assert any(layer < SIZE.lm_layers for seq in res.exit_layers for layer in seq)
-    assert after.engine.cache.keys.dtype == torch.bfloat16
+    assert after.caches().keys.dtype == torch.bfloat16
     assert _tokens(after) == _tokens(expected) and after.exit_layers == expected.exit_layers
     assert _caches_equal(after.caches(), expected.caches())
 

@@ -61,7 +61,8 @@ def test_static_rounds_equal_the_dynamic_path(setup, draft):
         pixels, ids, mask, extra = tiny_batch(family, SIZE, batch, seed=seed)
         lm_inputs = bb.prepare(pixels, ids, mask, **extra)
         with torch.no_grad():
-            runs = {static: _run(bb, exits, lm_inputs, DraftSettings(*draft), max_new_tokens=11, static=static)
+            runs = {static: _run(bb, exits, lm_inputs, DraftSettings(*draft), max_new_tokens=11, static=static,
+                               keep_cache=True)
                     for static in (False, True)}
             full = _run(bb, exits, lm_inputs, max_new_tokens=11)
         dynamic, graphed = runs[False], runs[True]
@@ -149,7 +150,7 @@ def test_adaptive_draft_length_follows_acceptance(setup):
         assert per_round[0] < per_round[1]
         assert paced.speculative.acceptance_rate >= fixed.speculative.acceptance_rate
     assert perfect.speculative.acceptance_rate == 1.0
-    assert all(e.drafts[e.live].tolist() == [4] * 3 for e in perfect.engine.log[1:-1])  # the last round: room left
+    assert all(e.drafts[e.live].tolist() == [4] * 3 for e in perfect.log[1:-1])  # the last round: room left
 
 
 def test_batched_rows_accept_different_counts_and_equal_row_by_row(setup):
@@ -169,7 +170,7 @@ def test_batched_rows_accept_different_counts_and_equal_row_by_row(setup):
                                                     **row_extra), DraftSettings(layer, 4), max_new_tokens=10,
                               eos_token_id=[])
                 assert _tokens(single)[0] == _tokens(batched)[r]
-        per_round = [set(entry.tokens[entry.live].tolist()) for entry in batched.engine.log[1:]]
+        per_round = [set(entry.tokens[entry.live].tolist()) for entry in batched.log[1:]]
         diverged |= any(len(counts) > 1 for counts in per_round)
     assert diverged, "rows should keep different numbers of tokens in some round"
 
@@ -184,7 +185,8 @@ def test_exit_cache_holds_the_kept_tokens_exit_kv(static):
     lm_inputs = bb.prepare(pixels, ids, mask, **extra)
     with torch.no_grad():
         for layer in (1, 5):  # some drafts rejected / all drafts kept
-            res = _run(bb, exits, lm_inputs, DraftSettings(layer, 3), max_new_tokens=9, static=static)
+            res = _run(bb, exits, lm_inputs, DraftSettings(layer, 3), max_new_tokens=9, static=static,
+                       keep_cache=True)
             cache = res.caches()
             lm = bb.lm
             tokens = res.sequences

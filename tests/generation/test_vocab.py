@@ -73,7 +73,7 @@ def test_speculative_drafts_from_a_small_subset_stay_lossless(setup, size):  # n
             spec = _run(bb, exits, lm_inputs, draft=DraftSettings(layer, 4), max_new_tokens=11, head_subset=sub)
             assert _tokens(spec) == _tokens(full)
             missed |= any(t not in sub.ids.tolist() for row in _tokens(full) for t in row)
-            assert all(e.head_share == sub.fraction for e in spec.engine.log[1:])  # a draft head: K/V of a head
+            assert all(e.head_share == sub.fraction for e in spec.log[1:])  # a draft head: K/V of a head
     assert missed, "the subset should miss some token the model emits"
 
 
@@ -124,8 +124,8 @@ def test_api_head_subset_option():
     finally:
         vlm.token_ranking = None
     assert spec.sequences.tolist() == full.sequences.tolist()
-    assert all(e.head_share == 8 / v for e in spec.engine.log[1:])
-    assert ee.engine.head_subset.size == 8
+    assert all(e.head_share == 8 / v for e in spec.log[1:])
+    assert ee.work.head_subset.size == 8
 
 
 @pytest.mark.parametrize("policy", ["propagate", "copy"])
@@ -143,7 +143,7 @@ def test_the_static_step_checks_subsets_as_the_dynamic_engine(setup, policy):  #
         for static in (False, True):
             runs[static] = _run(bb, exits, lm_inputs, criterion=SignRule(), policy=SkipPolicy(policy),
                                 head_subset=sub, static=static, max_new_tokens=9)
-    assert runs[True].engine._static_step is not None, "the static step must have run"
+    assert runs[True].work.static, "the static step must have run"
     assert _tokens(runs[True]) == _tokens(runs[False])
     assert runs[True].exit_layers == runs[False].exit_layers
     assert any(layer < SIZE.lm_layers for row in runs[True].exit_layers for layer in row)

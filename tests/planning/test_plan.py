@@ -261,6 +261,6 @@ def test_plan_tries_head_subsets(workspace, tmp_path, capsys):
     opts = apply_plan(DecodeOptions(max_new_tokens=4), read_plan(tmp_path / "plan"))
     image = next(Path(data).rglob("*.png"))
     res = vlm.generate([image], ["a photo of"], opts, tokenizer_decode=False)
-    assert res.engine.head_subset.size == 8
+    assert res.work.head_subset.size == 8
     assert all(layer == 2 for layer in res.exit_layers[0])  # every token leaves at exit 2: from the subset
-    assert all(t in res.engine.head_subset.ids.tolist() for t in res.sequences[0].tolist())
+    assert all(t in res.work.head_subset.ids.tolist() for t in res.sequences[0].tolist())

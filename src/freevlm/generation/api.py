@@ -26,6 +26,7 @@ from freevlm.exits import ExitStack, load_exits
 from freevlm.generation.criteria import Gated, make_criterion
 from freevlm.generation.decode import DecodeSettings, GenerationResult, generate_from_inputs
 from freevlm.generation.kv import SkipPolicy
+from freevlm.generation.session import DecodeSession
 from freevlm.generation.speculative import DraftSettings
 from freevlm.generation.vocab import head_subset, load_token_ranking
 from freevlm.train.batches import encode_prompts
@@ -107,6 +108,25 @@ class EarlyExitVLM:
             cache[key] = ranking
         return cache[key]
 
+    def _subset(self, ranking, size: int, eos: list[int], vocab_size: int):
+        """The head subset of a setting, one object per (ranking, size, EOS ids): the decode session keys its graphs
+        on the subset they score, so an equal setting must find the same one."""
+        cache = self.__dict__.setdefault("_subsets", {})
+        key = (id(ranking), size, tuple(eos), vocab_size)
+        held = cache.get(key)
+        if held is None or held[0] is not ranking:
+            held = cache[key] = (ranking, head_subset(ranking, size, eos, vocab_size))
+        return held[1]
+
+    @property
+    def session(self) -> DecodeSession:
+        """The decode session `generate` decodes in (created on first use): KV caches and static steps (CUDA graphs
+        on a GPU) kept per shape and signature across calls (`session.py`); `vlm.session.clear()` frees them."""
+        session = self.__dict__.get("_session")
+        if session is None:
+            session = self.__dict__["_session"] = DecodeSession()
+        return session
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.model.parameters()).device
@@ -148,11 +168,11 @@ class EarlyExitVLM:
         if opts.head_subset is not None and opts.uses_exits:
             lm, config = self.backbone.lm, self.backbone.model.generation_config
             eos = DecodeSettings.from_kwargs(config, lm.config, **hf_kwargs).eos_token_id
-            subset = head_subset(self._ranking(opts.token_ranking), opts.head_subset, eos, lm.vocab_size)
+            subset = self._subset(self._ranking(opts.token_ranking), opts.head_subset, eos, lm.vocab_size)
         return generate_from_inputs(
             self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft, check_layers=opts.exit_layers,
             head_subset=subset,
             policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
             generation_config=self.backbone.model.generation_config, max_new_tokens=opts.max_new_tokens,
-            num_beams=opts.num_beams, max_cache_gb=opts.max_cache_gb, **hf_kwargs,
+            num_beams=opts.num_beams, max_cache_gb=opts.max_cache_gb, session=self.session, **hf_kwargs,
         )

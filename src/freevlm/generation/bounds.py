@@ -59,20 +59,26 @@ def cache_bytes(*, layers: int, exit_slots: int, rows: int, kv_heads: int, colum
 
 
 def check_generation_bounds(engine, lm_inputs, max_new_tokens: int, extra_columns: int, expand: int,
-                            max_cache_gb: float | None = None) -> None:
-    """Refuse (one line, with the numbers) a call whose cache would pass the LM's positions or the memory budget."""
+                            max_cache_gb: float | None = None, *, positions: bool = True, memory: bool = True,
+                            columns: int | None = None) -> None:
+    """Refuse (one line, with the numbers) a call whose cache would pass the LM's positions or the memory budget.
+    `columns`: the cache's columns when it has more than the call needs (a decode session's length bucket: the extra
+    columns are memory, never positions)."""
     embeds = lm_inputs.inputs_embeds
     batch, lm = embeds.shape[0], engine.lm
     prompt = 1 if lm.is_encoder_decoder else embeds.shape[1]
-    columns = prompt + max_new_tokens + extra_columns
+    needed = prompt + max_new_tokens + extra_columns
     limit = max_positions(lm)
-    if limit is not None and columns > limit:
+    if positions and limit is not None and needed > limit:
         drafts = f" + {extra_columns} draft columns" if extra_columns else ""
         room = limit - prompt - extra_columns
         hint = (f"lower --max-new-tokens to at most {room}" if room >= 1 else
                 "the prompt alone leaves no room: shorten it")
-        raise FreeVLMError(f"the prompt ({prompt} positions) + --max-new-tokens {max_new_tokens}{drafts} = {columns} "
+        raise FreeVLMError(f"the prompt ({prompt} positions) + --max-new-tokens {max_new_tokens}{drafts} = {needed} "
                            f"positions exceed the LM's maximum of {limit} (max_position_embeddings); {hint}")
+    if not memory:
+        return
+    columns = max(needed, columns or 0)
     k = engine.kernel
     exit_slots = len(engine.exit_list) if engine.uses_exit_cache else 0
     rows = batch * expand

@@ -52,6 +52,45 @@ class KVCache:
         return cls(keys, values, ek, ev, torch.ones(batch, max_len, dtype=torch.bool, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device), 0, False)
 
+    def reset(self) -> None:
+        """Back to the state of a fresh allocation (zeros, no padding, length 0), in place: a session reuses the cache
+        for the next call, and captured CUDA graphs read these very tensors. T5's cross-attention K/V and encoder mask
+        are rewritten by the prefill."""
+        for t in (self.keys, self.values, self.exit_keys, self.exit_values):
+            if t is not None:
+                t.zero_()
+        self.not_pad.fill_(True)
+        self.lengths = torch.zeros_like(self.lengths)
+        self.length, self.has_pad = 0, False
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        """Set a per-call tensor field (T5's cross-attention K/V, encoder mask): copied into the one already there
+        when it has the same shape (a reused cache keeps its addresses), else set."""
+        held = getattr(self, name)
+        if held is not None and held.shape == value.shape and held.dtype == value.dtype:
+            held.copy_(value)
+        else:
+            setattr(self, name, value)
+
+    def gather(self, index: torch.Tensor, into: KVCache | None = None) -> KVCache:
+        """A cache whose row i is this one's row index[i] (a prompt expanded to several beams or samples): written
+        into `into`'s tensors when given (a session's, whose addresses captured graphs read), else new tensors."""
+        out = into if into is not None else replace(self)
+        for name, dim in _ROW_DIMS:
+            src = getattr(self, name)
+            if src is None:
+                setattr(out, name, None)
+                continue
+            held = getattr(out, name) if into is not None else None
+            shape = (*src.shape[:dim], index.shape[0], *src.shape[dim + 1 :])
+            if held is not None and held.shape == shape and held.dtype == src.dtype:
+                torch.index_select(src, dim, index, out=held)
+            else:
+                setattr(out, name, src.index_select(dim, index))
+        out.lengths = self.lengths.index_select(0, index)
+        out.length, out.has_pad = self.length, self.has_pad
+        return out
+
     @property
     def max_len(self) -> int:
         return self.keys.shape[3]
@@ -87,6 +126,11 @@ class KVCache:
         self.not_pad = move(self.not_pad, 0)
         self.lengths = move(self.lengths, 0)
         self.encoder_bias = move(self.encoder_bias, 0)
+
+
+# the tensors that hold one entry per batch row, and their row dimension
+_ROW_DIMS = (("keys", 1), ("values", 1), ("exit_keys", 1), ("exit_values", 1), ("cross_keys", 1), ("cross_values", 1),
+             ("exit_cross_keys", 1), ("exit_cross_values", 1), ("not_pad", 0), ("encoder_bias", 0))
 
 
 @dataclass

@@ -29,8 +29,11 @@ from transformers.generation.logits_process import (
 
 from freevlm.errors import FreeVLMError
 from freevlm.generation.bounds import check_generation_bounds
-from freevlm.generation.engine import Engine, StepRecord
+from freevlm.generation.buffers import Buffers
+from freevlm.generation.cache import KVCache
+from freevlm.generation.engine import Engine, StepRecord, WorkLog
 from freevlm.generation.kv import SkipPolicy
+from freevlm.generation.session import DecodeSession, bucket_columns, decode_key
 from freevlm.generation.speculative import (
     DraftSettings,
     SpeculativeStats,
@@ -117,29 +120,40 @@ class DecodeSettings:
 
 @dataclass
 class GenerationResult:
-    """What generation produced, token by token."""
+    """What generation produced, token by token, and what it cost. It holds statistics, not the engine: the engine's
+    buffers (KV cache, static steps, CUDA graphs) go back to the decode session for the next call, so a result kept
+    around holds no device memory beyond its tensors, unless the cache was asked for (`keep_cache=True`)."""
 
     sequences: torch.Tensor  # (R, T) generated token ids, prompt removed, padded with pad_token_id after EOS
     texts: list[str]  # decoded sequences (empty strings when no tokenizer was given)
     exit_layers: list[list[int]]  # per sequence, the layer each generated token left at (N = final layer)
     trace: list[list[tuple[int, int]]]  # per sequence, the (step, batch row) that produced each token
     num_layers: int  # N, the LM's depth
-    seconds: float  # wall-clock time of the whole generate call
+    seconds: float  # wall-clock time of the generate call (decoding; not the completion of a kept cache)
     live_rows: list[torch.Tensor]  # per step, rows whose output was still used (unfinished sequences / beams)
-    engine: Engine  # holds the caches and the step log
+    work: WorkLog  # what the engine ran, per step (`records` reads it as work counts)
     logits: tuple[torch.Tensor, ...] | None = None  # per step (rows, V), when asked for with output_logits=True
     speculative: SpeculativeStats | None = None  # speculative mode: acceptance, tokens per verification, ...
+    calls: list[tuple[str, int, int]] | None = None  # trace=True: every kernel call (kind, 1-based layer, tokens)
+    cache: KVCache | None = None  # keep_cache=True: the KV cache after generation (see `caches`)
 
     @cached_property
     def records(self) -> list[StepRecord]:
         """Per step, per row: what the engine ran (step 0 is the prompt's prefill)."""
-        return self.engine.records()
+        return self.work.records()
 
-    def caches(self):
+    @property
+    def log(self) -> list:
+        """The engine's step log (speculative rounds: drafts, tokens and live rows per round)."""
+        return self.work.entries
+
+    def caches(self) -> KVCache:
         """The KV cache after generation, complete: under catch-up the tokens still waiting for their deeper layers
-        are run first (`Engine.flush`). Valid until the engine decodes again."""
-        self.engine.flush()
-        return self.engine.cache
+        were run when generation ended (`Engine.flush`), as were exit K/V closed gates still owed. Kept only when
+        asked for: a cache is the call's largest allocation, and without it the session reuses it."""
+        if self.cache is None:
+            raise FreeVLMError("the KV cache was not kept: pass keep_cache=True to generate")
+        return self.cache
 
     @property
     def num_tokens(self) -> int:
@@ -166,8 +180,8 @@ def _greedy_or_sample(engine: Engine, logits: torch.Tensor, s: DecodeSettings, p
     steps = 0
     for t in range(s.max_new_tokens):
         scores = logits.float()
-        if logits_out is not None:
-            logits_out.append(scores)
+        if logits_out is not None:  # a copy where `float()` was none: a static step's output is overwritten next step
+            logits_out.append(scores.clone() if scores is logits else scores)
         if t < s.min_new_tokens and eos.numel():
             scores = scores.clone()
             scores[:, eos] = float("-inf")
@@ -223,7 +237,7 @@ def _beam_search(engine: Engine, logits: torch.Tensor, s: DecodeSettings, batch:
     for t in range(max_new):
         scores = logits.float()
         if logits_out is not None:
-            logits_out.append(scores)
+            logits_out.append(scores.clone() if scores is logits else scores)
         log_probs = torch.log_softmax(scores, dim=-1)
         if t < s.min_new_tokens and eos.numel():
             log_probs[:, eos] = float("-inf")
@@ -287,7 +301,7 @@ def generate_from_inputs(
     lm, exits, lm_inputs, *, criterion=None, policy: SkipPolicy | None = None, tokenizer=None,
     generation_config=None, draft: DraftSettings | None = None, trace: bool = False, static: bool | None = None,
     check_layers: list[int] | None = None, max_cache_gb: float | None = None, head_subset=None,
-    lazy_exit_fill: bool = True, **generate_kwargs,
+    lazy_exit_fill: bool = True, keep_cache: bool = False, session: DecodeSession | None = None, **generate_kwargs,
 ) -> GenerationResult:
     """Generation from prepared LM inputs (see `VLMBackbone.prepare`).
 
@@ -299,7 +313,10 @@ def generate_from_inputs(
     available on the device); the call is refused up front past it or past the LM's positions (`bounds.py`).
     `head_subset` (a `HeadSubset`, `vocab.py`): exit checks and drafts score only its token ids (speculative
     verification keeps the full head). `lazy_exit_fill`: closed gates' exit K/V are projected when the exit next
-    runs (False: at once; see `Engine`).
+    runs (False: at once; see `Engine`). `keep_cache`: the result keeps the KV cache (`GenerationResult.caches`),
+    completed first (catch-up's pending layers, owed exit K/V); otherwise it is dropped (or reused by a session).
+    `session` (a `DecodeSession`, `session.py`): the cache and the static steps (their CUDA graphs) come from it and
+    stay in it for the next call of the same shape and signature; without one they are this call's own.
     """
     start = time.perf_counter()
     s = DecodeSettings.from_kwargs(generation_config, lm.config, **generate_kwargs)
@@ -310,11 +327,49 @@ def generate_from_inputs(
     else:
         engine = Engine(lm, exits, criterion, policy, trace=trace, static=static, check_layers=check_layers,
                         head_subset=head_subset, lazy_exit_fill=lazy_exit_fill)
-    batch = lm_inputs.inputs_embeds.shape[0]
+    embeds = lm_inputs.inputs_embeds
     extra_columns = draft.max_draft + 1 if draft else 0
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
-    check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb)
-    logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=extra_columns)
+    static = static if static is not None else embeds.device.type == "cuda"
+    if draft is not None:  # greedy speculative rounds have a static path (`graphs.StaticSpeculative`), sampling not
+        static = static and not s.do_sample and engine.kernel.static_rope
+    columns = (1 if lm.is_encoder_decoder else embeds.shape[1]) + s.max_new_tokens + extra_columns
+    check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb, memory=False)
+    key = None
+    if session is not None:
+        key, pins = decode_key(engine, lm_inputs, expand, bucket_columns(columns), static, draft, s.eos_token_id)
+        buffers, reused = session.buffers(key, bucket_columns(columns), pins)
+    else:
+        buffers, reused = Buffers(columns), False
+    try:
+        if not reused:  # a reused entry's memory is already allocated
+            try:
+                check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb,
+                                        positions=False, columns=buffers.max_len)
+            except FreeVLMError:
+                if session is None or not session.evict_others(key):
+                    raise
+                check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb,
+                                        positions=False, columns=buffers.max_len)
+        result = _decode(engine, buffers, lm, lm_inputs, s, draft, static, expand, extra_columns, tokenizer,
+                         keep_cache, start)
+    except BaseException:
+        if session is not None:  # a call that failed midway (a capture included) leaves nothing to reuse
+            session.drop(key)
+        raise
+    finally:
+        buffers.release()
+    if keep_cache and session is not None:
+        session.drop(key)  # the cache is the result's now
+    return result
+
+
+def _decode(engine: Engine, buffers: Buffers, lm, lm_inputs, s: DecodeSettings, draft: DraftSettings | None,
+            static: bool, expand: int, extra_columns: int, tokenizer, keep_cache: bool, start: float
+            ) -> GenerationResult:
+    """`generate_from_inputs` once the engine and its buffers are chosen: prefill, decode, the result."""
+    batch = lm_inputs.inputs_embeds.shape[0]
+    logits = engine.prefill(lm_inputs, s.max_new_tokens, extra_columns=extra_columns, buffers=buffers)
     if not lm.is_encoder_decoder:
         prompt_ids = lm_inputs.input_ids
     else:
@@ -332,8 +387,7 @@ def generate_from_inputs(
         if s.output_logits:
             raise FreeVLMError("output_logits is not available in speculative mode (tokens come in blocks)")
         stats = SpeculativeStats()
-        graphed = (static if static is not None else logits.device.type == "cuda") and not s.do_sample
-        run = static_speculative_decode if graphed and engine.kernel.static_rope else speculative_decode
+        run = static_speculative_decode if static else speculative_decode
         sequences, lengths = run(engine, logits, s, draft, stats)
         traces = [[(t, r) for t in range(n)] for r, n in enumerate(lengths)]
         rows = torch.arange(sequences.shape[0])
@@ -355,5 +409,12 @@ def generate_from_inputs(
     if tokenizer is not None:
         ids = sequences.tolist()
         texts = [tokenizer.decode(ids[i][: len(tr)], skip_special_tokens=True).strip() for i, tr in enumerate(traces)]
-    return GenerationResult(sequences, texts, exit_layers, traces, lm.num_layers, time.perf_counter() - start, live,
-                            engine, tuple(logits_out) if logits_out is not None else None, stats)
+    seconds = time.perf_counter() - start
+    work = engine.work()
+    calls = None if engine.calls is None else list(engine.calls)  # the decode's calls (not the completion's below)
+    cache = None
+    if keep_cache:
+        engine.flush()
+        cache = engine.cache
+    return GenerationResult(sequences, texts, exit_layers, traces, lm.num_layers, seconds, live, work,
+                            tuple(logits_out) if logits_out is not None else None, stats, calls, cache)

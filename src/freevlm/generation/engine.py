@@ -25,6 +25,7 @@ from typing import cast
 import torch
 
 from freevlm.errors import FreeVLMError
+from freevlm.generation.buffers import Buffers
 from freevlm.generation.cache import KVCache, Span, make_span
 from freevlm.generation.events import ExitEvent
 from freevlm.generation.kernels import kernel_for
@@ -69,6 +70,89 @@ class _StepLog:
     together: tuple[dict[int, int], dict[int, int]] | None
     gates: list | None = None  # gated steps: (exit layer, batch rows, gate open per row) per gate asked
     owed_filled: list | None = None  # lazy exit filling: rows (one entry per K/V pair) whose owed exit K/V were written
+
+
+@dataclass
+class WorkLog:
+    """What one generate call ran, step by step, and what reading it as work counts needs: statistics only (no cache,
+    no model, no graphs), so that a result does not keep its engine alive and the engine's buffers can serve the next
+    call (`session.py`)."""
+
+    entries: list[_StepLog]  # per step, step 0 the prompt's prefill (speculative rounds: `_SpeculativeLog`s)
+    num_layers: int
+    exit_list: list[int]  # the exits that ran (checked, or the drafting one)
+    checking: bool  # exits decided (early exit)
+    needs_logits: bool  # the criterion read the exits' logits (one head per check)
+    head_subset: object  # the `HeadSubset` exit checks and drafts scored (None: the full head)
+    uses_exit_cache: bool
+    lazy_exit_fill: bool
+    policy: str  # the skip policy's name
+    static: bool = False  # static steps (or static speculative rounds) ran
+    graphed: bool = False  # ... captured as CUDA graphs
+    pending: int = 0  # catch-up: tokens whose deeper layers had not run when decoding ended
+    owed_exit_kv: int = 0  # lazy exit filling: exit K/V pairs closed gates still owed when decoding ended
+
+    def records(self) -> list[StepRecord]:
+        """The log as per-row work counts (see `eval/efficiency.py` for how they become the compute speedup).
+
+        Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one in
+        all for criteria that decide without logits; a subset head counts K/V of one) plus the final head; under
+        propagate/copy a row runs layers 1..exit layer and its skipped slots (deeper layers, deeper exit transformers)
+        are filled by the policy. The prefill and catch-up steps run the same layers for every row (their logged token
+        counts).
+        """
+        positions = torch.tensor(self.exit_list if self.checking else [], dtype=torch.long)
+        n_exits = len(self.exit_list)
+        needs_logits = self.needs_logits
+        share = 1.0 if self.head_subset is None else self.head_subset.fraction  # an exit check's head, in full heads
+        out = []
+        for entry in self.entries:
+            if hasattr(entry, "record"):  # speculative rounds count their own work
+                out.append(entry.record())
+                continue
+            exit_layer = entry.exit_layer.cpu()
+            b = exit_layer.shape[0]
+            rec = StepRecord.zeros(b, self.num_layers, "cpu", entry.prefill)
+            rec.exit_layer = exit_layer.clone()
+            reached_final = (exit_layer == self.num_layers).float()
+            if self.checking:
+                checked = torch.searchsorted(positions, exit_layer, right=True).float()
+                rec.heads += (checked if needs_logits else (1 - reached_final)) * share + reached_final
+            else:
+                checked = torch.zeros(b)
+                rec.heads += 1
+            opened = None
+            if entry.gates is not None:  # a gate was asked at each exit reached; only open ones were checked
+                opened = torch.zeros(b)
+                for _, rows, is_open in entry.gates:
+                    opened.index_add_(0, rows.cpu(), is_open.float().cpu())
+                rec.gates += checked
+                rec.heads = (opened if needs_logits else 1 - reached_final) * share + reached_final
+            if entry.together is not None:
+                rec.blocks, rec.exit_blocks = entry.together
+                rec.layers += sum(q * calls for q, calls in rec.blocks.items())
+                rec.exit_layers += sum(q * calls for q, calls in rec.exit_blocks.items())
+            else:
+                rec.layers += exit_layer.float()
+                if opened is not None:
+                    if self.uses_exit_cache:
+                        rec.exit_layers += opened
+                        if not self.lazy_exit_fill:
+                            rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
+                elif self.uses_exit_cache:
+                    rec.exit_layers += checked
+                skipped = (self.num_layers - exit_layer).float()
+                if self.uses_exit_cache:
+                    skipped = skipped + (n_exits - checked)
+                if self.policy == "propagate":
+                    rec.kv_projections += skipped
+                else:
+                    rec.kv_copies += skipped
+            if entry.owed_filled:  # lazy filling: exit K/V closed gates owed, projected (batched) during this step
+                filled = torch.cat(entry.owed_filled).cpu()
+                rec.kv_projections.index_add_(0, filled, torch.ones(filled.numel()))
+            out.append(rec)
+        return out
 
 
 @dataclass
@@ -131,6 +215,7 @@ class Engine:
         self.exit_owed: dict[int, list[tuple]] = {}
         self._filled_rows: list[torch.Tensor] = []  # rows whose owed exit K/V were projected during this step
         self.cache: KVCache | None = None
+        self.buffers: Buffers | None = None  # where the cache, offsets, tables and static steps live (`buffers.py`)
         self._rows: torch.Tensor | None = None
         self.static = static
         self._static_step = None
@@ -138,9 +223,11 @@ class Engine:
         self._prefill_last: torch.Tensor | None = None  # (B,) last real prompt column, when not every row's is p-1
 
     # ----------------------------------------------------------------------------------------------------------
-    def prefill(self, lm_inputs, max_new_tokens: int, extra_columns: int = 0) -> torch.Tensor:
-        """Run the prompt; returns the first token's logits (B, V). Allocates the cache for `max_new_tokens` more
-        columns (+ `extra_columns`, e.g. speculative drafts past the last kept token)."""
+    def prefill(self, lm_inputs, max_new_tokens: int, extra_columns: int = 0, buffers: Buffers | None = None
+                ) -> torch.Tensor:
+        """Run the prompt; returns the first token's logits (B, V). The cache has room for `max_new_tokens` more
+        columns (+ `extra_columns`, e.g. speculative drafts past the last kept token): in `buffers` (a decode session's
+        entry, which may have more columns and is reset, not reallocated), else allocated for exactly that."""
         k, lm = self.kernel, self.lm
         dtype = k.dtype  # the cache holds what the layers write: the weights' dtype, whatever the inputs'
         embeds, mask = lm_inputs.inputs_embeds.to(dtype), lm_inputs.attention_mask
@@ -151,23 +238,21 @@ class Engine:
             encoder = lm.encode(embeds, mask)  # the encoder runs whole, through transformers' module
             start = torch.full((b, 1), lm.config.decoder_start_token_id, dtype=torch.long, device=device)
             p = 1
-            max_len = p + max_new_tokens + extra_columns
-            cache = KVCache.allocate(self.n, num_exit_slots, b, k.kv_heads, max_len, k.head_dim, dtype, device)
-            self.tables = k.start(max_len, device)
-            cache.encoder_bias = k.encoder_bias(mask, dtype)
+            cache = self._cache(b, p + max_new_tokens + extra_columns, num_exit_slots, dtype, device, buffers)
+            cache.put("encoder_bias", k.encoder_bias(mask, dtype))
             ck, cv = zip(*(k.cross_kv(w, encoder) for w in k.layers))
-            cache.cross_keys, cache.cross_values = torch.stack(ck), torch.stack(cv)
+            cache.put("cross_keys", torch.stack(ck))
+            cache.put("cross_values", torch.stack(cv))
             if num_exit_slots:
                 eck, ecv = zip(*(k.cross_kv(self.exit_at[layer].layer, encoder) for layer in self.exit_list))
-                cache.exit_cross_keys, cache.exit_cross_values = torch.stack(eck), torch.stack(ecv)
+                cache.put("exit_cross_keys", torch.stack(eck))
+                cache.put("exit_cross_values", torch.stack(ecv))
             positions = torch.zeros((b, 1), dtype=torch.long, device=device)
             h0 = k.embed(k.embed_tokens(start, positions), positions)
-            self._base = torch.zeros((b, 1), dtype=torch.long, device=device)  # position = column for T5
+            base = torch.zeros((b, 1), dtype=torch.long, device=device)  # position = column for T5
         else:
             p = embeds.shape[1]
-            max_len = p + max_new_tokens + extra_columns
-            cache = KVCache.allocate(self.n, num_exit_slots, b, k.kv_heads, max_len, k.head_dim, dtype, device)
-            self.tables = k.start(max_len, device)
+            cache = self._cache(b, p + max_new_tokens + extra_columns, num_exit_slots, dtype, device, buffers)
             real = mask.bool()
             cache.not_pad[:, :p] = real
             cache.has_pad = not bool(real.all())
@@ -178,7 +263,8 @@ class Engine:
                 self._prefill_last = p - 1 - torch.flip(real, [1]).long().argmax(1)
             positions = (torch.cumsum(mask, 1) * mask - 1).long()  # as transformers: real tokens count from 0
             h0 = k.embed(embeds, positions)
-            self._base = (mask.sum(1, keepdim=True) - p).long()  # a generated token at column c has position c + base
+            base = (mask.sum(1, keepdim=True) - p).long()  # a generated token at column c has position c + base
+        self._base = self.buffers.base(base)
         self.cache = cache
         self.prompt_len = p
         self._rows = torch.arange(b, device=device)
@@ -186,6 +272,63 @@ class Engine:
         logits = self._step_together(h0, span, prefill=True)
         cache.advance(p)
         return logits
+
+    def open_rows(self, b: int, buffers: Buffers, device: torch.device) -> None:
+        """Continuous batching (`session.RowBatch`): `b` empty rows over `buffers`, which prompts are admitted into
+        (`admit`) between steps. Decoder-only LMs: T5's cross-attention K/V have the encoder's length, one per row."""
+        if self.lm.is_encoder_decoder:
+            raise FreeVLMError("rows are admitted between steps for decoder-only LMs only (T5's encoder output has "
+                               "its own length per prompt)")
+        if self.policy.batch_moves_together:
+            raise FreeVLMError("rows are admitted between steps under the propagate or copy policies (catch-up "
+                               "moves the whole batch's pending tokens together)")
+        exit_slots = len(self.exit_list) if self.uses_exit_cache else 0
+        self.cache = self._cache(b, buffers.max_len, exit_slots, self.kernel.dtype, device, buffers)
+        self.cache.has_pad = True  # rows hold masked columns (before their prompts)
+        self._base = self.buffers.base(torch.zeros((b, 1), dtype=torch.long, device=device))
+        self._rows = torch.arange(b, device=device)
+
+    def admit(self, row: int, lm_inputs) -> torch.Tensor:
+        """Continuous batching: prefill one prompt (`lm_inputs` of one row) into batch row `row`; returns its first
+        token's logits (1, V). Every row writes the same column each step (the static step's shape), so the prompt
+        sits right-aligned before the batch's next column, the columns before it masked as left padding, its positions
+        counting from its own first token: it decodes as it would alone. A prompt longer than the columns used so far
+        first makes every row skip the difference (masked columns; positions do not move)."""
+        cache, k = self.cache, self.kernel
+        embeds, mask = lm_inputs.inputs_embeds.to(k.dtype), lm_inputs.attention_mask
+        p, device = embeds.shape[1], embeds.device
+        col = cache.length
+        if col < p:
+            cache.not_pad[:, col:p] = False
+            self._base -= p - col  # in place: the static step's graphs read this tensor
+            cache.advance(p - col)
+            col = p
+        start = col - p
+        real = mask[0].bool()
+        cache.not_pad[row, :start] = False  # what the row held before (a released prompt, or nothing)
+        cache.not_pad[row, start:col] = real
+        self._base[row] = mask.sum() - col  # a generated token at column c has position c + base
+        positions = (torch.cumsum(mask, 1) * mask - 1).long()
+        self._prefill_last = None if bool(real[-1]) else (p - 1 - torch.flip(real, [0]).long().argmax()).view(1)
+        rows, every = torch.tensor([row], device=device), self._rows
+        self._rows = torch.arange(1, device=device)  # the prefill's own rows (its criterion state has one)
+        try:
+            span = self._prepare(make_span(cache, p, positions, start=start, rows=rows))
+            return self._step_together(k.embed(embeds, positions), span, prefill=True)
+        finally:
+            self._rows = every
+
+    def _cache(self, b: int, columns: int, exit_slots: int, dtype, device, buffers: Buffers | None) -> KVCache:
+        """The prompt rows' cache (and this call's tables) from `buffers`, or from new ones of exactly `columns`."""
+        self.buffers = buffers if buffers is not None else Buffers(columns)
+        max_len = self.buffers.max_len
+        if max_len < columns:
+            raise FreeVLMError(f"decode buffers of {max_len} columns cannot hold a call needing {columns}")
+        k = self.kernel
+        cache = self.buffers.cache(b, lambda: KVCache.allocate(self.n, exit_slots, b, k.kv_heads, max_len, k.head_dim,
+                                                               dtype, device))
+        self.tables = self.buffers.table(lambda: k.start(max_len, device))
+        return cache
 
     def _static_ok(self) -> bool:
         if self.static is None:
@@ -197,10 +340,8 @@ class Engine:
         """One new token per row (B,) at the next column; returns next-token logits (B, V)."""
         cache, col = self.cache, self.cache.length
         if self._static_ok():
-            from freevlm.generation.graphs import StaticStep
-
-            if self._static_step is None or self._static_step.tokens.shape[0] != tokens.shape[0]:
-                self._static_step = StaticStep(self)
+            if self._static_step is None or self._static_step.keys is not cache.keys:
+                self._static_step = self.buffers.step(self)
             logits, exit_layer, events = self._static_step.step(tokens, col)
             for event in events:
                 fill_skipped(self, event)
@@ -220,10 +361,15 @@ class Engine:
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search; expanding rows to beams or samples)."""
         self.fill_owed_exits()  # owed entries name rows by their old index
-        in_place = self._static_step is not None and index.shape[0] == self.cache.batch
-        self.cache.reorder(index, in_place=in_place)
         base = self._base.index_select(0, index)
-        self._base = self._base.copy_(base) if in_place else base
+        if index.shape[0] != self.cache.batch:  # expanding: into the buffers' cache of that many rows
+            self.cache = self.buffers.expand(self.cache, index)
+            self._base = self.buffers.base(base)
+        else:
+            # the static step's graphs read these addresses (a session's entry: the graphs of an earlier call)
+            in_place = self._static_step is not None or (self.buffers.kept and self._static_ok())
+            self.cache.reorder(index, in_place=in_place)
+            self._base = self._base.copy_(base) if in_place else base
         self._rows = torch.arange(index.shape[0], device=index.device)
         for p in self.pending:
             p.hidden = p.hidden.index_select(0, index)
@@ -475,65 +621,12 @@ class Engine:
             self._full = torch.full((b,), self.n, dtype=torch.long, device=device)
         return self._full
 
-    # ----------------------------------------------------------------------------------------------------------
-    def records(self) -> list[StepRecord]:
-        """The log as per-row work counts (see `eval/efficiency.py` for how they become the compute speedup).
-
-        Per row: exits checked = exit layers <= its exit layer; heads = one per check that computed logits (one in
-        all for criteria that decide without logits; a subset head counts K/V of one) plus the final head; under
-        propagate/copy a row runs layers 1..exit layer and its skipped slots (deeper layers, deeper exit transformers)
-        are filled by the policy. The prefill and catch-up steps run the same layers for every row (their logged token
-        counts).
-        """
-        positions = torch.tensor(self.exit_list if self.checking else [], dtype=torch.long)
-        n_exits = len(self.exit_list)
-        needs_logits = self.checking and self.criterion.needs_logits
-        share = 1.0 if self.head_subset is None else self.head_subset.fraction  # an exit check's head, in full heads
-        out = []
-        for entry in self.log:
-            if hasattr(entry, "record"):  # speculative rounds count their own work
-                out.append(entry.record())
-                continue
-            exit_layer = entry.exit_layer.cpu()
-            b = exit_layer.shape[0]
-            rec = StepRecord.zeros(b, self.n, "cpu", entry.prefill)
-            rec.exit_layer = exit_layer.clone()
-            reached_final = (exit_layer == self.n).float()
-            if self.checking:
-                checked = torch.searchsorted(positions, exit_layer, right=True).float()
-                rec.heads += (checked if needs_logits else (1 - reached_final)) * share + reached_final
-            else:
-                checked = torch.zeros(b)
-                rec.heads += 1
-            opened = None
-            if entry.gates is not None:  # a gate was asked at each exit reached; only open ones were checked
-                opened = torch.zeros(b)
-                for _, rows, is_open in entry.gates:
-                    opened.index_add_(0, rows.cpu(), is_open.float().cpu())
-                rec.gates += checked
-                rec.heads = (opened if needs_logits else 1 - reached_final) * share + reached_final
-            if entry.together is not None:
-                rec.blocks, rec.exit_blocks = entry.together
-                rec.layers += sum(q * calls for q, calls in rec.blocks.items())
-                rec.exit_layers += sum(q * calls for q, calls in rec.exit_blocks.items())
-            else:
-                rec.layers += exit_layer.float()
-                if opened is not None:
-                    if self.uses_exit_cache:
-                        rec.exit_layers += opened
-                        if not self.lazy_exit_fill:
-                            rec.kv_projections += checked - opened  # closed exits' K/V, projected from h_i
-                elif self.uses_exit_cache:
-                    rec.exit_layers += checked
-                skipped = (self.n - exit_layer).float()
-                if self.uses_exit_cache:
-                    skipped = skipped + (n_exits - checked)
-                if self.policy.name == "propagate":
-                    rec.kv_projections += skipped
-                else:
-                    rec.kv_copies += skipped
-            if entry.owed_filled:  # lazy filling: exit K/V closed gates owed, projected (batched) during this step
-                filled = torch.cat(entry.owed_filled).cpu()
-                rec.kv_projections.index_add_(0, filled, torch.ones(filled.numel()))
-            out.append(rec)
-        return out
+    def work(self) -> WorkLog:
+        """What this call ran, as statistics the result keeps (the engine and its buffers are not kept)."""
+        return WorkLog(
+            self.log, self.n, list(self.exit_list), self.checking, self.checking and self.criterion.needs_logits,
+            self.head_subset, self.uses_exit_cache, self.lazy_exit_fill, self.policy.name,
+            static=self._static_step is not None or self.static_rounds is not None,
+            graphed=any(s is not None and s.capture for s in (self._static_step, self.static_rounds)),
+            pending=len(self.pending),
+            owed_exit_kv=sum(o[0].numel() for group in self.exit_owed.values() for o in group))

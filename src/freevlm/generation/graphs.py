@@ -45,6 +45,7 @@ class StaticStep:
         cache = engine.cache
         device = cache.keys.device
         self.capture = device.type == "cuda" if capture is None else capture
+        self.keys = cache.keys  # the cache its graphs read (a session reuses the step only over the same tensors)
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
         self.col = torch.zeros(1, dtype=torch.long, device=device)
         self.columns = torch.arange(cache.max_len, device=device)
@@ -164,6 +165,7 @@ class StaticSpeculative:
         cache = engine.cache
         device = cache.keys.device
         self.capture = device.type == "cuda" if capture is None else capture
+        self.keys = cache.keys  # the cache its graphs read (a session reuses the rounds only over the same tensors)
         self.layer, self.length, self.threshold, self.subset, self.eos = layer, length, threshold, subset, eos
         b, d = cache.batch, engine.lm.hidden_size
         self.tok = torch.zeros(b, dtype=torch.long, device=device)  # the round's current token per row

@@ -293,14 +293,11 @@ def static_speculative_decode(engine: Engine, first_logits: torch.Tensor, s, dra
                               stats: SpeculativeStats) -> tuple[torch.Tensor, list[int]]:
     """Greedy speculative decoding through `graphs.StaticSpeculative` (CUDA graphs on a GPU): the same tokens,
     statistics and work log as `speculative_decode`, one host transfer per round."""
-    from freevlm.generation.graphs import StaticSpeculative
-
     _check_settings(s)
     b, device = first_logits.shape[0], first_logits.device
-    eos = torch.tensor(s.eos_token_id, dtype=torch.long, device=device)
     eos_set = set(s.eos_token_id)
-    step = engine.static_rounds = StaticSpeculative(engine, draft.layer, draft.max_draft, draft.threshold,
-                                                    draft.head_subset, eos)
+    step = engine.static_rounds = engine.buffers.rounds(engine, draft.layer, draft.max_draft, draft.threshold,
+                                                        draft.head_subset, s.eos_token_id)
     out = torch.full((b, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
     cur = first_logits.float().argmax(-1).tolist()
     out[:, 0] = torch.tensor(cur, device=device)

@@ -233,7 +233,7 @@ def predict_seconds(result, costs: MeasuredCosts, draft_layer: int | None = None
     n = result.num_layers
     total = costs.call
     if result.speculative is not None:
-        for entry in result.engine.log[1:]:
+        for entry in result.log[1:]:
             live = entry.live
             drafted = int(entry.drafts[live].max()) if live.numel() else 0
             exit_runs = int(entry.exits[live].max()) if live.numel() else 0
