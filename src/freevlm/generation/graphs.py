@@ -29,6 +29,29 @@ from freevlm.generation.cache import Span
 from freevlm.generation.events import ExitEvent
 
 
+def capture(fn, pool) -> torch.cuda.CUDAGraph:
+    """`fn` captured as a CUDA graph (in memory pool `pool`), after two warm-up runs on a side stream (allocator,
+    cuBLAS workspaces); what the warm-ups write, the graph's replay rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # No garbage collection during capture: a dead engine's graphs (held in a reference cycle) destroyed mid-capture
+    # invalidate it ("operation not permitted when stream is capturing", seen on an H200)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            fn()
+    finally:
+        if collecting:
+            gc.enable()
+    return graph
+
+
 @dataclass
 class _SegmentOut:
     x: torch.Tensor  # (B, 1, D) hidden state after the segment's last layer
@@ -81,29 +104,15 @@ class StaticStep:
         return _SegmentOut(x, prev[:, -1], state[:, -1], ex.logits(k, state[:, -1], e.head_subset))  # (B, V|K)
 
     def _run(self, i: int) -> _SegmentOut:
-        if not self.capture:
+        def run():
             self.outputs[i] = self._segment(i)
-            return self.outputs[i]
-        if i not in self.graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph (allocator, cuBLAS workspaces)
-                for _ in range(2):
-                    self.outputs[i] = self._segment(i)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # No garbage collection during capture: a dead engine's graphs (held in a reference cycle) destroyed
-            # mid-capture invalidate it ("operation not permitted when stream is capturing", seen on an H200)
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self.outputs[i] = self._segment(i)
-            finally:
-                if collecting:
-                    gc.enable()
-            self.graphs[i] = graph
-        self.graphs[i].replay()
+
+        if not self.capture:
+            run()
+        else:
+            if i not in self.graphs:
+                self.graphs[i] = capture(run, self.pool)
+            self.graphs[i].replay()
         return self.outputs[i]
 
     def step(self, tokens: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -231,22 +240,7 @@ class StaticSpeculative:
             fn()
             return
         if key not in self.graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph; it writes only columns the round rewrites
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            collecting = gc.isenabled()  # no garbage collection during capture (see StaticStep._run)
-            gc.disable()
-            try:
-                with torch.cuda.graph(graph, pool=self.pool):
-                    fn()
-            finally:
-                if collecting:
-                    gc.enable()
-            self.graphs[key] = graph
+            self.graphs[key] = capture(fn, self.pool)
         self.graphs[key].replay()
 
     def round(self, tok: torch.Tensor, col: torch.Tensor, cap: torch.Tensor) -> list[list[int]]:
