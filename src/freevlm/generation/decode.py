@@ -364,6 +364,16 @@ def generate_from_inputs(
     return result
 
 
+def _exit_layers_by_step(log) -> list[list[int]]:
+    """Each step's exit layer per row, brought to the host in one transfer (one sync, not one per step)."""
+    if not log:
+        return []
+    layers = [entry.exit_layer for entry in log]
+    if all(t.shape == layers[0].shape for t in layers):
+        return torch.stack(layers).tolist()
+    return [t.tolist() for t in layers]
+
+
 def _decode(engine: Engine, buffers: Buffers, lm, lm_inputs, s: DecodeSettings, draft: DraftSettings | None,
             static: bool, expand: int, extra_columns: int, tokenizer, keep_cache: bool, start: float
             ) -> GenerationResult:
@@ -401,9 +411,9 @@ def _decode(engine: Engine, buffers: Buffers, lm, lm_inputs, s: DecodeSettings, 
         else:
             sequences, lengths = _greedy_or_sample(engine, logits, s, prompt_ids, logits_out)
             traces = [[(t, r) for t in range(n)] for r, n in enumerate(lengths)]
-            length_t = torch.tensor(lengths)
-            live = [torch.nonzero(length_t > t).flatten() for t in range(len(engine.log))]
-        exit_by_step = [entry.exit_layer.tolist() for entry in engine.log]
+            live = [torch.tensor([r for r, n in enumerate(lengths) if n > t], dtype=torch.long)
+                    for t in range(len(engine.log))]
+        exit_by_step = _exit_layers_by_step(engine.log)
         exit_layers = [[exit_by_step[t][row] for t, row in tr] for tr in traces]
     texts = [""] * len(traces)
     if tokenizer is not None:

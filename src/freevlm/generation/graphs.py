@@ -52,6 +52,14 @@ def capture(fn, pool) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """Integers the host already knows, as a long tensor on `device` without a host sync: on CUDA a non-blocking copy
+    from pinned memory (a copy from pageable memory waits for the stream)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass
 class _SegmentOut:
     x: torch.Tensor  # (B, 1, D) hidden state after the segment's last layer
@@ -136,20 +144,21 @@ class StaticStep:
             ex = e.exit_at[hi]
             go = e.criterion(crit_state, rows, seg.logits if e.criterion.needs_logits else None, seg.x[:, -1],
                              seg.prev) & active
-            left, remaining = (int(v) for v in torch.stack([go.sum(), (active & ~go).sum()]).tolist())  # one sync
-            if left:
+            leaving, staying = torch.stack([go, active & ~go]).tolist()  # the decision's one host sync
+            rows_out = [r for r, g in enumerate(leaving) if g]
+            if rows_out:
                 chosen = seg.logits if e.head_subset is None else e.head_subset.scatter(seg.logits)
                 logits = torch.where(go[:, None], chosen.to(logits.dtype), logits)
                 exit_layer = torch.where(go, hi, exit_layer)
                 source = seg.state if e.policy.source == "exit" else seg.x[:, -1]
-                idx = go.nonzero()[:, 0]
+                idx = to_device(rows_out, tokens.device)  # from the host's copy: no second sync (nonzero)
                 rope = None
                 if e.kernel.has_rope:  # propagation applies RoPE at the token's position
                     cos, sin = e.kernel.rope((e._base + self.col)[idx], e.tables)
                     rope = (cos[:, -1], sin[:, -1])
                 events.append(ExitEvent(idx, hi, ex.slot, source[idx].clone(), self.col.expand(idx.shape[0]), rope))
                 active = active & ~go
-            if not remaining:
+            if not any(staying):
                 break
         return logits, exit_layer, events
 

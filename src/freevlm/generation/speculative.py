@@ -31,6 +31,7 @@ import torch
 
 from freevlm.errors import FreeVLMError
 from freevlm.generation.engine import Engine, StepRecord, _StepLog
+from freevlm.generation.graphs import to_device
 
 
 @dataclass
@@ -308,7 +309,7 @@ def static_speculative_decode(engine: Engine, first_logits: torch.Tensor, s, dra
     while not all(done):
         rows_list = [r for r in range(b) if not done[r]]
         caps = [0 if done[r] else min(pace.length(r), s.max_new_tokens - emitted[r] - 1) for r in range(b)]
-        inputs = torch.tensor([cur, lengths, caps], device=device)  # one copy to the device per round
+        inputs = to_device([cur, lengths, caps], device)  # one copy to the device per round, no sync
         result = step.round(inputs[0], inputs[1], inputs[2])  # per row: kept, drafted, next, drafts
         count = [result[r][1] for r in rows_list]
         kept_list = [result[r][0] for r in rows_list]
