@@ -7,7 +7,8 @@ through the same code). Three exit sets, each trained from the same seed on the 
 - `KD (+ adv)`: the same settings with the paper's KD task on the backbone's own greedy captions (generated once,
   full depth), KL(p_N || p_i) (`kl_direction="final_to_exit"`, the usual distillation direction, whose minimiser
   matches the final layer's distribution, i.e. agreement);
-- `KD, draft exit only, 3x steps`: only the drafting exit (layer --draft-layer), trained three times as long.
+- `KD, draft exit only, 3x steps`: only the drafting exit (layer --draft-layer), trained three times as long: the
+  demo's drafting exit (`RealConfig.draft`, `real_draft_exits`, cached in the same folder).
 
 Measured on test images: teacher-forced agreement of each exit's argmax with the final layer's along the backbone's
 own greedy captions (the positions decoding meets), and lossless speculative decoding drafted by --draft-layer
@@ -33,7 +34,7 @@ from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.losses import IGNORE
 from freevlm.machine import system_info
 from freevlm.outputs import write_json
-from freevlm.real import RealConfig, real_backbone, real_exits, real_splits
+from freevlm.real import RealConfig, real_backbone, real_draft, real_draft_exits, real_exits, real_splits
 from freevlm.train.batches import CAPTION_PROMPT, Collator, Example, caption_examples
 from freevlm.train.forward import teacher_forced
 from freevlm.train.pseudo import greedy_targets
@@ -92,10 +93,9 @@ def main(argv=None) -> dict:
     kd_examples = greedy_targets(bb, train_images)
     kd = replace(cfg.stage2, task="kd", kl_direction="final_to_exit")
     sets["KD (+ adv)"] = trained(bb, kd_examples, kd, out / f"exits-kd-s{args.seed}")
-    draft_only = replace(kd, exit_layers=[args.draft_layer],
-                         loop=replace(kd.loop, max_steps=3 * kd.loop.max_steps))
-    sets[f"KD, exit {args.draft_layer} only, 3x steps"] = trained(bb, kd_examples, draft_only,
-                                                                   out / f"exits-kd-draft-s{args.seed}")
+    # the demo's drafting exit (`RealConfig.draft`): KD on the same greedy captions, one exit, 3x the steps
+    sets[f"KD, exit {args.draft_layer} only, 3x steps"] = real_draft_exits(
+        bb, out, train, replace(cfg, draft=real_draft(args.draft_layer)), args.seed)
     print(f"teacher-forced agreement on the greedy captions of {len(test)} test images", flush=True)
     test_examples = greedy_targets(bb, [Example(s.image_id, s.image_path, CAPTION_PROMPT, None) for s in test])
     results = {"system": system_info(), "images": len(test), "draft_layer": args.draft_layer,

@@ -16,7 +16,8 @@ from freevlm.backbones.smollm import VisionSize
 from freevlm.data.synthetic import corpus_text
 from freevlm.default import pretrained_default
 from freevlm.errors import FreeVLMError
-from freevlm.real import RealConfig, adopt_vision, real_backbone, real_exits, real_splits
+from freevlm.generation.api import EarlyExitVLM
+from freevlm.real import RealConfig, adopt_vision, real_backbone, real_draft_exits, real_exits, real_splits
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.stage1 import Stage1Config
 from freevlm.train.stage2 import ExitTrainConfig
@@ -54,7 +55,10 @@ def tiny_real() -> RealConfig:
         stage2=ExitTrainConfig(exit_layers=[1, 2], discriminator_hidden=32, discriminator_lr=1e-4,
                                optim=OptimConfig(lr=1e-3, warmup_steps=2),
                                loop=LoopConfig(epochs=1, batch_size=8, max_steps=4)),
-        dev_images=6, test_images=6, speed_images=2, eval_batch_size=8)
+        draft=ExitTrainConfig(exit_layers=[1], task="kd", kl_direction="final_to_exit", discriminator_hidden=32,
+                              optim=OptimConfig(lr=1e-3, warmup_steps=2), loop=LoopConfig(epochs=1, batch_size=8,
+                                                                                          max_steps=4)),
+        draft_subsets=(16,), dev_images=6, test_images=6, speed_images=2, eval_batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +105,26 @@ def test_stages_are_cached_and_exits_train_on_the_real_path(real_run):
     assert all(torch.equal(a, b) for a, b in zip(exits.state_dict().values(), again.state_dict().values()))
 
 
+def test_the_drafting_exit_is_distilled_cached_and_drafts_losslessly(real_run):
+    root, cfg, _, backbone = real_run
+    train, _, test = real_splits(root / "data", 0, cfg)
+    draft = real_draft_exits(backbone, root, train[:16], cfg, progress=False)
+    assert list(draft.layers) == [1]
+    run = json.loads((root / "real-draft-s0" / "run_config.json").read_text())
+    assert run["task"] == "kd" and run["kl_direction"] == "final_to_exit"
+    weights = root / "real-draft-s0" / "exits" / "exits.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    real_draft_exits(backbone, root, train[:16], cfg, progress=False)
+    assert weights.stat().st_mtime_ns == stamp  # found by its stamp, not retrained
+    assert real_draft_exits(backbone, root, train, replace(cfg, draft=None)) is None
+    vlm = EarlyExitVLM(backbone, real_exits(backbone, root, train, cfg, progress=False), draft_exits=draft)
+    images, prompts = [s.image_path for s in test[:3]], ["a photo of"] * 3
+    full = vlm.generate(images, prompts, mode="full", tokenizer_decode=False)
+    spec = vlm.generate(images, prompts, mode="speculative", draft_length=3, tokenizer_decode=False)
+    assert spec.sequences.tolist() == full.sequences.tolist()
+    assert spec.speculative.drafted > 0  # drafted by the drafting exit (layer 1; FREE's exits are at 1 and 2)
+
+
 def test_a_vision_side_of_other_sizes_fails_in_one_line(tmp_path, real_run):
     _, cfg, tok, backbone = real_run
     with pytest.raises(FreeVLMError, match=r"RealConfig.vision.vision_hidden = 48 but the embedded default's model "
@@ -131,6 +155,8 @@ def test_demo_real_end_to_end_on_a_tiny_llama(tmp_path):
         assert interval["items"] == 6
     assert saved["cider_vs_full_depth"]["speculative (lossless)"]["difference"] == 0.0
     assert saved["plan"]["quality_bound"] == "bootstrap"
+    assert saved["plan"]["draft_exit_layers"] == [1] and saved["plan"]["head_subsets"] == [16]
+    assert saved["plan"]["speculative"]["draft_layer"] == 1
 
 
 @pytest.mark.slow

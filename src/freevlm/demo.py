@@ -91,7 +91,7 @@ def demo_real(out: str | Path = "runs/real", seed: int = 0, progress: bool = Tru
     SmolLM2-135M-Instruct, its projection trained (stage 1), FREE exits (stage 2), then the same alpha choice, plan
     and test comparison as `demo`, every quality figure with its paired-bootstrap interval. `lm`/`tokenizer` replace
     SmolLM2 (tests: a tiny random Llama)."""
-    from freevlm.real import RealConfig, real_backbone, real_exits, real_splits
+    from freevlm.real import RealConfig, real_backbone, real_draft_exits, real_exits, real_splits
 
     out = Path(out)
     start = time.perf_counter()
@@ -106,12 +106,17 @@ def demo_real(out: str | Path = "runs/real", seed: int = 0, progress: bool = Tru
     print(f"[2/5] (stage 1 done) stage 2: FREE exits at layers {list(cfg.stage2.exit_layers)} "
           f"({cfg.stage2.loop.max_steps} steps of {cfg.stage2.loop.batch_size}, cached)")
     exits = real_exits(backbone, out, train, cfg, seed, progress=progress)
-    vlm = EarlyExitVLM(backbone, exits)
+    draft = None
+    if cfg.draft is not None:
+        print(f"      speculative mode's drafting exit at layer {cfg.draft.exit_layers[0]}: distilled on the model's "
+              f"own greedy captions of the training images ({cfg.draft.loop.max_steps} steps, cached)")
+        draft = real_draft_exits(backbone, out, train, cfg, seed, progress=progress)
+    vlm = EarlyExitVLM(backbone, exits, draft_exits=draft)
     print("[3/5] (stage 2 done)")
     return compare(vlm, out, seed, train, dev, test, model=info, model_label="SmolLM2-135M VLM (full depth)",
                    split=split_record(train, dev, seed, 0.8), config=asdict(cfg), start=start,
                    speed_images=cfg.speed_images, plan_train=plan_train, plan_dev=None, progress=progress,
-                   batch_size=cfg.eval_batch_size)
+                   batch_size=cfg.eval_batch_size, head_subsets=cfg.draft_subsets)
 
 
 def _describe(backbone) -> dict:
@@ -134,7 +139,7 @@ def decodes_as_full_depth(options: DecodeOptions) -> bool:
 
 def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model: dict, model_label: str, split: dict,
             config: dict, start: float, speed_images: int, plan_train: int, plan_dev: int | None, progress: bool,
-            batch_size: int = 32) -> dict:
+            batch_size: int = 32, head_subsets: tuple[int, ...] = ()) -> dict:
     """Steps 4-5 of every demo: alpha on dev, the plan, then test quality (with paired-bootstrap intervals of each
     CIDEr difference to full depth) and wall-clock tokens/s of every path side by side; prints the tables, writes
     out/demo_report.json."""
@@ -156,7 +161,8 @@ def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model:
     # the planner's gates see a subset of the training split (a demo budget); its quality bound is checked on the
     # whole dev split, against the upper end of the drop's bootstrap interval
     plan = make_plan(vlm, "caption", train[:plan_train], dev[:plan_dev], out / f"plan-s{seed}", candidates=4,
-                     draft_lengths=(4, 8), spec_images=8, batch_size=batch_size, progress=progress)
+                     draft_lengths=(4, 8), spec_images=8, batch_size=batch_size, head_subsets=head_subsets,
+                     progress=progress)
     write_plan(out / f"plan-s{seed}", plan)
     planned = apply_plan(DecodeOptions(), plan)
     speculative = apply_plan(DecodeOptions(mode="speculative"), plan)
@@ -224,8 +230,11 @@ def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model:
     else:
         print(f"  early exit: no exit configuration kept dev CIDEr within {plan['max_quality_drop']}: full depth")
     if sp:
-        print(f"  speculative: draft with exit {sp['draft_layer']}, up to {sp['draft_length']} drafts"
-              f"{'' if sp['draft_threshold'] is None else ', adaptive at ' + str(sp['draft_threshold'])}; "
+        which = "the drafting exit" if vlm.draft_exits is not None else "exit"
+        size = sp.get("head_subset")
+        subset = "" if size is None else f", its head scoring the {size} most frequent tokens"
+        print(f"  speculative: draft with {which} {sp['draft_layer']}, up to {sp['draft_length']} drafts"
+              f"{'' if sp['draft_threshold'] is None else ', adaptive at ' + str(sp['draft_threshold'])}{subset}; "
               f"{sp['acceptance_rate']:.0%} of drafts accepted on dev")
     print(f"  speculative output equals full depth on {identical}/{len(spec.predictions)} test images")
     print(f"\nWall-clock on {len(speed_examples)} test images, batch 1, paths interleaved, median of 3 after a "

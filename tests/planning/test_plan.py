@@ -105,6 +105,7 @@ def workspace(tmp_path_factory):
         for p in other.parameters():
             p.add_(0.01 * torch.randn_like(p))
     save_exits(root / "other-exits", bb.lm, other, "tiny")
+    save_exits(root / "draft-exits", bb.lm, build_exits(bb.lm, ExitSpec("transformer", [3])), "tiny")
     return root, data.root
 
 
@@ -264,3 +265,35 @@ def test_plan_tries_head_subsets(workspace, tmp_path, capsys):
     assert res.work.head_subset.size == 8
     assert all(layer == 2 for layer in res.exit_layers[0])  # every token leaves at exit 2: from the subset
     assert all(t in res.work.head_subset.ids.tolist() for t in res.sequences[0].tolist())
+
+
+def test_plan_drafts_with_separate_drafting_exits(workspace, tmp_path, capsys):
+    """`--draft-exits`: the speculative settings are chosen among the drafting exits' layers, the plan records them,
+    and a plan made with them is refused without them (or with other ones) and decodes through `--plan` with them."""
+    from freevlm.eval.planning import check_plan
+
+    root, data = workspace
+    common = ["--backbone", root / "backbone", "--exits", root / "exits", "--data", data]
+    run("plan", *common, "--draft-exits", root / "draft-exits", "--out", tmp_path / "plan", "--thresholds", 0.5,
+        "--candidates", 1, "--kv-policies", "propagate", "--draft-lengths", 2, "--verify-split", "none",
+        "--no-progress")
+    plan = read_plan(tmp_path / "plan")
+    assert plan["draft_exit_layers"] == [3] and plan["exit_layers"] == [2, 4]
+    assert {row["draft_layer"] for row in plan["speculative_settings"]} == {3}
+    vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits", draft_exits=root / "draft-exits")
+    check_plan(plan, vlm.exits, vlm.draft_exits)
+    with pytest.raises(FreeVLMError, match="give them with --draft-exits"):
+        check_plan(plan, vlm.exits)
+    with pytest.raises(FreeVLMError, match="made for other drafting exits"):
+        check_plan(plan, vlm.exits, EarlyExitVLM.from_pretrained(root / "backbone", root / "other-exits").exits)
+    with pytest.raises(FreeVLMError, match="made without separate drafting exits"):
+        check_plan({**plan, "draft_exits_fingerprint": None}, vlm.exits, vlm.draft_exits)
+    code = main([str(a) for a in ("evaluate", *common, "--plan", tmp_path / "plan", "--mode", "speculative",
+                                  "--out", tmp_path / "e.json", "--no-progress")])
+    assert code != 0 and "--draft-exits" in capsys.readouterr().err
+    run("evaluate", *common, "--draft-exits", root / "draft-exits", "--plan", tmp_path / "plan", "--mode",
+        "speculative", "--out", tmp_path / "spec.json", "--limit", 2, "--no-official", "--no-progress")
+    run("evaluate", *common, "--mode", "full", "--out", tmp_path / "full.json", "--limit", 2, "--no-official",
+        "--no-progress")
+    spec, full = (json.loads((tmp_path / f).read_text()) for f in ("spec.json", "full.json"))
+    assert [p["prediction"] for p in spec["predictions"]] == [p["prediction"] for p in full["predictions"]]

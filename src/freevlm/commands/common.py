@@ -15,14 +15,15 @@ from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 DEFAULT_THRESHOLD = 0.8  # alpha when neither --threshold nor --plan gives one (the paper's Table 10 value)
 
 
-def check_inputs(backbone, exits=None) -> None:
+def check_inputs(backbone, exits=None, draft_exits=None) -> None:
     """The checkpoint folders, from their files alone (cheap): before the output is claimed or data is read."""
     from freevlm.backbones import check_backbone
     from freevlm.exits import check_exit_checkpoint
 
     check_backbone(backbone)
-    if exits is not None:
-        check_exit_checkpoint(exits)
+    for folder in (exits, draft_exits):
+        if folder is not None:
+            check_exit_checkpoint(folder)
 
 
 def load_samples(dataset, split, data, images, questions, domain=None, limit=None) -> tuple[str, list]:
@@ -43,10 +44,10 @@ def check_references(task: str, samples, dataset: str, split: str) -> None:
                            f"{len(samples)}) has no reference captions (or a blank one); captions cannot be scored")
 
 
-def decoding_mode(mode: str, exits) -> str:
-    if mode != "full" and exits is None:
-        if mode == "speculative":
-            raise FreeVLMError("--mode speculative drafts with an exit: give --exits")
+def decoding_mode(mode: str, exits, draft_exits=None) -> str:
+    if mode == "speculative" and exits is None and draft_exits is None:
+        raise FreeVLMError("--mode speculative drafts with an exit: give --exits (or --draft-exits)")
+    if mode == "early_exit" and exits is None:
         return "full"
     return mode
 
@@ -110,12 +111,13 @@ def check_plan_task(plan: dict | None, task: str, dataset: str) -> None:
                            f"but --dataset {dataset} is {task} data: make a plan on {task} data")
 
 
-def load_vlm(backbone: Path, exits: Path | None, plan: dict | None) -> EarlyExitVLM:
-    vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+def load_vlm(backbone: Path, exits: Path | None, plan: dict | None, draft_exits: Path | None = None
+             ) -> EarlyExitVLM:
+    vlm = EarlyExitVLM.from_pretrained(backbone, exits, draft_exits=draft_exits)
     if plan is not None:
         from freevlm.eval.planning import check_plan
 
-        check_plan(plan, vlm.exits)
+        check_plan(plan, vlm.exits, vlm.draft_exits)
         ee = plan["early_exit"]
         if ee.get("gated") and ee.get("gates"):
             vlm.load_gates(ee["gates"])  # a missing or corrupt gate file fails here, before any decoding

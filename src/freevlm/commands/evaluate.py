@@ -29,7 +29,7 @@ def evaluate(
     num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
     draft_threshold: float | None = None, draft_record: Path | None = None, plan: Path | None = None,
     max_cache_gb: float | None = None, batch_size: int = 16, official: bool = True, noise: float = 0.0,
-    limit: int | None = None, overwrite: bool = False, progress: bool = True,
+    limit: int | None = None, overwrite: bool = False, progress: bool = True, draft_exits: Path | None = None,
 ) -> None:
     """Evaluate a backbone (with or without exits) on a dataset split; write predictions + metrics + exit stats.
 
@@ -60,6 +60,7 @@ def evaluate(
     limit: evaluate only the first N samples
     overwrite: replace the results already in `out` (they are kept until the new ones are written)
     progress: show progress bars
+    draft_exits: speculative: separate drafting exits (e.g. train-exits --variant kd, one layer); default: --exits
     """
     check.dataset_name(dataset)
     threshold, kv_policy = checked_decoding(plan, mode, criterion, threshold, kv_policy, num_beams, max_new_tokens,
@@ -67,8 +68,8 @@ def evaluate(
     check.positive_int("batch_size", batch_size)
     check.number("noise", noise, 0.0)
     check.optional(check.positive_int, "limit", limit)
-    check_inputs(backbone, exits)
-    mode = decoding_mode(mode, exits)
+    check_inputs(backbone, exits, draft_exits)
+    mode = decoding_mode(mode, exits, draft_exits)
     plan_ = read_plan_for(plan, exits)
     opts = decode_options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer,
                           draft_length, draft_threshold, draft_record, plan_, max_cache_gb)
@@ -76,7 +77,7 @@ def evaluate(
         task, samples = load_samples(dataset, split, data, images, questions, domain, limit)
         check_references(task, samples, dataset, split)
         check_plan_task(plan_, task, dataset)
-        vlm = load_vlm(backbone, exits, plan_)
+        vlm = load_vlm(backbone, exits, plan_, draft_exits)
         common = dict(batch_size=batch_size, progress=progress, pixel_noise=noise)
         if task == "caption":
             result = evaluate_captions(vlm, samples, opts, official=official, **common)

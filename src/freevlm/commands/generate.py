@@ -24,7 +24,7 @@ def generate(
     kv_policy: str | None = None,
     num_beams: int = 1, max_new_tokens: int = 30, draft_layer: int | None = None, draft_length: int | None = None,
     draft_threshold: float | None = None, draft_record: Path | None = None, plan: Path | None = None,
-    max_cache_gb: float | None = None, compare: bool = True,
+    max_cache_gb: float | None = None, compare: bool = True, draft_exits: Path | None = None,
 ) -> None:
     """Caption / answer images; print each token's exit layer, the speedups, and tokens/s beside full depth.
 
@@ -45,18 +45,19 @@ def generate(
     plan: a plan.json from `freevlm plan` (or its folder): its exits, alpha, gates, KV policy / draft setting
     max_cache_gb: refuse a generate call whose KV cache would pass this many GiB (default: the device's free memory)
     compare: also decode at full depth and with transformers' generate, and print tokens/s side by side
+    draft_exits: speculative: separate drafting exits (e.g. train-exits --variant kd, one layer); default: --exits
     """
     threshold, kv_policy = checked_decoding(plan, mode, criterion, threshold, kv_policy, num_beams, max_new_tokens,
                                             draft_layer, draft_length, draft_threshold, draft_record, max_cache_gb)
-    check_inputs(backbone, exits)
+    check_inputs(backbone, exits, draft_exits)
     for path in image:
         if not Path(path).is_file():
             raise FreeVLMError(f"image not found: {path}")
-    mode = decoding_mode(mode, exits)
+    mode = decoding_mode(mode, exits, draft_exits)
     plan_ = read_plan_for(plan, exits)
     opts = decode_options(criterion, threshold, kv_policy, num_beams, max_new_tokens, mode, draft_layer,
                           draft_length, draft_threshold, draft_record, plan_, max_cache_gb)
-    vlm = load_vlm(backbone, exits, plan_)
+    vlm = load_vlm(backbone, exits, plan_, draft_exits)
     res = vlm.generate(list(image), [prompt] * len(image), opts)
     tok = vlm.backbone.processor.tokenizer
     n = vlm.backbone.lm.num_layers

@@ -28,7 +28,7 @@ def plan(
     candidates: int = 8, kv_policies: list[str] | None = None, draft_lengths: list[int] | None = None,
     train_limit: int | None = None, dev_limit: int | None = None, verify_split: str | None = "test",
     verify_limit: int | None = None, speed_images: int = 16, head_subsets: list[int] | None = None,
-    overwrite: bool = False, progress: bool = True,
+    draft_exits: Path | None = None, overwrite: bool = False, progress: bool = True,
 ) -> None:
     """Choose which exits to check, alpha, gates and KV policy (and the speculative draft setting) for the fastest
     predicted decoding within a quality bound on dev; writes plan.json, costs.json and gates/ into `out`.
@@ -55,6 +55,7 @@ def plan(
     verify_limit: verification: use only the first N samples
     speed_images: verification: images timed (batch 1, interleaved, median of 3)
     head_subsets: vocabulary subset sizes tried for exit checks and drafts besides the full head (e.g. 1024 4096)
+    draft_exits: separate drafting exits the speculative setting is chosen among (default: the exits)
     overwrite: replace a plan already in `out`
     progress: show progress bars
     """
@@ -76,7 +77,7 @@ def plan(
         check.optional(check.positive_int, name, value)
     check.positive_int("speed_images", speed_images)
     subset_sizes = [check.positive_int("head_subsets", k) for k in (head_subsets or [])]
-    check_inputs(backbone, exits)
+    check_inputs(backbone, exits, draft_exits)
     verify = verify_split not in (None, "", "none")
     # plan.json is the result and the commit point: this run's gates go to a folder of their own, the old plan's stay
     # untouched until plan.json is replaced (atomically), so a kill at any moment leaves the old plan or the new one
@@ -92,7 +93,7 @@ def plan(
         if not train or not dev:
             raise FreeVLMError(f"split {split!r} with --train-fraction {train_fraction} leaves {len(train)} train "
                                f"and {len(dev)} dev samples: the plan needs both")
-        vlm = EarlyExitVLM.from_pretrained(backbone, exits)
+        vlm = EarlyExitVLM.from_pretrained(backbone, exits, draft_exits=draft_exits)
         result = make_plan(vlm, task, train, dev, Path(out), max_quality_drop=max_quality_drop, thresholds=alphas,
                            max_exits=max_exits, candidates=candidates, kv_policies=tuple(policies),
                            draft_lengths=tuple(lengths), gates_dir=gates_dir,

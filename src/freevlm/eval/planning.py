@@ -187,14 +187,19 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
     if chosen is not None:
         early_exit = {**chosen, "gate_threshold": 0.5,
                       "gates": str(gate_dirs[chosen["threshold"]].relative_to(out)) if chosen["gated"] else None}
-    # 4. speculative: decode a dev subset per draft setting; the cost model predicts each one's speed
-    spec_rows = _speculative_settings(vlm, task, dev_samples[:spec_images], layers, draft_lengths, draft_thresholds,
-                                      costs, max_new_tokens, progress, [size for size, _ in heads],
-                                      ranking_folder) if transformer else []
+    # 4. speculative: decode a dev subset per draft setting (the drafting exits' layers: `vlm.draft_exits` when
+    # given, else the exits); the cost model predicts each one's speed
+    drafting = vlm.drafting_exits
+    spec_rows = _speculative_settings(vlm, task, dev_samples[:spec_images], list(drafting.layers), draft_lengths,
+                                      draft_thresholds, costs, max_new_tokens, progress, [size for size, _ in heads],
+                                      ranking_folder) if drafting.spec.kind == "transformer" else []
     speculative = max(spec_rows, key=lambda r: r["predicted_tokens_per_second"]) if spec_rows else None
+    separate = vlm.draft_exits is not None
     return {"format": PLAN_FORMAT, "gates_root": gates_dir, "task": task,
             "quality_metric": "CIDEr" if task == "caption" else "accuracy",
             "exits_fingerprint": fingerprint, "exit_layers": layers, "num_layers": n,
+            "draft_exits_fingerprint": exits_fingerprint(drafting) if separate else None,
+            "draft_exit_layers": list(drafting.layers) if separate else None,
             "max_quality_drop": max_quality_drop, "quality_bound": quality_bound, "dev_quality_full": full_quality,
             "early_exit": early_exit, "speculative": speculative, "evaluated": tried,
             "token_ranking": RANKING_FILE if subsets else None, "head_subsets": [sub.size for sub in subsets],
@@ -204,19 +209,33 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
             "costs": costs.to_json(), "seconds": time.perf_counter() - start}
 
 
-def check_plan(plan: dict, exits) -> None:
-    """Refuse a plan made for other exits (its exit subset, gates and draft layer would not mean the same)."""
-    want = plan.get("exits_fingerprint")
+def check_plan(plan: dict, exits, draft_exits=None) -> None:
+    """Refuse a plan made for other exits (its exit subset, gates and draft layer would not mean the same), or for
+    separate drafting exits that are not given (or are others)."""
     if exits is None:
         raise FreeVLMError("a plan configures exits: give the exits it was made for (--exits)")
+    _check_fingerprint(plan.get("exits_fingerprint"), plan.get("exit_layers"), exits, "exits", "--exits")
+    want = plan.get("draft_exits_fingerprint")
+    if want is not None and draft_exits is None:
+        raise FreeVLMError(f"the plan drafts with separate exits (layers {plan.get('draft_exit_layers')}): give them "
+                           "with --draft-exits")
+    if want is None and draft_exits is not None:
+        raise FreeVLMError("the plan was made without separate drafting exits: run `freevlm plan` with "
+                           "--draft-exits to plan drafting with them")
+    if want is not None:
+        _check_fingerprint(want, plan.get("draft_exit_layers"), draft_exits, "drafting exits", "--draft-exits")
+
+
+def _check_fingerprint(want, made_for, exits, what_exits: str, flag: str) -> None:
     have = exits_fingerprint(exits) if want is not None else None
     if want is not None and want != have:
-        made_for, layers = plan.get("exit_layers"), list(exits.layers)
+        layers = list(exits.layers)
         if made_for == layers:  # same layers, other weights (retrained, or another run's exits)
-            what = f"exits at the same layers {layers} but with other weights (fingerprint {want}, these {have})"
+            what = f"{what_exits} at the same layers {layers} but with other weights (fingerprint {want}, these {have})"
         else:
-            what = f"exits at layers {made_for}; these are at layers {layers}"
-        raise FreeVLMError(f"the plan was made for other exits: {what}; run `freevlm plan` on these exits")
+            what = f"{what_exits} at layers {made_for}; these are at layers {layers}"
+        raise FreeVLMError(f"the plan was made for other {what_exits}: {what}; run `freevlm plan` on these "
+                           f"({flag})")
 
 
 def _speculative_settings(vlm, task, samples, layers, lengths, thresholds, costs, max_new_tokens, progress,

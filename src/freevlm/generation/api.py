@@ -64,18 +64,31 @@ class DecodeOptions:
 
 
 class EarlyExitVLM:
-    def __init__(self, backbone, exits: ExitStack | None = None, token_ranking: torch.Tensor | None = None):
+    def __init__(self, backbone, exits: ExitStack | None = None, token_ranking: torch.Tensor | None = None,
+                 draft_exits: ExitStack | None = None):
         self.backbone = backbone
-        self.exits = exits
+        self.exits = exits  # FREE's exits: early exit checks them (and speculative mode drafts with them, by default)
         self.token_ranking = token_ranking  # (V,) token ids, most frequent first: what `head_subset` takes from
+        # speculative mode drafts with these when given: an exit trained for drafting (e.g. distilled on the
+        # backbone's own outputs, `train-exits --variant kd`), whose argmax agrees with the final layer more often
+        self.draft_exits = draft_exits
 
     @classmethod
     def from_pretrained(cls, backbone: str | Path, exits: str | Path | None = None, *, device: str | None = None,
-                        dtype: torch.dtype | None = None) -> EarlyExitVLM:
+                        dtype: torch.dtype | None = None, draft_exits: str | Path | None = None) -> EarlyExitVLM:
         bb = load_backbone(backbone, dtype=dtype, device=device)
-        if exits is None:
-            return cls(bb)
-        return cls(bb, load_exits(exits, bb.lm), load_token_ranking(exits, bb.lm.vocab_size))
+        stack = None if exits is None else load_exits(exits, bb.lm)
+        drafting = None if draft_exits is None else load_exits(draft_exits, bb.lm)
+        ranking = None
+        for folder in (exits, draft_exits):  # the ranking saved beside the exits, else beside the drafting exits
+            if ranking is None and folder is not None:
+                ranking = load_token_ranking(folder, bb.lm.vocab_size)
+        return cls(bb, stack, ranking, drafting)
+
+    @property
+    def drafting_exits(self) -> ExitStack | None:
+        """The exits speculative mode drafts with: `draft_exits` when given, else `exits`."""
+        return self.draft_exits if self.draft_exits is not None else self.exits
 
     def load_gates(self, folder: str | Path):
         """Exit gates from a folder (cached per folder): refused if they were trained for other exits."""
@@ -155,9 +168,10 @@ class EarlyExitVLM:
         criterion = draft = None
         exits = self.exits if opts.uses_exits else None
         if opts.mode == "speculative":
-            if self.exits is None:
-                raise FreeVLMError("speculative mode drafts with an exit: load exits (--exits) first")
-            layer = opts.draft_layer if opts.draft_layer is not None else self.exits.layers[0]
+            exits = self.drafting_exits
+            if exits is None:
+                raise FreeVLMError("speculative mode drafts with an exit: load exits (--exits or --draft-exits) first")
+            layer = opts.draft_layer if opts.draft_layer is not None else exits.layers[0]
             draft = DraftSettings(layer, opts.draft_length, opts.draft_threshold, opts.draft_adapt)
         elif exits is not None:
             criterion = make_criterion(opts.criterion, opts.threshold)
