@@ -24,7 +24,7 @@ from freevlm.data.synthetic import load_synthetic_captions
 from freevlm.default import DefaultConfig, describe_default, pretrained_default
 from freevlm.eval.bootstrap import cider_difference, format_interval
 from freevlm.eval.evaluate import PAPER_THRESHOLDS, evaluate_captions, select_threshold, speed_comparison
-from freevlm.eval.planning import make_plan
+from freevlm.eval.planning import make_plan, scored_result
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.generation.criteria import make_criterion
@@ -160,9 +160,12 @@ def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model:
     print("      plan: gates, exits to check, KV policy and the speculative draft setting from measured costs")
     # the planner's gates see a subset of the training split (a demo budget); its quality bound is checked on the
     # whole dev split, against the upper end of the drop's bootstrap interval
+    # the sweep's alpha = 1 decodes as full depth (no exit is checked): the planner reuses it on the same dev images
+    full_dev = scored_result("caption", dev, sweep[1.0]) if plan_dev is None and 1.0 in sweep and \
+        decodes_as_full_depth(DecodeOptions(threshold=1.0)) else None
     plan = make_plan(vlm, "caption", train[:plan_train], dev[:plan_dev], out / f"plan-s{seed}", candidates=4,
                      draft_lengths=(4, 8), spec_images=8, batch_size=batch_size, head_subsets=head_subsets,
-                     progress=progress)
+                     full_dev=full_dev, progress=progress)
     write_plan(out / f"plan-s{seed}", plan)
     planned = apply_plan(DecodeOptions(), plan)
     speculative = apply_plan(DecodeOptions(mode="speculative"), plan)

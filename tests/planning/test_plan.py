@@ -297,3 +297,17 @@ def test_plan_drafts_with_separate_drafting_exits(workspace, tmp_path, capsys):
         "--no-progress")
     spec, full = (json.loads((tmp_path / f).read_text()) for f in ("spec.json", "full.json"))
     assert [p["prediction"] for p in spec["predictions"]] == [p["prediction"] for p in full["predictions"]]
+
+
+def test_the_alpha_one_sweep_decode_stands_in_for_the_planners_full_depth_decode(workspace):
+    """The demo hands the planner its alpha = 1 dev decode (`full_dev`) instead of decoding full depth again: the two
+    give the same quality and per-image scores (alpha = 1 checks no exit), so the plan's bound is unchanged."""
+    from freevlm.data.synthetic import load_synthetic_captions
+    from freevlm.eval.evaluate import evaluate_captions
+    from freevlm.eval.planning import _scored, scored_result
+
+    root, data = workspace
+    vlm = EarlyExitVLM.from_pretrained(root / "backbone", root / "exits")
+    dev = load_synthetic_captions(data, "val")[:6]
+    swept = evaluate_captions(vlm, dev, DecodeOptions(threshold=1.0), official=False, progress=False)
+    assert scored_result("caption", dev, swept) == _scored(vlm, "caption", dev, DecodeOptions(mode="full"), 32, False)

@@ -43,11 +43,18 @@ def _scored(vlm, task: str, samples, options: DecodeOptions, batch_size: int,
     bootstrap (`eval/bootstrap.py`)."""
     if task == "caption":
         r = evaluate_captions(vlm, samples, options, official=False, batch_size=batch_size, progress=progress)
-        items = per_image_cider({p["key"]: p["prediction"] for p in r.predictions},
+    else:
+        r = evaluate_vqa(vlm, samples, options, metric=task, batch_size=batch_size, progress=progress)
+    return scored_result(task, samples, r)
+
+
+def scored_result(task: str, samples, result) -> tuple[float, dict]:
+    """`_scored`'s (quality x100, per-item scores) of an evaluation already run on `samples` (in-process metrics)."""
+    if task == "caption":
+        items = per_image_cider({p["key"]: p["prediction"] for p in result.predictions},
                                 {s.image_id: s.captions for s in samples})
-        return 100 * r.metrics["CIDEr"], items
-    r = evaluate_vqa(vlm, samples, options, metric=task, batch_size=batch_size, progress=progress)
-    return 100 * r.metrics["accuracy"], {p["key"]: p["accuracy"] for p in r.predictions}
+        return 100 * result.metrics["CIDEr"], items
+    return 100 * result.metrics["accuracy"], {p["key"]: p["accuracy"] for p in result.predictions}
 
 
 def _quality(vlm, task: str, samples, options: DecodeOptions, batch_size: int, progress: bool) -> float:
@@ -94,14 +101,17 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
               kv_policies: tuple[str, ...] = ("propagate", "catch_up"), draft_lengths=(2, 4, 8),
               draft_thresholds=(0.5,), spec_images: int = 16, head_subsets=(),
               max_new_tokens: int = 30, batch_size: int = 32, gates_dir: str = "gates",
-              quality_bound: str = "bootstrap", progress: bool = True) -> dict:
+              quality_bound: str = "bootstrap", full_dev: tuple[float, dict] | None = None,
+              progress: bool = True) -> dict:
     """The plan (see `planning/plan.py`) as a JSON-ready dict; gates are saved under `out/<gates_dir>/` (a folder
     of this run's own, so that the gates of a plan already in `out` stay untouched until plan.json is replaced).
 
     A candidate is kept when its dev quality drop is at most `max_quality_drop`: by default the upper end of the
     drop's paired-bootstrap 95% interval (`quality_bound="bootstrap"`), or its point estimate (`"point"`).
     `head_subsets`: vocabulary subset sizes tried for exit checks and drafts besides the full head (`vocab.py`); the
-    ranking comes from the training split's targets and is saved as `out/token_ranking.json`."""
+    ranking comes from the training split's targets and is saved as `out/token_ranking.json`.
+    `full_dev`: full depth's dev quality and per-item scores (`scored_result`) when the caller already decoded
+    `dev_samples` at full depth (the demo's alpha sweep at alpha = 1), so that decode is not repeated."""
     if quality_bound not in QUALITY_BOUNDS:
         raise FreeVLMError(f"unknown quality bound {quality_bound!r}; expected one of {', '.join(QUALITY_BOUNDS)}")
     start = time.perf_counter()
@@ -151,8 +161,10 @@ def make_plan(vlm, task: str, train_samples, dev_samples, out: Path, *, costs: M
     faster = [c for c in cands if c.seconds_per_token < full_seconds]
     # 3. real decodes of dev, fastest first, until one keeps quality within the bound
     base = DecodeOptions(max_new_tokens=max_new_tokens)
-    full_quality, full_items = _scored(vlm, task, dev_samples,
-                                       DecodeOptions(mode="full", max_new_tokens=max_new_tokens), batch_size, progress)
+    if full_dev is None:
+        full_dev = _scored(vlm, task, dev_samples, DecodeOptions(mode="full", max_new_tokens=max_new_tokens),
+                           batch_size, progress)
+    full_quality, full_items = full_dev
     tried, chosen = [], None
     bar = tqdm(total=candidates, desc="plan: dev decodes", disable=not progress, leave=False)
     failed_agreement = dict.fromkeys(kv_policies, -1.0)
