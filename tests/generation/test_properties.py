@@ -295,7 +295,7 @@ def test_batched_early_exit_equals_row_by_row(batch, exit_cfg, criterion, policy
         for r in range(ids.shape[0]):
             # LLaVA pads on the far left (stripped here); the BLIP-2 layouts pad between image and text, where a T5
             # encoder's relative positions see the padding, so the single row keeps it
-            keep = mask[r].bool() if family.startswith("llava") else torch.ones_like(mask[r]).bool()
+            keep = mask[r].bool() if family.startswith(("llava", "qwen")) else torch.ones_like(mask[r]).bool()
             single = _generate(bb, exits, bb.prepare(pixels[r : r + 1], ids[r : r + 1, keep], mask[r : r + 1, keep],
                                                      **{k: t[r : r + 1] for k, t in extra.items()}), **kw)
             assert _tokens(single)[0] == _tokens(batched)[r], r

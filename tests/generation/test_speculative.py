@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from freevlm.backbones.common import image_rows
 from freevlm.backbones.tiny import EOS_ID, FAMILIES, TinySize, build_tiny
 from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitSpec, build_exits
@@ -164,9 +165,9 @@ def test_batched_rows_accept_different_counts_and_equal_row_by_row(setup):
             for r in range(3):
                 # LLaVA pads on the far left (strip it); the BLIP-2 layouts pad between image and text, where a T5
                 # encoder's relative positions see the padding, so the single row keeps it
-                keep = mask[r].bool() if family.startswith("llava") else torch.ones_like(mask[r]).bool()
-                row_extra = {k: v[r : r + 1] for k, v in extra.items()}
-                single = _run(bb, exits, bb.prepare(pixels[r : r + 1], ids[r : r + 1, keep], mask[r : r + 1, keep],
+                keep = mask[r].bool() if family.startswith(("llava", "qwen")) else torch.ones_like(mask[r]).bool()
+                row_pixels, row_extra = image_rows(pixels, extra, [r])
+                single = _run(bb, exits, bb.prepare(row_pixels, ids[r : r + 1, keep], mask[r : r + 1, keep],
                                                     **row_extra), DraftSettings(layer, 4), max_new_tokens=10,
                               eos_token_id=[])
                 assert _tokens(single)[0] == _tokens(batched)[r]

@@ -40,6 +40,29 @@ def scatter_image_features(
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.device, embeds.dtype))
 
 
+def image_rows(pixel_values: torch.Tensor, extra: dict, rows: list[int]) -> tuple[torch.Tensor, dict]:
+    """The inputs of batch rows `rows` (one image each): `pixel_values[rows]` and every extra input's rows, except
+    that Qwen2-VL's flat patches (all images' patches in one (sum of t*h*w, C*T*P*P) tensor, `image_grid_thw` giving
+    each image's grid) are cut per image first."""
+    grid = extra.get("image_grid_thw")
+    picked = {k: v[rows] for k, v in extra.items()}
+    if grid is None:
+        return pixel_values[rows], picked
+    per_image = torch.split(pixel_values, grid.prod(-1).tolist())
+    return torch.cat([per_image[r] for r in rows]), picked
+
+
+def per_image(features: torch.Tensor, extra: dict, n: int) -> list[torch.Tensor]:
+    """The vision side's output for n images -> one (Q_i, D) tensor per image (Qwen2-VL's images differ in size:
+    their token counts are proportional to their patch grids)."""
+    flat = features.reshape(-1, features.shape[-1])
+    grid = extra.get("image_grid_thw")
+    if grid is None:
+        return list(flat.reshape(n, -1, flat.shape[-1]))
+    patches = grid.prod(-1)
+    return list(torch.split(flat, (patches * flat.shape[0] // patches.sum()).tolist()))
+
+
 def read_model_type(path: str | Path) -> str:
     """The `model_type` of a checkpoint folder, with one-line errors for the usual mistakes."""
     folder = Path(path)
@@ -61,14 +84,20 @@ class VLMBackbone:
     `instructblip.py`, `llava.py`) and in where the LM sits inside the model (resolved once, into `lm`).
     """
 
-    def __init__(self, family: str, model, processor, lm, image_features, parameter_groups, name: str = ""):
-        self.family = family  # "blip2" / "instructblip" / "llava"
+    def __init__(self, family: str, model, processor, lm, image_features, parameter_groups, name: str = "", *,
+                 rope_index=None, generate_inputs=None, vision_inputs: tuple[str, ...] | None = None):
+        self.family = family  # "blip2" / "instructblip" / "llava" / "qwen2_vl" / "qwen2_5_vl"
         self.model = model  # the transformers model (Blip2ForConditionalGeneration, ...)
         self.processor = processor  # the transformers processor (images + text -> model inputs), or None
         self.lm = lm  # DecoderOnlyLM / EncoderDecoderLM
         self._image_features = image_features  # (model, pixel_values, **extra) -> (B, Q, D) or (B*Q, D)
         self._parameter_groups = parameter_groups  # model -> {"vision"|"qformer"|"projection"|"lm": [params]}
         self.name = name or f"{family}-{lm.config.model_type}"
+        # M-RoPE families (Qwen2-VL): (model, input_ids, attention_mask, **extra) -> (3, B, P) prompt position ids
+        self._rope_index = rope_index
+        # (model, input_ids, extra) -> the extra inputs the model's own `generate` needs (None: `extra` as it is)
+        self._generate_inputs = generate_inputs
+        self.vision_inputs = vision_inputs  # the extra inputs the vision side reads (None: all of them)
 
     def __repr__(self) -> str:
         lm = self.lm
@@ -88,7 +117,7 @@ class VLMBackbone:
     def image_prompt(self, prompt: str) -> str:
         """The text a prompt becomes before the processor: LLaVA's processor expands an `<image>` marker in the
         text, the BLIP-2 family's processors prepend the query-token placeholders themselves."""
-        return f"<image> {prompt}" if self.family == "llava" else prompt
+        return f"<image> {prompt}" if self.family in ("llava", "qwen2_vl", "qwen2_5_vl") else prompt
 
     def prepare(self, pixel_values, input_ids, attention_mask=None, image_features=None, **extra):
         features = self.image_features(pixel_values, **extra) if image_features is None else image_features
@@ -97,12 +126,17 @@ class VLMBackbone:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         keep_ids = None if self.lm.is_encoder_decoder else input_ids
-        return LMInputs(inputs_embeds=embeds, attention_mask=attention_mask, input_ids=keep_ids)
+        positions = None if self._rope_index is None else self._rope_index(self.model, input_ids, attention_mask,
+                                                                              **extra)
+        return LMInputs(inputs_embeds=embeds, attention_mask=attention_mask, input_ids=keep_ids,
+                        position_ids=positions)
 
     def default_exit_layers(self) -> list[int]:
         return default_exit_layers(self.lm)
 
     def hf_generate(self, pixel_values, input_ids, attention_mask=None, **kwargs):
+        if self._generate_inputs is not None:
+            kwargs = self._generate_inputs(self.model, input_ids, kwargs)
         return self.model.generate(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs
         )

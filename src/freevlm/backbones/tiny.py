@@ -19,15 +19,20 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     OPTConfig,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
     T5Config,
 )
 
-from freevlm.backbones import blip2, instructblip, llava
+from freevlm.backbones import blip2, instructblip, llava, qwen2_vl
 from freevlm.backbones.common import VLMBackbone
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = 0, 1, 2, 3, 4
 
-FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "instructblip-t5", "llava-llama")
+FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "instructblip-t5", "llava-llama",
+            "qwen2vl-qwen2", "qwen25vl-qwen2")
+# Qwen2-VL's images: one (t, h, w) patch grid per image, cycled over a batch's rows so that its images differ in size
+QWEN_GRIDS = ((1, 4, 4), (1, 2, 4), (1, 4, 6), (1, 6, 2))
 
 
 @dataclass
@@ -70,7 +75,24 @@ def _lm_config(kind: str, s: TinySize):
             dropout_rate=s.dropout, decoder_start_token_id=PAD_ID, relative_attention_num_buckets=8,
             relative_attention_max_distance=32, is_encoder_decoder=True, tie_word_embeddings=False, **common,
         )
-    raise ValueError(f"unknown tiny LM kind {kind!r}; expected opt, llama or t5")
+    if kind == "qwen2":  # Qwen2-VL's text config (QKV biases, GQA, M-RoPE over head_dim / 2 = 2 + 1 + 1 sections)
+        return dict(
+            hidden_size=s.lm_hidden, num_hidden_layers=s.lm_layers, num_attention_heads=s.lm_heads,
+            num_key_value_heads=s.lm_kv_heads or max(1, s.lm_heads // 2), intermediate_size=s.lm_ffn,
+            max_position_embeddings=s.max_positions, attention_dropout=s.dropout, tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=100.0,  # low: positions < 100 turn every section
+                                 mrope_section=_mrope_section(s.lm_hidden // s.lm_heads)), **common,
+        )
+    raise ValueError(f"unknown tiny LM kind {kind!r}; expected opt, llama, t5 or qwen2")
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Qwen2-VL's split of the rotary frequencies (head_dim / 2 of them) into temporal, height, width sections, in
+    Qwen2-VL's proportions (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
 
 
 def _qformer_vision(s: TinySize) -> tuple[dict, dict]:
@@ -116,12 +138,44 @@ def tiny_config(family: str, size: TinySize | None = None):
             vision_feature_layer=-1, vision_feature_select_strategy="default",
             image_seq_length=(s.image_size // s.patch_size) ** 2,
         )
+    if arch in ("qwen2vl", "qwen25vl"):
+        ids = dict(image_token_id=IMAGE_ID, video_token_id=UNK_ID, vision_start_token_id=BOS_ID,
+                   vision_end_token_id=BOS_ID)
+        heads = max(1, s.vision_hidden // 16)
+        if arch == "qwen2vl":
+            vision = dict(depth=s.vision_layers, embed_dim=s.vision_hidden, hidden_size=s.lm_hidden, mlp_ratio=2,
+                          num_heads=heads, patch_size=s.patch_size, spatial_merge_size=2, temporal_patch_size=2)
+            return Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        # window attention in the first layer, full attention in the last (as Qwen2.5-VL alternates them)
+        vision = dict(depth=s.vision_layers, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
+                      num_heads=heads, out_hidden_size=s.lm_hidden, patch_size=s.patch_size, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=4 * s.patch_size, fullatt_block_indexes=[s.vision_layers - 1])
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
     raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def tiny_images(family: str, size: TinySize, batch: int, generator=None):
+    """Random image inputs for `batch` prompts: (pixel_values, extra inputs, image tokens per row).
+
+    Qwen2-VL's images differ in size across rows (`QWEN_GRIDS`): flat patches (sum of t*h*w, C*T*P*P) and their
+    `image_grid_thw`; the other families take (B, 3, H, W) at the one size their vision tower has.
+    """
+    import torch
+
+    if family.startswith("qwen"):
+        grids = torch.tensor([QWEN_GRIDS[r % len(QWEN_GRIDS)] for r in range(batch)])
+        patches = int(grids.prod(-1).sum())
+        pixels = torch.randn(patches, 3 * 2 * size.patch_size**2, generator=generator)
+        return pixels, {"image_grid_thw": grids}, [int(g.prod()) // 4 for g in grids]
+    pixels = torch.randn(batch, 3, size.image_size, size.image_size, generator=generator)
+    return pixels, {}, [num_image_tokens(family, size)] * batch
 
 
 def num_image_tokens(family: str, size: TinySize | None = None) -> int:
     """How many placeholder tokens a prompt for this tiny model carries."""
     s = size or TinySize()
+    if family.startswith("qwen"):  # the first of QWEN_GRIDS (4 x 4 patches, merged 2 x 2)
+        return (s.image_size // s.patch_size) ** 2 // 4
     return (s.image_size // s.patch_size) ** 2 if family.startswith("llava") else s.num_query_tokens
 
 
@@ -132,7 +186,8 @@ def build_tiny(family: str, size: TinySize | None = None, processor=None, seed: 
     if seed is not None:
         torch.manual_seed(seed)
     config = tiny_config(family, size)
-    module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava}[family.split("-")[0]]
+    module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava, "qwen2vl": qwen2_vl,
+              "qwen25vl": qwen2_vl}[family.split("-")[0]]
     backbone = module.from_config(config, processor, name=f"tiny-{family}")
     query_tokens = getattr(backbone.model, "query_tokens", None)
     if query_tokens is not None:

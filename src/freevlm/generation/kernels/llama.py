@@ -116,7 +116,7 @@ class LlamaKernel:
         (elementwise position x inverse frequency, so a lookup in `start`'s table gives the same values). Padding's
         position -1 reads position 0."""
         positions = positions.clamp(min=0)
-        if tables is None:
+        if tables is None or positions.dim() == 3:  # (3, R, q) M-RoPE positions: the module mixes the sections
             with torch.no_grad():
                 return self.rotary(self.embed_w[:1], positions)
         return tables[0][positions], tables[1][positions]
