@@ -117,7 +117,9 @@ class VLMBackbone:
     def image_prompt(self, prompt: str) -> str:
         """The text a prompt becomes before the processor: LLaVA's processor expands an `<image>` marker in the
         text, the BLIP-2 family's processors prepend the query-token placeholders themselves."""
-        return f"<image> {prompt}" if self.family in ("llava", "qwen2_vl", "qwen2_5_vl") else prompt
+        if hasattr(self.processor, "image_prompt"):  # Qwen2-VL's: the image between its vision markers
+            return self.processor.image_prompt(prompt)
+        return f"<image> {prompt}" if self.family == "llava" else prompt
 
     def prepare(self, pixel_values, input_ids, attention_mask=None, image_features=None, **extra):
         features = self.image_features(pixel_values, **extra) if image_features is None else image_features
@@ -147,7 +149,8 @@ class VLMBackbone:
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # legacy; loaded, but not pre-checked
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-FAMILY_NAMES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "llava": "LLaVA"}
+FAMILY_NAMES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "llava": "LLaVA", "qwen2_vl": "Qwen2-VL",
+                "qwen2_5_vl": "Qwen2.5-VL"}
 
 
 def _one_line(err: BaseException) -> str:
@@ -187,8 +190,10 @@ def weight_keys(folder: Path) -> list[str] | None:
 
 
 def family_of_keys(keys: Iterable[str]) -> str | None:
-    """The model_type whose weights these are, from parts only that family has (None: none of the three)."""
+    """The model_type whose weights these are, from parts only that family has (None: none of freevlm's)."""
     keys = list(keys)
+    if any("visual.merger." in k for k in keys):  # Qwen2.5-VL's vision blocks have a gated (SwiGLU) MLP
+        return "qwen2_5_vl" if any(".mlp.gate_proj." in k and "visual." in k for k in keys) else "qwen2_vl"
     if any("multi_modal_projector." in k for k in keys):
         return "llava"
     if any(k.endswith("qformer.embeddings.word_embeddings.weight") for k in keys):
@@ -219,7 +224,7 @@ def check_checkpoint_folder(folder: str | Path, model_type: str) -> None:
     if keys is not None:
         found = family_of_keys(keys)
         if found != model_type:
-            what = f"a {FAMILY_NAMES[found]} model's" if found else "not those of a BLIP-2, InstructBLIP or LLaVA model"
+            what = f"a {FAMILY_NAMES[found]} model's" if found else "not those of a model freevlm supports"
             raise FreeVLMError(f"{folder / 'config.json'} says model_type {model_type!r} but the weights in {folder} "
                                f"are {what}")
     if not _has_tokenizer(folder):

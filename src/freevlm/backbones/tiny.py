@@ -171,6 +171,34 @@ def tiny_images(family: str, size: TinySize, batch: int, generator=None):
     return pixels, {}, [num_image_tokens(family, size)] * batch
 
 
+def tiny_processor(family: str, tokenizer, size: TinySize | None = None):
+    """The transformers-style processor of a tiny `family` model over `tokenizer` (a word-level one, see
+    `freevlm.data.tokenizer`): images of `size.image_size` pixels."""
+    from transformers import (
+        Blip2Processor,
+        BlipImageProcessorPil,
+        InstructBlipProcessor,
+        LlavaImageProcessorPil,
+        LlavaProcessor,
+        Qwen2VLImageProcessorPil,
+    )
+
+    s = size or TinySize()
+    px = s.image_size
+    if family.startswith("qwen"):  # images keep their size (within 1x-4x the tiny area), as Qwen2-VL's do
+        images = Qwen2VLImageProcessorPil(patch_size=s.patch_size, merge_size=2, temporal_patch_size=2,
+                                          min_pixels=px * px, max_pixels=4 * px * px)
+        return qwen2_vl.ImageTextProcessor(images, tokenizer, IMAGE_ID)
+    if family.startswith("llava"):
+        images = LlavaImageProcessorPil(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
+        return LlavaProcessor(images, tokenizer, patch_size=s.patch_size, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)
+    images = BlipImageProcessorPil(size={"height": px, "width": px})
+    if family.startswith("instructblip"):
+        return InstructBlipProcessor(images, tokenizer, tokenizer, num_query_tokens=s.num_query_tokens)
+    return Blip2Processor(images, tokenizer, num_query_tokens=s.num_query_tokens)
+
+
 def num_image_tokens(family: str, size: TinySize | None = None) -> int:
     """How many placeholder tokens a prompt for this tiny model carries."""
     s = size or TinySize()
