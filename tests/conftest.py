@@ -15,6 +15,11 @@ from freevlm.backbones.tiny import BOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize,
 torch.set_num_threads(1)
 
 
+def pads_left(family: str) -> bool:
+    """The families whose processors pad on the far left and put the image placeholders after the first token."""
+    return family.startswith(("llava", "qwen", "onevision"))
+
+
 def tiny_batch(family: str, size: TinySize, batch: int, seed: int = 0, lengths=(5, 3, 4, 6)):
     """(pixel_values, input_ids, attention_mask, extra) with left padding, as the family's processor lays it out.
 
@@ -26,7 +31,7 @@ def tiny_batch(family: str, size: TinySize, batch: int, seed: int = 0, lengths=(
     lens = list(lengths[:batch])
     texts = [[BOS_ID] + torch.randint(5, size.vocab_size, (n,), generator=g).tolist() for n in lens]
     pixels, extra, n_imgs = tiny_images(family, size, batch, g)
-    left_pad = family.startswith(("llava", "qwen"))
+    left_pad = pads_left(family)
     width = max(len(t) + (n if left_pad else 0) for t, n in zip(texts, n_imgs))
     rows, masks = [], []
     for text, n_img in zip(texts, n_imgs):

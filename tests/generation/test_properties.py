@@ -36,7 +36,7 @@ from freevlm.generation.criteria import Confidence, make_criterion
 from freevlm.generation.decode import generate_from_inputs
 from freevlm.generation.kv import POLICIES, SkipPolicy
 from freevlm.generation.speculative import DraftSettings
-from tests.conftest import make_eos_likely
+from tests.conftest import make_eos_likely, pads_left
 
 SIZE = TinySize(lm_layers=5)
 N = SIZE.lm_layers
@@ -93,11 +93,11 @@ def prompt_batches(draw, families=FAMILIES, max_batch: int = 3):
     g = torch.Generator().manual_seed(seed)
     pixels, extra, n_imgs = tiny_images(family, SIZE, batch, g)  # Qwen2-VL's differ in size across rows
     pixels = scale * pixels
-    width += max(n_imgs) if family.startswith(("llava", "qwen")) else 0
+    width += max(n_imgs) if pads_left(family) else 0
     rows, masks = [], []
     for t, n_img in zip(texts, n_imgs):
         text = [BOS_ID] + t
-        if family.startswith(("llava", "qwen")):
+        if pads_left(family):
             pad = [PAD_ID] * (width - len(text) - n_img)
             rows.append(pad + text[:1] + [IMAGE_ID] * n_img + text[1:])
             masks.append([0] * len(pad) + [1] * (1 + n_img + len(t)))
@@ -297,7 +297,7 @@ def test_batched_early_exit_equals_row_by_row(batch, exit_cfg, criterion, policy
         for r in range(ids.shape[0]):
             # LLaVA pads on the far left (stripped here); the BLIP-2 layouts pad between image and text, where a T5
             # encoder's relative positions see the padding, so the single row keeps it
-            keep = mask[r].bool() if family.startswith(("llava", "qwen")) else torch.ones_like(mask[r]).bool()
+            keep = mask[r].bool() if pads_left(family) else torch.ones_like(mask[r]).bool()
             row_pixels, row_extra = image_rows(pixels, extra, [r])
             single = _generate(bb, exits, bb.prepare(row_pixels, ids[r : r + 1, keep], mask[r : r + 1, keep],
                                                      **row_extra), **kw)

@@ -14,7 +14,7 @@ from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.decode import generate_from_inputs
 from freevlm.generation.speculative import DraftSettings
-from tests.conftest import make_eos_likely, tiny_batch
+from tests.conftest import make_eos_likely, pads_left, tiny_batch
 
 SIZE = TinySize(lm_layers=6)
 EXIT_LAYERS = [1, 3, 5]  # exit 5 is seeded from layer 6 (seed "next"): a perfect drafter, every draft kept
@@ -165,7 +165,7 @@ def test_batched_rows_accept_different_counts_and_equal_row_by_row(setup):
             for r in range(3):
                 # LLaVA pads on the far left (strip it); the BLIP-2 layouts pad between image and text, where a T5
                 # encoder's relative positions see the padding, so the single row keeps it
-                keep = mask[r].bool() if family.startswith(("llava", "qwen")) else torch.ones_like(mask[r]).bool()
+                keep = mask[r].bool() if pads_left(family) else torch.ones_like(mask[r]).bool()
                 row_pixels, row_extra = image_rows(pixels, extra, [r])
                 single = _run(bb, exits, bb.prepare(row_pixels, ids[r : r + 1, keep], mask[r : r + 1, keep],
                                                     **row_extra), DraftSettings(layer, 4), max_new_tokens=10,

@@ -27,7 +27,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from freevlm.backbones.common import VLMBackbone, load_model, load_part, read_model_type
+from freevlm.backbones.common import ImageTextProcessor, VLMBackbone, load_model, load_part, read_model_type
 from freevlm.backbones.lm import language_model_adapter
 from freevlm.errors import FreeVLMError
 
@@ -71,67 +71,24 @@ def generate_inputs(model, input_ids: torch.Tensor, extra: dict) -> dict:
     return {**extra, "mm_token_type_ids": mm_token_types(model, input_ids)}
 
 
-class ImageTextProcessor:
-    """Images + prompts -> Qwen2-VL's inputs, as transformers' `Qwen2VLProcessor` makes them for images. That class
-    cannot be built without torchvision (its video processor needs it), so this one does the one thing it adds to the
-    image processor and the tokenizer: each image placeholder becomes as many as the image has merged patches
-    (t*h*w / merge^2). Expanded after tokenisation, on ids, so any tokenizer works (a word-level one included)."""
+def tokens_per_image(image_processor, vision: dict) -> list[int]:
+    """Placeholders per image: its merged patches (t*h*w / merge^2), as `Qwen2VLProcessor` counts them."""
+    return (vision["image_grid_thw"].prod(-1) // image_processor.merge_size**2).tolist()
 
-    def __init__(self, image_processor, tokenizer, image_token_id: int):
-        self.image_processor = image_processor  # Qwen2VLImageProcessorPil
-        self.tokenizer = tokenizer
-        self.image_token_id = image_token_id
-        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
 
-    def image_prompt(self, prompt: str) -> str:
-        """One image, then the prompt (between Qwen's vision markers where the vocabulary has them)."""
-        start, end = "<|vision_start|>", "<|vision_end|>"
-        if self.tokenizer.convert_tokens_to_ids(start) not in (None, self.tokenizer.unk_token_id):
-            return f"{start}{self.image_token}{end}{prompt}"
-        return f"{self.image_token} {prompt}"
+def image_prompt(tokenizer, image_token: str, prompt: str) -> str:
+    """One image, then the prompt: between Qwen's vision markers where the vocabulary has them."""
+    start, end = "<|vision_start|>", "<|vision_end|>"
+    if tokenizer.convert_tokens_to_ids(start) not in (None, tokenizer.unk_token_id):
+        return f"{start}{image_token}{end}{prompt}"
+    return f"{image_token} {prompt}"
 
-    def __call__(self, images=None, text=None, padding: bool = True, return_tensors: str = "pt", **kwargs) -> dict:
-        out = {}
-        counts: list[int] = []
-        if images is not None:
-            vision = self.image_processor(images=images, return_tensors="pt")
-            out.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
-            counts = (vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
-        if text is None:
-            return out
-        texts = [text] if isinstance(text, str) else list(text)
-        rows, images_left = [], iter(counts)
-        for ids in self.tokenizer(texts, **kwargs)["input_ids"]:
-            row = []
-            for t in ids:
-                if t != self.image_token_id:
-                    row.append(t)
-                    continue
-                n = next(images_left, None)
-                if n is None:
-                    raise FreeVLMError("the prompts hold more image placeholders than there are images")
-                row.extend([t] * n)
-            rows.append(row)
-        if next(images_left, None) is not None:
-            raise FreeVLMError("more images than image placeholders in the prompts")
-        width = max(len(r) for r in rows)
-        pad, left = self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
-        ids = [[pad] * (width - len(r)) + r if left else r + [pad] * (width - len(r)) for r in rows]
-        mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r)) for r in rows]
-        out["input_ids"] = torch.tensor(ids, dtype=torch.long)
-        out["attention_mask"] = torch.tensor(mask, dtype=torch.long)
-        out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).int()
-        return out
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        self.image_processor.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+def processor(image_processor, tokenizer, image_token_id: int) -> ImageTextProcessor:
+    """What transformers' `Qwen2VLProcessor` does for images (it cannot be built without torchvision, which its video
+    processor needs): see `ImageTextProcessor`."""
+    return ImageTextProcessor(image_processor, tokenizer, image_token_id, tokens_per_image, image_prompt,
+                              token_types=True)
 
 
 def parameter_groups(model) -> dict[str, list]:
@@ -156,7 +113,6 @@ def from_config(config: Qwen2VLConfig | Qwen2_5_VLConfig, processor=None, name: 
 
 def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None) -> VLMBackbone:
     model = load_model(CLASSES[read_model_type(path)], path, dtype)
-    processor = ImageTextProcessor(load_part(Qwen2VLImageProcessorPil.from_pretrained, path, "image processor"),
-                                   load_part(AutoTokenizer.from_pretrained, path, "tokenizer"),
-                                   model.config.image_token_id)
-    return wrap(model, processor, name=str(path))
+    images = load_part(Qwen2VLImageProcessorPil.from_pretrained, path, "image processor")
+    tokenizer = load_part(AutoTokenizer.from_pretrained, path, "tokenizer")
+    return wrap(model, processor(images, tokenizer, model.config.image_token_id), name=str(path))

@@ -72,7 +72,8 @@ class FrozenImageFeatures:
         fresh = {}
         if missing:
             pixels, extra = image_rows(batch.pixel_values, self._vision_extra(batch), missing)
-            feats = per_image(self.backbone.image_features(pixels, **extra), extra, len(missing))
+            counts = (batch.input_ids[missing] == self.backbone.image_token_id).sum(1).tolist()
+            feats = per_image(self.backbone.image_features(pixels, **extra), counts)
             for r, f in zip(missing, feats):
                 fresh[keys[r]] = f
                 if self.bytes + f.numel() * f.element_size() <= self.max_bytes:
