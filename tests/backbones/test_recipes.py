@@ -20,7 +20,7 @@ from freevlm.train.batches import caption_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.stage2 import ExitTrainConfig, train_exits
 
-FAMILIES = ["qwen2vl-qwen2"]
+FAMILIES = ["qwen2vl-qwen2", "onevision-qwen2"]
 
 
 def run(*argv) -> None:
@@ -31,7 +31,7 @@ def run(*argv) -> None:
 def workspace(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    cfg = SyntheticConfig(n_train=8, n_val=6, n_test=4, n_nocaps=2, n_dialogs=2)
+    cfg = SyntheticConfig(n_train=8, n_val=6, n_test=4, n_nocaps=2, n_dialogs=2, image_size=32)
     data = write_synthetic(cfg, root / "data")
     tok = build_word_tokenizer(corpus_text(cfg), extra_words=PROMPT_WORDS.split())
     size = TinySize(vocab_size=len(tok), lm_layers=4)
