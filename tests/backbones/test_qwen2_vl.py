@@ -151,3 +151,12 @@ def test_processor_batches_images_of_different_sizes_and_a_saved_folder_loads(tm
     (folder / "config.json").write_text(json.dumps({**config, "model_type": other}))
     with pytest.raises(FreeVLMError, match="weights in .* are a Qwen2"):
         load_backbone(folder)
+
+
+def test_videos_and_missing_grids_fail_in_one_line(setup):
+    bb, _ = setup
+    pixels, ids, mask, extra = tiny_batch(FAMILY, SIZE, 2, seed=1)
+    with pytest.raises(FreeVLMError, match="images only; videos"):
+        bb.prepare(pixels, ids, mask, **extra, pixel_values_videos=pixels)
+    with pytest.raises(FreeVLMError, match="need their image_grid_thw"):
+        bb.prepare(pixels, ids, mask)

@@ -56,6 +56,8 @@ def mm_token_types(model, input_ids: torch.Tensor) -> torch.Tensor:
 def rope_index(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                image_grid_thw: torch.Tensor | None = None, **extra) -> torch.Tensor:
     """(3, B, P) M-RoPE position ids of the prompt tokens, exactly as transformers computes them (padding: 0)."""
+    if extra.get("pixel_values_videos") is not None or extra.get("video_grid_thw") is not None:
+        raise FreeVLMError("freevlm runs Qwen2-VL on images only; videos (pixel_values_videos) are not supported")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     with torch.no_grad():
