@@ -356,7 +356,7 @@ def test_any_setting_decodes_or_fails_with_one_line(batch, exit_cfg, data, mode,
 
 # --- through the Python API ----------------------------------------------------------------------------------------
 
-API_FAMILIES = ("blip2-opt", "instructblip-t5", "llava-llama", "qwen2vl-qwen2")
+API_FAMILIES = ("blip2-opt", "instructblip-t5", "llava-llama", "qwen2vl-qwen2", "onevision-qwen2")
 WORDS = ["a", "photo", "of", "red", "green", "square", "circle", "what", "colour", "is", "it", "?"]
 
 

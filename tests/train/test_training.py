@@ -39,7 +39,7 @@ def _exit_loss(backbone, exits, batch):
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("family", ["blip2-opt", "qwen2vl-qwen2"])
+@pytest.mark.parametrize("family", ["blip2-opt", "qwen2vl-qwen2", "onevision-qwen2"])
 def test_stage1_lowers_the_loss_on_a_fixed_batch(tmp_path, family):
     backbone, examples = colour_task(tmp_path / "data", family)
     batch = Collator(backbone)(examples)
