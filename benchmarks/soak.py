@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from freevlm.backbones.tiny import FAMILIES, TinySize, build_tiny
+from freevlm.backbones.tiny import FAMILIES, TinySize, build_tiny, tiny_processor
 from freevlm.data.tokenizer import build_word_tokenizer
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.api import EarlyExitVLM
@@ -101,26 +101,6 @@ def mib(n: int | float | None) -> float | None:
 
 # --- models -------------------------------------------------------------------------------------------------------
 
-def _processor(family: str, tok, size: TinySize):
-    from transformers import (
-        Blip2Processor,
-        BlipImageProcessorPil,
-        InstructBlipProcessor,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
-    )
-
-    if family.startswith("llava"):
-        image_processor = LlavaImageProcessorPil(size={"shortest_edge": size.image_size},
-                                                 crop_size={"height": size.image_size, "width": size.image_size})
-        return LlavaProcessor(image_processor, tok, patch_size=size.patch_size,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    image_processor = BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
-    if family.startswith("instructblip"):
-        return InstructBlipProcessor(image_processor, tok, tok, num_query_tokens=size.num_query_tokens)
-    return Blip2Processor(image_processor, tok, num_query_tokens=size.num_query_tokens)
-
-
 @torch.no_grad()
 def _make_eos_likely(vlm: EarlyExitVLM, strength: float) -> None:
     """Point the head's EOS row at the tokens the random model usually predicts, so rows (and beams) end at
@@ -142,7 +122,7 @@ def tiny_models() -> dict[str, EarlyExitVLM]:
     size = TinySize(vocab_size=len(tok), lm_layers=LM_LAYERS)
     models = {}
     for i, family in enumerate(FAMILIES):
-        bb = build_tiny(family, size, processor=_processor(family, tok, size), seed=i)
+        bb = build_tiny(family, size, processor=tiny_processor(family, tok, size), seed=i)
         bb.model.eval()
         _make_eos_likely(EarlyExitVLM(bb), strength=3.0)
         for kind, layers in EXIT_LAYERS.items():

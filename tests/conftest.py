@@ -10,41 +10,50 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from freevlm.backbones.tiny import BOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize, build_tiny, num_image_tokens  # noqa: E402
+from freevlm.backbones.tiny import BOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize, build_tiny, tiny_images  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pads_left(family: str) -> bool:
+    """The families whose processors pad on the far left and put the image placeholders after the first token."""
+    return family.startswith(("llava", "qwen", "onevision"))
 
 
 def tiny_batch(family: str, size: TinySize, batch: int, seed: int = 0, lengths=(5, 3, 4, 6)):
     """(pixel_values, input_ids, attention_mask, extra) with left padding, as the family's processor lays it out.
 
     BLIP-2/InstructBLIP put the image placeholders before everything (padding sits between them and the text, as
-    transformers' Blip2Processor leaves it); LLaVA pads on the far left and puts the placeholders after BOS.
+    transformers' Blip2Processor leaves it); LLaVA and Qwen2-VL pad on the far left and put the placeholders after
+    the first token (Qwen2-VL's images differ in size across rows, so do their placeholder counts).
     """
     g = torch.Generator().manual_seed(seed)
-    n_img = num_image_tokens(family, size)
     lens = list(lengths[:batch])
-    width = max(lens)
+    texts = [[BOS_ID] + torch.randint(5, size.vocab_size, (n,), generator=g).tolist() for n in lens]
+    pixels, extra, n_imgs = tiny_images(family, size, batch, g)
+    left_pad = pads_left(family)
+    width = max(len(t) + (n if left_pad else 0) for t, n in zip(texts, n_imgs))
     rows, masks = [], []
-    for n in lens:
-        text = [BOS_ID] + torch.randint(5, size.vocab_size, (n,), generator=g).tolist()
-        pad = [PAD_ID] * (width - n)
-        if family.startswith("llava"):
+    for text, n_img in zip(texts, n_imgs):
+        if left_pad:
+            pad = [PAD_ID] * (width - len(text) - n_img)
             row = pad + text[:1] + [IMAGE_ID] * n_img + text[1:]
             mask = [0] * len(pad) + [1] * (len(row) - len(pad))
         else:
+            pad = [PAD_ID] * (width - len(text))
             row = [IMAGE_ID] * n_img + pad + text
             mask = [1] * n_img + [0] * len(pad) + [1] * len(text)
         rows.append(row)
         masks.append(mask)
-    pixels = torch.randn(batch, 3, size.image_size, size.image_size, generator=g)
-    extra = {}
     if family.startswith("instructblip"):
         extra = dict(
             qformer_input_ids=torch.randint(5, size.vocab_size, (batch, 4), generator=g),
             qformer_attention_mask=torch.ones(batch, 4, dtype=torch.long),
         )
-    return pixels, torch.tensor(rows), torch.tensor(masks), extra
+    ids = torch.tensor(rows)
+    if "image_grid_thw" in extra:  # Qwen2-VL's processor also returns the token types M-RoPE is computed from
+        extra["mm_token_type_ids"] = (ids == IMAGE_ID).int()
+    return pixels, ids, torch.tensor(masks), extra
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,13 @@
 """Decoding on freevlm's engine reproduces each VLM's own transformers `generate`: greedy (tokens and logits), beam
-search (length penalty, early stopping, EOS inside beams) and seeded sampling, for all six families, batch 1 and
-left-padded batches."""
+search (length penalty, early stopping, EOS inside beams) and seeded sampling, for every family, batch 1 and
+left-padded batches (Qwen2-VL's with images of different sizes)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from freevlm.backbones.tiny import EOS_ID, TinySize, build_tiny
+from freevlm.backbones.tiny import EOS_ID, FAMILIES, TinySize, build_tiny
 from freevlm.generation.decode import generate_from_inputs
 from tests.conftest import make_eos_likely, tiny_batch
 
@@ -45,8 +45,7 @@ def test_greedy_tokens_and_logits_match_hf_generate(any_backbone, tiny_size, bat
         torch.testing.assert_close(step_ours, step_ref, atol=1e-5, rtol=0)
 
 
-@pytest.fixture(scope="module", params=["blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama",
-                                        "instructblip-t5", "llava-llama"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def eos_backbone(request):
     size = TinySize()
     bb = build_tiny(request.param, size, seed=0)

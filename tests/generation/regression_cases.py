@@ -16,6 +16,7 @@ from freevlm.generation.criteria import Confidence, Entropy, Patience, Similarit
 from tests.conftest import tiny_batch
 
 SIZE = TinySize(lm_layers=6)
+LEGACY_FAMILIES = FAMILIES[:6]  # the families the old engine's outputs were recorded for
 EXIT_LAYERS = [2, 4]
 POLICIES = [("propagate", "hidden"), ("propagate", "exit"), ("copy", "hidden"), ("catch_up", "hidden")]
 
@@ -41,7 +42,7 @@ CRITERIA = {"sign": SignRule, "patience": lambda: Patience(1), "similarity": lam
 
 def _cases():
     cases = []
-    for fam, (pol, src), (batch, beams) in itertools.product(FAMILIES, POLICIES, [(1, 1), (3, 1), (3, 3)]):
+    for fam, (pol, src), (batch, beams) in itertools.product(LEGACY_FAMILIES, POLICIES, [(1, 1), (3, 1), (3, 3)]):
         cases.append(dict(family=fam, kind="transformer", criterion="sign", policy=pol, source=src, batch=batch,
                           num_beams=beams))
     for fam, crit, (pol, src) in itertools.product(["blip2-opt", "blip2-t5", "llava-llama"], list(CRITERIA)[1:],

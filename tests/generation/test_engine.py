@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from freevlm.backbones.common import image_rows
 from freevlm.backbones.tiny import FAMILIES, TinySize, build_tiny
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.criteria import Confidence
@@ -50,7 +51,7 @@ class Scripted:
 @pytest.fixture(scope="module")
 def setups():
     out = {}
-    for family in ("blip2-opt", "blip2-t5", "llava-llama"):
+    for family in ("blip2-opt", "blip2-t5", "llava-llama", "qwen2vl-qwen2"):
         bb = build_tiny(family, SIZE, seed=0)
         torch.manual_seed(1)
         exits = build_exits(bb.lm, ExitSpec("transformer", list(EXIT_LAYERS)))
@@ -249,7 +250,7 @@ def test_exit_transformers_never_change_the_backbone_cache(setups):
 # --- batching, beams, and alpha = 1 -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["blip2-opt", "blip2-t5", "llava-llama"])
+@pytest.mark.parametrize("family", ["blip2-opt", "blip2-t5", "llava-llama", "qwen2vl-qwen2"])
 @pytest.mark.parametrize("policy", ["propagate", "copy", "catch_up"])
 def test_batched_decoding_equals_one_sequence_at_a_time(setups, family, policy):
     bb, exits = setups[family]
@@ -260,8 +261,8 @@ def test_batched_decoding_equals_one_sequence_at_a_time(setups, family, policy):
         for r in range(3):
             keep = mask[r].bool() if not family.startswith("blip2") else torch.ones_like(mask[r]).bool()
             row_ids, row_mask = ids[r : r + 1, keep], mask[r : r + 1, keep]
-            row_extra = {k: v[r : r + 1] for k, v in extra.items()}
-            single = generate_from_inputs(bb.lm, exits, bb.prepare(pixels[r : r + 1], row_ids, row_mask, **row_extra),
+            row_pixels, row_extra = image_rows(pixels, extra, [r])
+            single = generate_from_inputs(bb.lm, exits, bb.prepare(row_pixels, row_ids, row_mask, **row_extra),
                                           **kwargs)
             n = len(single.trace[0])
             assert batched.sequences[r, :n].tolist() == single.sequences[0, :n].tolist()

@@ -16,9 +16,15 @@ from tests.conftest import tiny_batch
 SIZE = TinySize(lm_layers=3)
 
 
-def _reference_logits(bb, lm_inputs, tokens: torch.Tensor) -> torch.Tensor:
+def _reference_logits(bb, lm_inputs, tokens: torch.Tensor, pixels=None, ids=None, extra=None) -> torch.Tensor:
     """transformers' logits at the last position after the prompt and `tokens` (B, t). (B, V)"""
     lm = bb.lm
+    if lm_inputs.position_ids is not None:  # M-RoPE: the whole model, which computes the positions itself
+        full = torch.cat([ids, tokens], 1)
+        mask = torch.cat([lm_inputs.attention_mask, torch.ones_like(tokens)], 1)
+        grid = extra["image_grid_thw"]
+        return bb.model(input_ids=full, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
+                        mm_token_type_ids=(full == bb.image_token_id).int()).logits[:, -1]
     if lm.is_encoder_decoder:
         start = torch.full((tokens.shape[0], 1), lm.config.decoder_start_token_id, dtype=torch.long)
         encoder = lm.encode(lm_inputs.inputs_embeds, lm_inputs.attention_mask)
@@ -28,7 +34,7 @@ def _reference_logits(bb, lm_inputs, tokens: torch.Tensor) -> torch.Tensor:
     embeds = torch.cat([lm_inputs.inputs_embeds, lm.embed_tokens(tokens)], 1)
     mask = torch.cat([lm_inputs.attention_mask, torch.ones_like(tokens)], 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # what generate passes (BLIP-2 pads sit mid-sequence)
-    if bb.family == "llava":
+    if bb.family in ("llava", "llava_onevision"):  # the bare decoder, the head on the outer model
         hidden = bb.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         return bb.model.lm_head(hidden.last_hidden_state)[:, -1]
     return bb.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
@@ -48,7 +54,7 @@ def test_prefill_and_decode_logits_equal_transformers_forward(family, batch):
         for t in range(tokens.shape[1]):
             ours.append(engine.step(tokens[:, t]))
         for t, logits in enumerate(ours):
-            ref = _reference_logits(bb, lm_inputs, tokens[:, :t])
+            ref = _reference_logits(bb, lm_inputs, tokens[:, :t], pixels, ids, extra)
             # 1e-5 in fp32, plus 1e-5 relative: logits of a few units differ by summation order between CPUs' BLAS
             # kernels (1.7e-5 on a logit of 5.6 seen on one machine); a wrong kernel is off by orders more.
             torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)

@@ -28,14 +28,15 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from freevlm.backbones.tiny import BOS_ID, EOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize, build_tiny, num_image_tokens
+from freevlm.backbones.common import image_rows
+from freevlm.backbones.tiny import BOS_ID, EOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize, build_tiny, tiny_images
 from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.criteria import Confidence, make_criterion
 from freevlm.generation.decode import generate_from_inputs
 from freevlm.generation.kv import POLICIES, SkipPolicy
 from freevlm.generation.speculative import DraftSettings
-from tests.conftest import make_eos_likely
+from tests.conftest import make_eos_likely, pads_left
 
 SIZE = TinySize(lm_layers=5)
 N = SIZE.lm_layers
@@ -87,22 +88,23 @@ def prompt_batches(draw, families=FAMILIES, max_batch: int = 3):
     batch = draw(st.integers(1, max_batch))
     texts = [draw(st.lists(st.sampled_from(TEXT_TOKENS), min_size=0, max_size=6)) for _ in range(batch)]
     width = max(len(t) for t in texts) + 1
-    n_img = num_image_tokens(family, SIZE)
-    rows, masks = [], []
-    for t in texts:
-        text = [BOS_ID] + t
-        pad = [PAD_ID] * (width - len(text))
-        if family.startswith("llava"):
-            rows.append(pad + text[:1] + [IMAGE_ID] * n_img + text[1:])
-            masks.append([0] * len(pad) + [1] * (1 + n_img + len(t)))
-        else:
-            rows.append([IMAGE_ID] * n_img + pad + text)
-            masks.append([1] * n_img + [0] * len(pad) + [1] * len(text))
     seed = draw(st.integers(0, 2**16))
     scale = draw(st.sampled_from([0.0, 1.0, 3.0]))
     g = torch.Generator().manual_seed(seed)
-    pixels = scale * torch.randn(batch, 3, SIZE.image_size, SIZE.image_size, generator=g)
-    extra = {}
+    pixels, extra, n_imgs = tiny_images(family, SIZE, batch, g)  # Qwen2-VL's differ in size across rows
+    pixels = scale * pixels
+    width += max(n_imgs) if pads_left(family) else 0
+    rows, masks = [], []
+    for t, n_img in zip(texts, n_imgs):
+        text = [BOS_ID] + t
+        if pads_left(family):
+            pad = [PAD_ID] * (width - len(text) - n_img)
+            rows.append(pad + text[:1] + [IMAGE_ID] * n_img + text[1:])
+            masks.append([0] * len(pad) + [1] * (1 + n_img + len(t)))
+        else:
+            pad = [PAD_ID] * (width - len(text))
+            rows.append([IMAGE_ID] * n_img + pad + text)
+            masks.append([1] * n_img + [0] * len(pad) + [1] * len(text))
     if family.startswith("instructblip"):
         q = draw(st.integers(1, 4))
         extra = dict(qformer_input_ids=torch.randint(5, V, (batch, q), generator=g),
@@ -295,9 +297,10 @@ def test_batched_early_exit_equals_row_by_row(batch, exit_cfg, criterion, policy
         for r in range(ids.shape[0]):
             # LLaVA pads on the far left (stripped here); the BLIP-2 layouts pad between image and text, where a T5
             # encoder's relative positions see the padding, so the single row keeps it
-            keep = mask[r].bool() if family.startswith("llava") else torch.ones_like(mask[r]).bool()
-            single = _generate(bb, exits, bb.prepare(pixels[r : r + 1], ids[r : r + 1, keep], mask[r : r + 1, keep],
-                                                     **{k: t[r : r + 1] for k, t in extra.items()}), **kw)
+            keep = mask[r].bool() if pads_left(family) else torch.ones_like(mask[r]).bool()
+            row_pixels, row_extra = image_rows(pixels, extra, [r])
+            single = _generate(bb, exits, bb.prepare(row_pixels, ids[r : r + 1, keep], mask[r : r + 1, keep],
+                                                     **row_extra), **kw)
             assert _tokens(single)[0] == _tokens(batched)[r], r
             assert single.exit_layers[0] == batched.exit_layers[r], r
 
@@ -353,36 +356,19 @@ def test_any_setting_decodes_or_fails_with_one_line(batch, exit_cfg, data, mode,
 
 # --- through the Python API ----------------------------------------------------------------------------------------
 
-API_FAMILIES = ("blip2-opt", "instructblip-t5", "llava-llama")
+API_FAMILIES = ("blip2-opt", "instructblip-t5", "llava-llama", "qwen2vl-qwen2", "onevision-qwen2")
 WORDS = ["a", "photo", "of", "red", "green", "square", "circle", "what", "colour", "is", "it", "?"]
 
 
 @functools.cache
 def api_vlm(family: str):
-    from transformers import (
-        Blip2Processor,
-        BlipImageProcessorPil,
-        InstructBlipProcessor,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
-    )
-
+    from freevlm.backbones.tiny import tiny_processor
     from freevlm.data.tokenizer import build_word_tokenizer
     from freevlm.generation.api import EarlyExitVLM
 
     tok = build_word_tokenizer([" ".join(WORDS)])
     size = TinySize(vocab_size=len(tok), lm_layers=N)
-    if family.startswith("llava"):
-        image_processor = LlavaImageProcessorPil(size={"shortest_edge": size.image_size},
-                                                 crop_size={"height": size.image_size, "width": size.image_size})
-        processor = LlavaProcessor(image_processor, tok, patch_size=size.patch_size,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    else:
-        image_processor = BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
-        if family.startswith("instructblip"):
-            processor = InstructBlipProcessor(image_processor, tok, tok, num_query_tokens=size.num_query_tokens)
-        else:
-            processor = Blip2Processor(image_processor, tok, num_query_tokens=size.num_query_tokens)
+    processor = tiny_processor(family, tok, size)
     bb = build_tiny(family, size, processor=processor, seed=1)
     torch.manual_seed(2)
     return EarlyExitVLM(bb, build_exits(bb.lm, ExitSpec("transformer", [1, 3])))

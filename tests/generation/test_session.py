@@ -157,7 +157,7 @@ def test_the_api_decodes_in_its_session():
     assert again.sequences.tolist() == first.sequences.tolist() and again.texts == first.texts
 
 
-@pytest.mark.parametrize("family", ["blip2-opt", "llava-llama"])
+@pytest.mark.parametrize("family", ["blip2-opt", "llava-llama", "qwen2vl-qwen2"])  # Qwen2-VL: per-row M-RoPE offsets
 def test_rows_admitted_between_steps_decode_as_they_do_alone(family):
     """Continuous batching: a prompt admitted into a running batch (longer and shorter than the columns used so far,
     into a released row) gets the tokens and exit layers it gets alone."""

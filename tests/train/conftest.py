@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from transformers import Blip2Processor, BlipImageProcessorPil
 
-from freevlm.backbones.tiny import TinySize, build_tiny
+from freevlm.backbones.tiny import TinySize, build_tiny, tiny_processor
 from freevlm.data.tokenizer import build_word_tokenizer
 from freevlm.train.batches import Example
 
@@ -19,10 +18,7 @@ def colour_task(root: Path, family: str = "blip2-opt", layers: int = 6, seed: in
     """(backbone with processor, examples): 4 colours x 2 shapes, prompt 'a photo of', caption 'a <colour> <shape>'."""
     tok = build_word_tokenizer(["a photo of square circle " + " ".join(COLOURS)])
     size = TinySize(vocab_size=len(tok), lm_layers=layers, image_size=32, lm_hidden=32)
-    processor = Blip2Processor(
-        BlipImageProcessorPil(size={"height": 32, "width": 32}), tok, num_query_tokens=size.num_query_tokens
-    )
-    backbone = build_tiny(family, size, processor=processor, seed=seed)
+    backbone = build_tiny(family, size, processor=tiny_processor(family, tok, size), seed=seed)
     examples = []
     root.mkdir(parents=True, exist_ok=True)
     for c in COLOURS:

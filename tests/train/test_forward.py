@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from freevlm.backbones.common import image_rows
 from freevlm.train.batches import IGNORE, Batch
 from freevlm.train.forward import shift_right, teacher_forced
 from tests.conftest import tiny_batch
@@ -46,13 +47,19 @@ def test_frozen_image_features_are_computed_once_per_image_and_change_nothing(an
     if any_backbone.lm.is_encoder_decoder:
         labels = torch.randint(5, tiny_size.vocab_size, (3, 4), generator=torch.Generator().manual_seed(1))
     first = Batch(["a", "b", "c"], pixels, ids, mask, labels, extra)
-    # the second batch repeats image 2 in row 0 and brings a new image in row 1
-    pixels2 = torch.stack([pixels[2], torch.randn_like(pixels[0]), pixels[0]])
+    # the second batch repeats image 2 in row 0 and brings a new image in row 1 (of row 1's size: some families'
+    # placeholder counts depend on it)
+    row = lambda r: image_rows(pixels, extra, [r])[0]  # noqa: E731
+    pixels2 = torch.cat([row(2), torch.randn_like(row(1)), row(0)])
     extra2 = {k: v[[2, 0, 0]] for k, v in extra.items()}  # rows 0 and 2 keep their images' own instructions
+    if {"image_grid_thw", "image_sizes"} & set(extra):  # the image's size goes with it
+        extra2 = {k: v[[2, 1, 0]] for k, v in extra.items()}
     second = Batch(["c", "d", "a"], pixels2, ids[[2, 1, 0]], mask[[2, 1, 0]], labels[[2, 1, 0]], extra2)
     calls = []
     original = any_backbone.image_features
-    monkeypatch.setattr(any_backbone, "image_features", lambda px, **kw: calls.append(len(px)) or original(px, **kw))
+    images = lambda px, kw: len(kw.get("image_grid_thw", px))  # noqa: E731
+    monkeypatch.setattr(any_backbone, "image_features",
+                        lambda px, **kw: calls.append(images(px, kw)) or original(px, **kw))
     cache = FrozenImageFeatures(any_backbone)
     with torch.no_grad():
         for batch in (first, second):

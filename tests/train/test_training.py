@@ -39,8 +39,9 @@ def _exit_loss(backbone, exits, batch):
     return sum(losses) / len(losses)
 
 
-def test_stage1_lowers_the_loss_on_a_fixed_batch(tmp_path):
-    backbone, examples = colour_task(tmp_path / "data")
+@pytest.mark.parametrize("family", ["blip2-opt", "qwen2vl-qwen2", "onevision-qwen2"])
+def test_stage1_lowers_the_loss_on_a_fixed_batch(tmp_path, family):
+    backbone, examples = colour_task(tmp_path / "data", family)
     batch = Collator(backbone)(examples)
     before = _final_loss(backbone, batch)
     cfg = Stage1Config(train_parts=("vision", "qformer", "projection", "lm"), optim=OptimConfig(name="adam", lr=3e-3),
@@ -50,17 +51,21 @@ def test_stage1_lowers_the_loss_on_a_fixed_batch(tmp_path):
     assert (tmp_path / "run" / "backbone" / "config.json").is_file()
 
 
-def test_stage2_lowers_the_exit_loss_on_a_fixed_batch(tmp_path):
-    backbone, examples = colour_task(tmp_path / "data")
+# FREE's adversarial term pulls against CE on a batch this small (on LLaVA and Qwen2-VL it barely falls in 4
+# epochs), so the M-RoPE family checks the exits learn from CE + KD alone
+@pytest.mark.parametrize("family,adversarial", [("blip2-opt", 1.0), ("qwen2vl-qwen2", 0.0), ("onevision-qwen2", 0.0)])
+def test_stage2_lowers_the_exit_loss_on_a_fixed_batch(tmp_path, family, adversarial):
+    backbone, examples = colour_task(tmp_path / "data", family)
     batch = Collator(backbone)(examples)
-    cfg = ExitTrainConfig(exit_layers=[2, 4], optim=OptimConfig(lr=3e-3, warmup_steps=1),
+    cfg = ExitTrainConfig(exit_layers=[2, 4], adversarial_weight=adversarial,
+                          optim=OptimConfig(lr=3e-3, warmup_steps=1),
                           loop=LoopConfig(epochs=4, batch_size=4, progress=False))
     from freevlm.exits import ExitSpec, build_exits
 
     fresh = build_exits(backbone.lm, ExitSpec("transformer", [2, 4]))
     before = _exit_loss(backbone, fresh, batch)
     exits, _ = train_exits(backbone, examples, cfg, tmp_path / "run")
-    assert _exit_loss(backbone, exits, batch) < before
+    assert _exit_loss(backbone, exits, batch) < (before if adversarial else 0.95 * before)
 
 
 def _stage2(tmp_path, name, max_steps=0, resume=False):

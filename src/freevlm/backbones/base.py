@@ -30,6 +30,9 @@ class LMInputs:
     inputs_embeds: torch.Tensor  # (B, P, D): prompt embeddings with image features in the placeholder slots
     attention_mask: torch.Tensor  # (B, P): 1 = real token, 0 = padding
     input_ids: torch.Tensor | None  # (B, P) placeholder ids, for decoder-only LMs (HF generate returns them)
+    # (3, B, P) multimodal RoPE positions (temporal, height, width) of Qwen2-VL-style LMs; None: positions count the
+    # real tokens (the same in every section). A generated token's position is one past the row's largest.
+    position_ids: torch.Tensor | None = None
 
 
 @dataclass

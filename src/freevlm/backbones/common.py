@@ -40,6 +40,24 @@ def scatter_image_features(
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.device, embeds.dtype))
 
 
+def image_rows(pixel_values: torch.Tensor, extra: dict, rows: list[int]) -> tuple[torch.Tensor, dict]:
+    """The inputs of batch rows `rows` (one image each): `pixel_values[rows]` and every extra input's rows, except
+    that Qwen2-VL's flat patches (all images' patches in one (sum of t*h*w, C*T*P*P) tensor, `image_grid_thw` giving
+    each image's grid) are cut per image first."""
+    grid = extra.get("image_grid_thw")
+    picked = {k: v[rows] for k, v in extra.items()}
+    if grid is None:
+        return pixel_values[rows], picked
+    per_image = torch.split(pixel_values, grid.prod(-1).tolist())
+    return torch.cat([per_image[r] for r in rows]), picked
+
+
+def per_image(features: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """The vision side's output for a few images -> one (Q_i, D) tensor per image, image i having `counts[i]`
+    features (its prompt's placeholders: Qwen2-VL's and LLaVA-OneVision's counts depend on the image's size)."""
+    return list(torch.split(features.reshape(-1, features.shape[-1]), counts))
+
+
 def read_model_type(path: str | Path) -> str:
     """The `model_type` of a checkpoint folder, with one-line errors for the usual mistakes."""
     folder = Path(path)
@@ -61,14 +79,20 @@ class VLMBackbone:
     `instructblip.py`, `llava.py`) and in where the LM sits inside the model (resolved once, into `lm`).
     """
 
-    def __init__(self, family: str, model, processor, lm, image_features, parameter_groups, name: str = ""):
-        self.family = family  # "blip2" / "instructblip" / "llava"
+    def __init__(self, family: str, model, processor, lm, image_features, parameter_groups, name: str = "", *,
+                 rope_index=None, generate_inputs=None, vision_inputs: tuple[str, ...] | None = None):
+        self.family = family  # "blip2" / "instructblip" / "llava" / "qwen2_vl" / "qwen2_5_vl" / "llava_onevision"
         self.model = model  # the transformers model (Blip2ForConditionalGeneration, ...)
         self.processor = processor  # the transformers processor (images + text -> model inputs), or None
         self.lm = lm  # DecoderOnlyLM / EncoderDecoderLM
         self._image_features = image_features  # (model, pixel_values, **extra) -> (B, Q, D) or (B*Q, D)
         self._parameter_groups = parameter_groups  # model -> {"vision"|"qformer"|"projection"|"lm": [params]}
         self.name = name or f"{family}-{lm.config.model_type}"
+        # M-RoPE families (Qwen2-VL): (model, input_ids, attention_mask, **extra) -> (3, B, P) prompt position ids
+        self._rope_index = rope_index
+        # (model, input_ids, extra) -> the extra inputs the model's own `generate` needs (None: `extra` as it is)
+        self._generate_inputs = generate_inputs
+        self.vision_inputs = vision_inputs  # the extra inputs the vision side reads (None: all of them)
 
     def __repr__(self) -> str:
         lm = self.lm
@@ -88,6 +112,8 @@ class VLMBackbone:
     def image_prompt(self, prompt: str) -> str:
         """The text a prompt becomes before the processor: LLaVA's processor expands an `<image>` marker in the
         text, the BLIP-2 family's processors prepend the query-token placeholders themselves."""
+        if hasattr(self.processor, "image_prompt"):  # Qwen2-VL's: the image between its vision markers
+            return self.processor.image_prompt(prompt)
         return f"<image> {prompt}" if self.family == "llava" else prompt
 
     def prepare(self, pixel_values, input_ids, attention_mask=None, image_features=None, **extra):
@@ -97,15 +123,84 @@ class VLMBackbone:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         keep_ids = None if self.lm.is_encoder_decoder else input_ids
-        return LMInputs(inputs_embeds=embeds, attention_mask=attention_mask, input_ids=keep_ids)
+        positions = None if self._rope_index is None else self._rope_index(self.model, input_ids, attention_mask,
+                                                                              **extra)
+        return LMInputs(inputs_embeds=embeds, attention_mask=attention_mask, input_ids=keep_ids,
+                        position_ids=positions)
 
     def default_exit_layers(self) -> list[int]:
         return default_exit_layers(self.lm)
 
     def hf_generate(self, pixel_values, input_ids, attention_mask=None, **kwargs):
+        if self._generate_inputs is not None:
+            kwargs = self._generate_inputs(self.model, input_ids, kwargs)
         return self.model.generate(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs
         )
+
+
+class ImageTextProcessor:
+    """Images + prompts -> a model's inputs, for families whose transformers processor cannot be built without
+    torchvision (Qwen2-VL's and LLaVA-OneVision's hold a video processor, which needs it). It does the one thing those
+    processors add to the image processor and the tokenizer: each image placeholder becomes as many as the image has
+    features (`tokens_per_image`, the family's own count). Expanded after tokenisation, on ids, so any tokenizer
+    works (a word-level one included)."""
+
+    def __init__(self, image_processor, tokenizer, image_token_id: int, tokens_per_image, image_prompt,
+                 token_types: bool = False):
+        self.image_processor = image_processor  # the family's PIL image processor
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        self._tokens_per_image = tokens_per_image  # (image_processor, its outputs) -> placeholders per image
+        self._image_prompt = image_prompt  # (tokenizer, image_token, prompt) -> the text of one image + prompt
+        self.token_types = token_types  # also return `mm_token_type_ids` (1 at image placeholders), as Qwen2-VL's
+
+    def image_prompt(self, prompt: str) -> str:
+        return self._image_prompt(self.tokenizer, self.image_token, prompt)
+
+    def __call__(self, images=None, text=None, padding: bool = True, return_tensors: str = "pt", **kwargs) -> dict:
+        out = {}
+        counts: list[int] = []
+        if images is not None:
+            out.update(self.image_processor(images=images, return_tensors="pt"))
+            counts = self._tokens_per_image(self.image_processor, out)
+        if text is None:
+            return out
+        texts = [text] if isinstance(text, str) else list(text)
+        rows, images_left = [], iter(counts)
+        for ids in self.tokenizer(texts, **kwargs)["input_ids"]:
+            row = []
+            for t in ids:
+                if t != self.image_token_id:
+                    row.append(t)
+                    continue
+                n = next(images_left, None)
+                if n is None:
+                    raise FreeVLMError("the prompts hold more image placeholders than there are images")
+                row.extend([t] * n)
+            rows.append(row)
+        if next(images_left, None) is not None:
+            raise FreeVLMError("more images than image placeholders in the prompts")
+        width = max(len(r) for r in rows)
+        pad, left = self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
+        ids = [[pad] * (width - len(r)) + r if left else r + [pad] * (width - len(r)) for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r)) for r in rows]
+        out["input_ids"] = torch.tensor(ids, dtype=torch.long)
+        out["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+        if self.token_types:
+            out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).int()
+        return out
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.image_processor.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
 
 
 # --- checkpoint folders -------------------------------------------------------------------------------------------
@@ -113,7 +208,8 @@ class VLMBackbone:
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # legacy; loaded, but not pre-checked
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-FAMILY_NAMES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "llava": "LLaVA"}
+FAMILY_NAMES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "llava": "LLaVA", "qwen2_vl": "Qwen2-VL",
+                "qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision"}
 
 
 def _one_line(err: BaseException) -> str:
@@ -153,8 +249,12 @@ def weight_keys(folder: Path) -> list[str] | None:
 
 
 def family_of_keys(keys: Iterable[str]) -> str | None:
-    """The model_type whose weights these are, from parts only that family has (None: none of the three)."""
+    """The model_type whose weights these are, from parts only that family has (None: none of freevlm's)."""
     keys = list(keys)
+    if any("visual.merger." in k for k in keys):  # Qwen2.5-VL's vision blocks have a gated (SwiGLU) MLP
+        return "qwen2_5_vl" if any(".mlp.gate_proj." in k and "visual." in k for k in keys) else "qwen2_vl"
+    if any(k.endswith("image_newline") for k in keys):  # anyres: a learned newline after each row of patches
+        return "llava_onevision"
     if any("multi_modal_projector." in k for k in keys):
         return "llava"
     if any(k.endswith("qformer.embeddings.word_embeddings.weight") for k in keys):
@@ -185,7 +285,7 @@ def check_checkpoint_folder(folder: str | Path, model_type: str) -> None:
     if keys is not None:
         found = family_of_keys(keys)
         if found != model_type:
-            what = f"a {FAMILY_NAMES[found]} model's" if found else "not those of a BLIP-2, InstructBLIP or LLaVA model"
+            what = f"a {FAMILY_NAMES[found]} model's" if found else "not those of a model freevlm supports"
             raise FreeVLMError(f"{folder / 'config.json'} says model_type {model_type!r} but the weights in {folder} "
                                f"are {what}")
     if not _has_tokenizer(folder):

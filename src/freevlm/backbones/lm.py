@@ -120,12 +120,15 @@ class DecoderOnlyLM:
             return LayerContext(attention_mask=mask, position_ids=position_ids)
         if position_ids is None:
             position_ids = self.default_position_ids(hidden, past)
+        # (3, B, q) M-RoPE positions (Qwen2-VL) only enter the rotary embedding; the mask reads none, as transformers'
+        text_positions = position_ids if position_ids.dim() == 2 else None
         mask = create_causal_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=cache,
-            position_ids=position_ids, layer_idx=layer_idx,
+            position_ids=text_positions, layer_idx=layer_idx,
         )
         return LayerContext(
-            attention_mask=mask, position_ids=position_ids, position_embeddings=self.rotary_emb(hidden, position_ids)
+            attention_mask=mask, position_ids=text_positions,
+            position_embeddings=self.rotary_emb(hidden, position_ids),
         )
 
     def run_layer(self, layer, hidden, ctx, cache):

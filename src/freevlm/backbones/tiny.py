@@ -18,16 +18,24 @@ from transformers import (
     InstructBlipConfig,
     LlamaConfig,
     LlavaConfig,
+    LlavaOnevisionConfig,
     OPTConfig,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
     T5Config,
 )
 
-from freevlm.backbones import blip2, instructblip, llava
+from freevlm.backbones import blip2, instructblip, llava, llava_onevision, qwen2_vl
 from freevlm.backbones.common import VLMBackbone
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = 0, 1, 2, 3, 4
 
-FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "instructblip-t5", "llava-llama")
+FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "instructblip-t5", "llava-llama",
+            "qwen2vl-qwen2", "qwen25vl-qwen2", "onevision-qwen2")
+# Qwen2-VL's images: one (t, h, w) patch grid per image, cycled over a batch's rows so that its images differ in size
+QWEN_GRIDS = ((1, 4, 4), (1, 2, 4), (1, 4, 6), (1, 6, 2))
+# LLaVA-OneVision's images: (height, width) per row, in units of the tiny tower's input size (anyres tiles)
+ONEVISION_SIZES = ((1, 1), (1, 2), (2, 1), (1.5, 1.25))
 
 
 @dataclass
@@ -70,7 +78,24 @@ def _lm_config(kind: str, s: TinySize):
             dropout_rate=s.dropout, decoder_start_token_id=PAD_ID, relative_attention_num_buckets=8,
             relative_attention_max_distance=32, is_encoder_decoder=True, tie_word_embeddings=False, **common,
         )
-    raise ValueError(f"unknown tiny LM kind {kind!r}; expected opt, llama or t5")
+    if kind == "qwen2":  # Qwen2-VL's text config (QKV biases, GQA, M-RoPE over head_dim / 2 = 2 + 1 + 1 sections)
+        return dict(
+            hidden_size=s.lm_hidden, num_hidden_layers=s.lm_layers, num_attention_heads=s.lm_heads,
+            num_key_value_heads=s.lm_kv_heads or max(1, s.lm_heads // 2), intermediate_size=s.lm_ffn,
+            max_position_embeddings=s.max_positions, attention_dropout=s.dropout, tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=100.0,  # low: positions < 100 turn every section
+                                 mrope_section=_mrope_section(s.lm_hidden // s.lm_heads)), **common,
+        )
+    raise ValueError(f"unknown tiny LM kind {kind!r}; expected opt, llama, t5 or qwen2")
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Qwen2-VL's split of the rotary frequencies (head_dim / 2 of them) into temporal, height, width sections, in
+    Qwen2-VL's proportions (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
 
 
 def _qformer_vision(s: TinySize) -> tuple[dict, dict]:
@@ -116,12 +141,102 @@ def tiny_config(family: str, size: TinySize | None = None):
             vision_feature_layer=-1, vision_feature_select_strategy="default",
             image_seq_length=(s.image_size // s.patch_size) ** 2,
         )
+    if arch in ("qwen2vl", "qwen25vl"):
+        ids = dict(image_token_id=IMAGE_ID, video_token_id=UNK_ID, vision_start_token_id=BOS_ID,
+                   vision_end_token_id=BOS_ID)
+        heads = max(1, s.vision_hidden // 16)
+        if arch == "qwen2vl":
+            vision = dict(depth=s.vision_layers, embed_dim=s.vision_hidden, hidden_size=s.lm_hidden, mlp_ratio=2,
+                          num_heads=heads, patch_size=s.patch_size, spatial_merge_size=2, temporal_patch_size=2)
+            return Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        # window attention in the first layer, full attention in the last (as Qwen2.5-VL alternates them)
+        vision = dict(depth=s.vision_layers, hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden,
+                      num_heads=heads, out_hidden_size=s.lm_hidden, patch_size=s.patch_size, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=4 * s.patch_size, fullatt_block_indexes=[s.vision_layers - 1])
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+    if arch == "onevision":  # SigLIP tiles of image_size, anyres up to 2 x 2 tiles, a Qwen2 LM with 1-D RoPE
+        vision = dict(model_type="siglip_vision_model", hidden_size=s.vision_hidden,
+                      intermediate_size=4 * s.vision_hidden, num_hidden_layers=s.vision_layers,
+                      num_attention_heads=max(1, s.vision_hidden // 16), image_size=s.image_size,
+                      patch_size=s.patch_size)
+        text = {k: v for k, v in text.items() if k != "rope_parameters"}
+        text.update(model_type="qwen2", rope_parameters=dict(rope_type="default", rope_theta=100.0))
+        side = s.image_size
+        return LlavaOnevisionConfig(
+            vision_config=vision, text_config=text, image_token_index=IMAGE_ID, video_token_index=UNK_ID,
+            vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
+            image_grid_pinpoints=[[side * h, side * w] for h in (1, 2) for w in (1, 2)],
+        )
     raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def tiny_images(family: str, size: TinySize, batch: int, generator=None):
+    """Random image inputs for `batch` prompts: (pixel_values, extra inputs, image tokens per row).
+
+    Qwen2-VL's images differ in size across rows (`QWEN_GRIDS`): flat patches (sum of t*h*w, C*T*P*P) and their
+    `image_grid_thw`; the other families take (B, 3, H, W) at the one size their vision tower has.
+    """
+    import torch
+
+    if family.startswith("qwen"):
+        grids = torch.tensor([QWEN_GRIDS[r % len(QWEN_GRIDS)] for r in range(batch)])
+        patches = int(grids.prod(-1).sum())
+        pixels = torch.randn(patches, 3 * 2 * size.patch_size**2, generator=generator)
+        return pixels, {"image_grid_thw": grids}, [int(g.prod()) // 4 for g in grids]
+    if family.startswith("onevision"):
+        config = tiny_config(family, size)
+        sizes = torch.tensor([[int(size.image_size * f) for f in ONEVISION_SIZES[r % len(ONEVISION_SIZES)]]
+                              for r in range(batch)])
+        tiles = 5  # the base tile + at most 2 x 2 anyres tiles (rows with fewer leave the rest unread)
+        pixels = torch.randn(batch, tiles, 3, size.image_size, size.image_size, generator=generator)
+        counts = [llava_onevision.image_tokens(config, int(h), int(w)) for h, w in sizes]
+        return pixels, {"image_sizes": sizes}, counts
+    pixels = torch.randn(batch, 3, size.image_size, size.image_size, generator=generator)
+    return pixels, {}, [num_image_tokens(family, size)] * batch
+
+
+def tiny_processor(family: str, tokenizer, size: TinySize | None = None):
+    """The transformers-style processor of a tiny `family` model over `tokenizer` (a word-level one, see
+    `freevlm.data.tokenizer`): images of `size.image_size` pixels."""
+    from transformers import (
+        Blip2Processor,
+        BlipImageProcessorPil,
+        InstructBlipProcessor,
+        LlavaImageProcessorPil,
+        LlavaOnevisionImageProcessorPil,
+        LlavaProcessor,
+        Qwen2VLImageProcessorPil,
+    )
+
+    s = size or TinySize()
+    px = s.image_size
+    if family.startswith("qwen"):  # images keep their size (within 1x-4x the tiny area), as Qwen2-VL's do
+        images = Qwen2VLImageProcessorPil(patch_size=s.patch_size, merge_size=2, temporal_patch_size=2,
+                                          min_pixels=px * px, max_pixels=4 * px * px)
+        return qwen2_vl.processor(images, tokenizer, IMAGE_ID)
+    if family.startswith("onevision"):
+        side = s.image_size
+        images = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                                 image_grid_pinpoints=[[side * h, side * w] for h in (1, 2)
+                                                                       for w in (1, 2)])
+        return llava_onevision.processor(images, tokenizer, tiny_config(family, s))
+    if family.startswith("llava"):
+        images = LlavaImageProcessorPil(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
+        return LlavaProcessor(images, tokenizer, patch_size=s.patch_size, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)
+    images = BlipImageProcessorPil(size={"height": px, "width": px})
+    if family.startswith("instructblip"):
+        return InstructBlipProcessor(images, tokenizer, tokenizer, num_query_tokens=s.num_query_tokens)
+    return Blip2Processor(images, tokenizer, num_query_tokens=s.num_query_tokens)
 
 
 def num_image_tokens(family: str, size: TinySize | None = None) -> int:
     """How many placeholder tokens a prompt for this tiny model carries."""
     s = size or TinySize()
+    if family.startswith("qwen"):  # the first of QWEN_GRIDS (4 x 4 patches, merged 2 x 2)
+        return (s.image_size // s.patch_size) ** 2 // 4
+    if family.startswith("onevision"):  # a square image of the tower's size
+        return llava_onevision.image_tokens(tiny_config(family, s), s.image_size, s.image_size)
     return (s.image_size // s.patch_size) ** 2 if family.startswith("llava") else s.num_query_tokens
 
 
@@ -132,7 +247,8 @@ def build_tiny(family: str, size: TinySize | None = None, processor=None, seed: 
     if seed is not None:
         torch.manual_seed(seed)
     config = tiny_config(family, size)
-    module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava}[family.split("-")[0]]
+    module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava, "qwen2vl": qwen2_vl,
+              "qwen25vl": qwen2_vl, "onevision": llava_onevision}[family.split("-")[0]]
     backbone = module.from_config(config, processor, name=f"tiny-{family}")
     query_tokens = getattr(backbone.model, "query_tokens", None)
     if query_tokens is not None:

@@ -49,7 +49,7 @@ def train_backbone(
 ) -> None:
     """Stage 1: fine-tune a backbone with cross-entropy on the labelled training part of a split (§3.2).
 
-    backbone: transformers checkpoint folder (BLIP-2 / InstructBLIP / LLaVA); it is not modified
+    backbone: transformers checkpoint folder (a supported family, see README); it is not modified
     out: run folder; the fine-tuned backbone goes to out/backbone
     dataset: dataset format (synthetic, synthetic-vqa, coco, vqav2, okvqa, gqa, vizwiz, ...)
     data: dataset root (synthetic) or annotation file

@@ -155,6 +155,18 @@ class WorkLog:
         return out
 
 
+def prompt_positions(lm_inputs, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's position ids and (B, 1) the position of the first generated token (the next ones follow it).
+
+    `positions` (B, P) count each row's real tokens from 0 (padding: -1); an LM with multimodal RoPE (Qwen2-VL) brings
+    its own (3, B, P) in `lm_inputs.position_ids`, and a generated token's position is then one past the row's largest
+    (transformers' `rope_deltas`), the same in all three sections: decoding is 1-D RoPE with a per-row offset."""
+    if lm_inputs.position_ids is None:
+        return positions, positions.amax(1, keepdim=True) + 1
+    mrope = lm_inputs.position_ids.to(positions.device)
+    return mrope, mrope.amax((0, 2))[:, None].long() + 1
+
+
 @dataclass
 class _Pending:
     """Catch-up: a token whose layers after `depth` have not run yet, with its state after layer `depth`."""
@@ -263,7 +275,8 @@ class Engine:
                 self._prefill_last = p - 1 - torch.flip(real, [1]).long().argmax(1)
             positions = (torch.cumsum(mask, 1) * mask - 1).long()  # as transformers: real tokens count from 0
             h0 = k.embed(embeds, positions)
-            base = (mask.sum(1, keepdim=True) - p).long()  # a generated token at column c has position c + base
+            positions, first = prompt_positions(lm_inputs, positions)
+            base = first - p  # a generated token at column c has position c + base
         self._base = self.buffers.base(base)
         self.cache = cache
         self.prompt_len = p
@@ -307,14 +320,16 @@ class Engine:
         real = mask[0].bool()
         cache.not_pad[row, :start] = False  # what the row held before (a released prompt, or nothing)
         cache.not_pad[row, start:col] = real
-        self._base[row] = mask.sum() - col  # a generated token at column c has position c + base
         positions = (torch.cumsum(mask, 1) * mask - 1).long()
+        h0 = k.embed(embeds, positions)
+        positions, first = prompt_positions(lm_inputs, positions)
+        self._base[row] = first[0] - col  # a generated token at column c has position c + base
         self._prefill_last = None if bool(real[-1]) else (p - 1 - torch.flip(real, [0]).long().argmax()).view(1)
         rows, every = torch.tensor([row], device=device), self._rows
         self._rows = torch.arange(1, device=device)  # the prefill's own rows (its criterion state has one)
         try:
             span = self._prepare(make_span(cache, p, positions, start=start, rows=rows))
-            return self._step_together(k.embed(embeds, positions), span, prefill=True)
+            return self._step_together(h0, span, prefill=True)
         finally:
             self._rows = every
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from freevlm.backbones.base import LayerContext
+from freevlm.backbones.common import image_rows, per_image
 from freevlm.train.batches import IGNORE, Batch
 
 
@@ -52,30 +53,33 @@ class FrozenImageFeatures:
         self.store: dict[bytes, torch.Tensor] = {}
         self.bytes = 0
 
-    @staticmethod
-    def _key(batch: Batch, row: int) -> bytes:
+    def _vision_extra(self, batch: Batch) -> dict:
+        names = self.backbone.vision_inputs
+        return {k: v for k, v in batch.extra.items() if names is None or k in names}
+
+    def _key(self, batch: Batch, row: int) -> bytes:
         h = hashlib.blake2b(digest_size=16)
-        for t in (batch.pixel_values, *(batch.extra[k] for k in sorted(batch.extra))):
-            h.update(t[row].detach().cpu().contiguous().numpy().tobytes())
+        pixels, extra = image_rows(batch.pixel_values, self._vision_extra(batch), [row])
+        for t in (pixels, *(extra[k] for k in sorted(extra))):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.digest()
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> torch.Tensor:
-        """(B, Q, D) features of the batch's images, computing only the ones not seen before."""
-        keys = [self._key(batch, r) for r in range(len(batch.pixel_values))]
+        """(sum of Q_b, D) features of the batch's images, row after row, computing only the ones not seen before."""
+        keys = [self._key(batch, r) for r in range(batch.input_ids.shape[0])]
         missing = [r for r, k in enumerate(keys) if k not in self.store]
         fresh = {}
         if missing:
-            idx = torch.tensor(missing, device=batch.pixel_values.device)
-            extra = {k: v[idx] for k, v in batch.extra.items()}
-            feats = self.backbone.image_features(batch.pixel_values[idx], **extra)
-            feats = feats.reshape(len(missing), -1, feats.shape[-1])  # LLaVA returns (B*patches, D)
+            pixels, extra = image_rows(batch.pixel_values, self._vision_extra(batch), missing)
+            counts = (batch.input_ids[missing] == self.backbone.image_token_id).sum(1).tolist()
+            feats = per_image(self.backbone.image_features(pixels, **extra), counts)
             for r, f in zip(missing, feats):
                 fresh[keys[r]] = f
                 if self.bytes + f.numel() * f.element_size() <= self.max_bytes:
                     self.store[keys[r]] = f.clone()
                     self.bytes += f.numel() * f.element_size()
-        return torch.stack([fresh[k] if k in fresh else self.store[k] for k in keys])
+        return torch.cat([fresh[k] if k in fresh else self.store[k] for k in keys])
 
 
 def teacher_forced(backbone, batch: Batch, keep: set[int] | None = None, logits: bool = False,
@@ -96,7 +100,7 @@ def teacher_forced(backbone, batch: Batch, keep: set[int] | None = None, logits:
         targets = batch.labels
     else:
         hidden = lm.embed(None, inputs.inputs_embeds, None, inputs.attention_mask, 0)
-        ctx = lm.context(hidden, inputs.attention_mask, None, 0, None)
+        ctx = lm.context(hidden, inputs.attention_mask, None, 0, inputs.position_ids)
         targets = torch.full_like(batch.labels, IGNORE)
         targets[:, :-1] = batch.labels[:, 1:]
     states = {0: hidden} if 0 in keep else {}

@@ -16,7 +16,9 @@ from freevlm.generation.kernels.llama import LlamaKernel
 from freevlm.generation.kernels.opt import OPTKernel
 from freevlm.generation.kernels.t5 import T5Kernel
 
-KERNELS = {"opt": OPTKernel, "llama": LlamaKernel, "mistral": LlamaKernel, "t5": T5Kernel}
+KERNELS = {"opt": OPTKernel, "llama": LlamaKernel, "mistral": LlamaKernel, "t5": T5Kernel,
+           # Qwen2 LMs: a Llama layer with QKV biases; Qwen2-VL's multimodal RoPE comes from its rotary module
+           "qwen2": LlamaKernel, "qwen2_vl_text": LlamaKernel, "qwen2_5_vl_text": LlamaKernel}
 
 
 def kernel_for(lm) -> DecoderKernel:

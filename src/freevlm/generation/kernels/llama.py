@@ -1,4 +1,6 @@
-"""Llama family (Vicuna in MiniGPT-4 / InstructBLIP / LLaVA, SmolLM2, Mistral without a sliding window).
+"""Llama family (Vicuna in MiniGPT-4 / InstructBLIP / LLaVA, SmolLM2, Mistral without a sliding window) and Qwen2
+(Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision: the same layer with QKV biases; Qwen2-VL's multimodal RoPE comes from its
+rotary module, see `rope`).
 
 Mirrors `transformers.models.llama.modeling_llama.LlamaDecoderLayer`: RMSNorm in fp32, rotary embeddings from the
 model's own `rotary_emb` module (so every RoPE scaling type transformers knows is honoured), grouped-query attention,
@@ -114,9 +116,10 @@ class LlamaKernel:
     def rope(self, positions: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for position ids (R, q), each (R, q, hd), exactly as the model's rotary module computes them
         (elementwise position x inverse frequency, so a lookup in `start`'s table gives the same values). Padding's
-        position -1 reads position 0."""
+        position -1 reads position 0. Multimodal RoPE prompts (Qwen2-VL) bring (3, R, q) positions, one per section;
+        the rotary module mixes them (decoding's positions are equal in all sections: the table's values)."""
         positions = positions.clamp(min=0)
-        if tables is None:
+        if tables is None or positions.dim() == 3:  # (3, R, q) M-RoPE positions: the module mixes the sections
             with torch.no_grad():
                 return self.rotary(self.embed_w[:1], positions)
         return tables[0][positions], tables[1][positions]
