@@ -1,7 +1,7 @@
 """What exit checks cost when no exit fires: ungated checks vs gated checks vs full depth (issue 20's overhead target).
 
-On a trained run (the demo's: `runs/demo`), every path decodes the same test images at batch 1, interleaved, median
-of `--repeats` after a warm-up (`speed_comparison`):
+On a trained run (the demo's: `runs/demo`, or the real VLM's: `runs/real`), every path decodes the same test images
+at batch 1, interleaved, median of `--repeats` after a warm-up (`speed_comparison`):
 
 - full depth;
 - "checks, ungated": every exit checked (exit transformer + head + criterion) at alpha = 0.999999, so (nearly) no
@@ -45,8 +45,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     backbone, exits = args.run / f"stage1-s{args.seed}" / "backbone", args.run / f"free-s{args.seed}" / "exits"
+    if not backbone.is_dir():  # the real VLM's run (`make real`): its stages are named real-*
+        backbone, exits = (args.run / f"real-stage1-s{args.seed}" / "backbone",
+                           args.run / f"real-free-s{args.seed}" / "exits")
     if not (backbone.is_dir() and exits.is_dir()):
-        raise SystemExit(f"error: {args.run} holds no trained demo run (run `make demo` first)")
+        raise SystemExit(f"error: {args.run} holds no trained demo run (run `make demo` or `make real` first)")
     vlm = EarlyExitVLM.from_pretrained(backbone, exits)
     lm = vlm.backbone.lm
     test = load_synthetic_captions(args.run / "data", "test")[: args.images]
