@@ -29,6 +29,7 @@ Each generation's inputs come from its own seed (`--seed`, index), so a failure 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -40,13 +41,14 @@ import sys
 import time
 import traceback
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from freevlm.backbones.tiny import FAMILIES, TinySize, build_tiny
+from freevlm.backbones.tiny import FAMILIES, TinySize, build_tiny, tiny_config
 from freevlm.data.tokenizer import build_word_tokenizer
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.api import EarlyExitVLM
@@ -142,7 +144,14 @@ def tiny_models() -> dict[str, EarlyExitVLM]:
     size = TinySize(vocab_size=len(tok), lm_layers=LM_LAYERS)
     models = {}
     for i, family in enumerate(FAMILIES):
-        bb = build_tiny(family, size, processor=_processor(family, tok, size), seed=i)
+        if family.startswith(("idefics3", "smolvlm")):  # image splitting; its processor adds layout tokens
+            from freevlm.backbones.idefics3 import make_processor
+
+            own = copy.deepcopy(tok)
+            processor = make_processor(own, tiny_config(family))
+            bb = build_tiny(family, replace(size, vocab_size=len(own)), processor=processor, seed=i)
+        else:
+            bb = build_tiny(family, size, processor=_processor(family, tok, size), seed=i)
         bb.model.eval()
         _make_eos_likely(EarlyExitVLM(bb), strength=3.0)
         for kind, layers in EXIT_LAYERS.items():

@@ -1,6 +1,6 @@
 """Decoding on freevlm's engine reproduces each VLM's own transformers `generate`: greedy (tokens and logits), beam
-search (length penalty, early stopping, EOS inside beams) and seeded sampling, for all six families, batch 1 and
-left-padded batches."""
+search (length penalty, early stopping, EOS inside beams) and seeded sampling, for every family, batch 1 and
+left-padded batches (Idefics3/SmolVLM: with images of different tile counts)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_greedy_tokens_and_logits_match_hf_generate(any_backbone, tiny_size, bat
 
 
 @pytest.fixture(scope="module", params=["blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama",
-                                        "instructblip-t5", "llava-llama"])
+                                        "instructblip-t5", "llava-llama", "smolvlm-llama"])
 def eos_backbone(request):
     size = TinySize()
     bb = build_tiny(request.param, size, seed=0)

@@ -82,17 +82,26 @@ class CheckedNeverFires(Confidence):
 @st.composite
 def prompt_batches(draw, families=FAMILIES, max_batch: int = 3):
     """(family, pixel_values, input_ids, attention_mask, extra) laid out as the family's processor does: BLIP-2 and
-    InstructBLIP put the image placeholders first and pad between them and the text, LLaVA pads on the far left."""
+    InstructBLIP put the image placeholders first and pad between them and the text, LLaVA pads on the far left, and
+    so do Idefics3/SmolVLM, whose images are 1-5 tiles of placeholders each."""
     family = draw(st.sampled_from(families))
     batch = draw(st.integers(1, max_batch))
     texts = [draw(st.lists(st.sampled_from(TEXT_TOKENS), min_size=0, max_size=6)) for _ in range(batch)]
     width = max(len(t) for t in texts) + 1
     n_img = num_image_tokens(family, SIZE)
+    tiled = family.startswith(("idefics3", "smolvlm"))  # an image is 1-5 tiles, rows differ (images' sizes differ)
+    tiles = [draw(st.integers(1, 5)) if tiled else 1 for _ in texts]
+    if tiled:
+        width = max(len(t) + 1 + k * n_img for t, k in zip(texts, tiles))
     rows, masks = [], []
-    for t in texts:
+    for t, k in zip(texts, tiles):
         text = [BOS_ID] + t
         pad = [PAD_ID] * (width - len(text))
-        if family.startswith("llava"):
+        if tiled:
+            pad = pad[k * n_img :]
+            rows.append(pad + text[:1] + [IMAGE_ID] * (k * n_img) + text[1:])
+            masks.append([0] * len(pad) + [1] * (len(text) + k * n_img))
+        elif family.startswith("llava"):
             rows.append(pad + text[:1] + [IMAGE_ID] * n_img + text[1:])
             masks.append([0] * len(pad) + [1] * (1 + n_img + len(t)))
         else:
@@ -102,6 +111,10 @@ def prompt_batches(draw, families=FAMILIES, max_batch: int = 3):
     scale = draw(st.sampled_from([0.0, 1.0, 3.0]))
     g = torch.Generator().manual_seed(seed)
     pixels = scale * torch.randn(batch, 3, SIZE.image_size, SIZE.image_size, generator=g)
+    if tiled:  # (B, tiles, 3, H, W), all-zero padding tiles; a real tile is never all zero (the model skips those)
+        pixels = scale * torch.randn(batch, max(tiles), 3, SIZE.image_size, SIZE.image_size, generator=g) + 0.5
+        for r, k in enumerate(tiles):
+            pixels[r, k:] = 0.0
     extra = {}
     if family.startswith("instructblip"):
         q = draw(st.integers(1, 4))
@@ -353,7 +366,7 @@ def test_any_setting_decodes_or_fails_with_one_line(batch, exit_cfg, data, mode,
 
 # --- through the Python API ----------------------------------------------------------------------------------------
 
-API_FAMILIES = ("blip2-opt", "instructblip-t5", "llava-llama")
+API_FAMILIES = ("blip2-opt", "instructblip-t5", "llava-llama", "smolvlm-llama")
 WORDS = ["a", "photo", "of", "red", "green", "square", "circle", "what", "colour", "is", "it", "?"]
 
 
@@ -370,6 +383,18 @@ def api_vlm(family: str):
     from freevlm.data.tokenizer import build_word_tokenizer
     from freevlm.generation.api import EarlyExitVLM
 
+    if family.startswith("smolvlm"):  # image splitting: up to 2 x 2 tiles of 32 pixels plus the global view
+        from transformers import Idefics3Processor, SmolVLMImageProcessorPil
+
+        from freevlm.backbones.idefics3 import LAYOUT_TOKENS
+
+        tok = build_word_tokenizer([" ".join(WORDS)], extra_words=LAYOUT_TOKENS)
+        image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 2 * SIZE.image_size},
+                                                   max_image_size={"longest_edge": SIZE.image_size})
+        processor = Idefics3Processor(image_processor, tok, image_seq_len=num_image_tokens(family, SIZE))
+        bb = build_tiny(family, TinySize(vocab_size=len(tok), lm_layers=N), processor=processor, seed=1)
+        torch.manual_seed(2)
+        return EarlyExitVLM(bb, build_exits(bb.lm, ExitSpec("transformer", [1, 3])))
     tok = build_word_tokenizer([" ".join(WORDS)])
     size = TinySize(vocab_size=len(tok), lm_layers=N)
     if family.startswith("llava"):

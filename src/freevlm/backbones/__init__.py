@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from freevlm.backbones import blip2, instructblip, llava
+from freevlm.backbones import blip2, idefics3, instructblip, llava
 from freevlm.backbones.common import VLMBackbone, check_checkpoint_folder, read_model_type
 from freevlm.errors import FreeVLMError
 
-_FAMILY_BY_MODEL_TYPE = {"blip-2": blip2, "instructblip": instructblip, "llava": llava}
+_FAMILY_BY_MODEL_TYPE = {"blip-2": blip2, "instructblip": instructblip, "llava": llava, "idefics3": idefics3,
+                         "smolvlm": idefics3}
 
 
 def check_backbone(path: str | Path) -> str:

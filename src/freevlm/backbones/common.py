@@ -61,14 +61,16 @@ class VLMBackbone:
     `instructblip.py`, `llava.py`) and in where the LM sits inside the model (resolved once, into `lm`).
     """
 
-    def __init__(self, family: str, model, processor, lm, image_features, parameter_groups, name: str = ""):
-        self.family = family  # "blip2" / "instructblip" / "llava"
+    def __init__(self, family: str, model, processor, lm, image_features, parameter_groups, name: str = "",
+                 image_prompt_template: str | None = None):
+        self.family = family  # "blip2" / "instructblip" / "llava" / "idefics3" / "smolvlm"
         self.model = model  # the transformers model (Blip2ForConditionalGeneration, ...)
         self.processor = processor  # the transformers processor (images + text -> model inputs), or None
         self.lm = lm  # DecoderOnlyLM / EncoderDecoderLM
         self._image_features = image_features  # (model, pixel_values, **extra) -> (B, Q, D) or (B*Q, D)
         self._parameter_groups = parameter_groups  # model -> {"vision"|"qformer"|"projection"|"lm": [params]}
         self.name = name or f"{family}-{lm.config.model_type}"
+        self.image_prompt_template = image_prompt_template  # e.g. "<image>{}": where the processor expands the image
 
     def __repr__(self) -> str:
         lm = self.lm
@@ -88,6 +90,8 @@ class VLMBackbone:
     def image_prompt(self, prompt: str) -> str:
         """The text a prompt becomes before the processor: LLaVA's processor expands an `<image>` marker in the
         text, the BLIP-2 family's processors prepend the query-token placeholders themselves."""
+        if self.image_prompt_template is not None:
+            return self.image_prompt_template.format(prompt)
         return f"<image> {prompt}" if self.family == "llava" else prompt
 
     def prepare(self, pixel_values, input_ids, attention_mask=None, image_features=None, **extra):
@@ -113,7 +117,8 @@ class VLMBackbone:
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # legacy; loaded, but not pre-checked
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-FAMILY_NAMES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "llava": "LLaVA"}
+FAMILY_NAMES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "llava": "LLaVA", "idefics3": "Idefics3/SmolVLM"}
+SAME_WEIGHTS = {"smolvlm": "idefics3"}  # model types whose weights have the same names (SmolVLM copies Idefics3)
 
 
 def _one_line(err: BaseException) -> str:
@@ -161,6 +166,8 @@ def family_of_keys(keys: Iterable[str]) -> str | None:
         return "instructblip"  # InstructBLIP's Q-Former reads the instruction, so it has word embeddings
     if any(k.endswith("query_tokens") for k in keys):
         return "blip-2"
+    if any(".connector.modality_projection." in k for k in keys):
+        return "idefics3"  # or SmolVLM: the same weights
     return None
 
 
@@ -184,8 +191,9 @@ def check_checkpoint_folder(folder: str | Path, model_type: str) -> None:
     keys = weight_keys(folder)
     if keys is not None:
         found = family_of_keys(keys)
-        if found != model_type:
-            what = f"a {FAMILY_NAMES[found]} model's" if found else "not those of a BLIP-2, InstructBLIP or LLaVA model"
+        if found != SAME_WEIGHTS.get(model_type, model_type):
+            what = (f"a {FAMILY_NAMES[found]} model's" if found else
+                    f"not those of a {', '.join(sorted(set(FAMILY_NAMES.values())))} model")
             raise FreeVLMError(f"{folder / 'config.json'} says model_type {model_type!r} but the weights in {folder} "
                                f"are {what}")
     if not _has_tokenizer(folder):

@@ -15,19 +15,24 @@ from dataclasses import dataclass
 from transformers import (
     Blip2Config,
     CLIPVisionConfig,
+    Idefics3Config,
     InstructBlipConfig,
     LlamaConfig,
     LlavaConfig,
     OPTConfig,
+    SmolVLMConfig,
     T5Config,
 )
 
-from freevlm.backbones import blip2, instructblip, llava
+from freevlm.backbones import blip2, idefics3, instructblip, llava
 from freevlm.backbones.common import VLMBackbone
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = 0, 1, 2, 3, 4
 
-FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "instructblip-t5", "llava-llama")
+FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "instructblip-t5", "llava-llama",
+            "smolvlm-llama")
+# tiny models that are built but not in FAMILIES: their code is another family's (Idefics3 is SmolVLM's)
+ALSO_BUILT = ("idefics3-llama",)
 
 
 @dataclass
@@ -45,6 +50,7 @@ class TinySize:
     image_size: int = 32  # input resolution
     patch_size: int = 8  # ViT patch size
     num_query_tokens: int = 4  # Q-Former queries = image tokens seen by the LM
+    scale_factor: int = 2  # Idefics3/SmolVLM pixel shuffle: (image_size / patch_size / scale_factor)^2 tokens a tile
     max_positions: int = 128  # OPT learned positions / Llama max_position_embeddings
     dropout: float = 0.0  # LM dropout (0 keeps training deterministic; OPT-2.7B ships 0.1)
 
@@ -116,12 +122,22 @@ def tiny_config(family: str, size: TinySize | None = None):
             vision_feature_layer=-1, vision_feature_select_strategy="default",
             image_seq_length=(s.image_size // s.patch_size) ** 2,
         )
-    raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if arch in ("idefics3", "smolvlm"):
+        vision = dict(
+            hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden, num_hidden_layers=s.vision_layers,
+            num_attention_heads=max(1, s.vision_hidden // 16), image_size=s.image_size, patch_size=s.patch_size,
+        )
+        cls = Idefics3Config if arch == "idefics3" else SmolVLMConfig
+        return cls(vision_config=vision, text_config=text.to_dict(), image_token_id=IMAGE_ID,
+                   scale_factor=s.scale_factor, pad_token_id=PAD_ID)
+    raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(FAMILIES + ALSO_BUILT)}")
 
 
 def num_image_tokens(family: str, size: TinySize | None = None) -> int:
-    """How many placeholder tokens a prompt for this tiny model carries."""
+    """How many placeholder tokens a prompt for this tiny model carries (Idefics3/SmolVLM: per image tile)."""
     s = size or TinySize()
+    if family.startswith(("idefics3", "smolvlm")):
+        return (s.image_size // s.patch_size // s.scale_factor) ** 2
     return (s.image_size // s.patch_size) ** 2 if family.startswith("llava") else s.num_query_tokens
 
 
@@ -132,7 +148,8 @@ def build_tiny(family: str, size: TinySize | None = None, processor=None, seed: 
     if seed is not None:
         torch.manual_seed(seed)
     config = tiny_config(family, size)
-    module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava}[family.split("-")[0]]
+    module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava, "idefics3": idefics3,
+              "smolvlm": idefics3}[family.split("-")[0]]
     backbone = module.from_config(config, processor, name=f"tiny-{family}")
     query_tokens = getattr(backbone.model, "query_tokens", None)
     if query_tokens is not None:

@@ -55,13 +55,19 @@ class FrozenImageFeatures:
     @staticmethod
     def _key(batch: Batch, row: int) -> bytes:
         h = hashlib.blake2b(digest_size=16)
-        for t in (batch.pixel_values, *(batch.extra[k] for k in sorted(batch.extra))):
-            h.update(t[row].detach().cpu().contiguous().numpy().tobytes())
+        pixels = batch.pixel_values
+        # Idefics3/SmolVLM: (B, tiles, 3, H, W), padded with all-zero tiles up to the batch's most; a row's key holds
+        # its real tiles only, so the same image has the same key in any batch
+        real = pixels[row].flatten(1).ne(0).any(1) if pixels.dim() == 5 else None
+        for t in (pixels, *(batch.extra[k] for k in sorted(batch.extra))):
+            x = t[row] if real is None or t.shape[1] != pixels.shape[1] else t[row][real]
+            h.update(x.detach().cpu().contiguous().numpy().tobytes())
         return h.digest()
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> torch.Tensor:
-        """(B, Q, D) features of the batch's images, computing only the ones not seen before."""
+        """(Q_total, D): the features of the batch's images, row after row, computing only the ones not seen before.
+        Rows may hold different numbers (Idefics3/SmolVLM: an image's tiles), told by their image placeholders."""
         keys = [self._key(batch, r) for r in range(len(batch.pixel_values))]
         missing = [r for r, k in enumerate(keys) if k not in self.store]
         fresh = {}
@@ -69,13 +75,14 @@ class FrozenImageFeatures:
             idx = torch.tensor(missing, device=batch.pixel_values.device)
             extra = {k: v[idx] for k, v in batch.extra.items()}
             feats = self.backbone.image_features(batch.pixel_values[idx], **extra)
-            feats = feats.reshape(len(missing), -1, feats.shape[-1])  # LLaVA returns (B*patches, D)
+            per_row = (batch.input_ids[idx] == self.backbone.image_token_id).sum(1).tolist()
+            feats = feats.reshape(-1, feats.shape[-1]).split(per_row)  # (B, Q, D), or LLaVA's (B*patches, D)
             for r, f in zip(missing, feats):
                 fresh[keys[r]] = f
                 if self.bytes + f.numel() * f.element_size() <= self.max_bytes:
                     self.store[keys[r]] = f.clone()
                     self.bytes += f.numel() * f.element_size()
-        return torch.stack([fresh[k] if k in fresh else self.store[k] for k in keys])
+        return torch.cat([fresh[k] if k in fresh else self.store[k] for k in keys])
 
 
 def teacher_forced(backbone, batch: Batch, keep: set[int] | None = None, logits: bool = False,
