@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from freevlm.backbones.tiny import FAMILIES, TinySize, build_tiny, tiny_config
+from freevlm.backbones.tiny import FAMILIES, TinySize, build_tiny, tiny_processor
 from freevlm.data.tokenizer import build_word_tokenizer
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.api import EarlyExitVLM
@@ -103,26 +103,6 @@ def mib(n: int | float | None) -> float | None:
 
 # --- models -------------------------------------------------------------------------------------------------------
 
-def _processor(family: str, tok, size: TinySize):
-    from transformers import (
-        Blip2Processor,
-        BlipImageProcessorPil,
-        InstructBlipProcessor,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
-    )
-
-    if family.startswith("llava"):
-        image_processor = LlavaImageProcessorPil(size={"shortest_edge": size.image_size},
-                                                 crop_size={"height": size.image_size, "width": size.image_size})
-        return LlavaProcessor(image_processor, tok, patch_size=size.patch_size,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    image_processor = BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
-    if family.startswith("instructblip"):
-        return InstructBlipProcessor(image_processor, tok, tok, num_query_tokens=size.num_query_tokens)
-    return Blip2Processor(image_processor, tok, num_query_tokens=size.num_query_tokens)
-
-
 @torch.no_grad()
 def _make_eos_likely(vlm: EarlyExitVLM, strength: float) -> None:
     """Point the head's EOS row at the tokens the random model usually predicts, so rows (and beams) end at
@@ -144,14 +124,9 @@ def tiny_models() -> dict[str, EarlyExitVLM]:
     size = TinySize(vocab_size=len(tok), lm_layers=LM_LAYERS)
     models = {}
     for i, family in enumerate(FAMILIES):
-        if family.startswith(("idefics3", "smolvlm")):  # image splitting; its processor adds layout tokens
-            from freevlm.backbones.idefics3 import make_processor
-
-            own = copy.deepcopy(tok)
-            processor = make_processor(own, tiny_config(family))
-            bb = build_tiny(family, replace(size, vocab_size=len(own)), processor=processor, seed=i)
-        else:
-            bb = build_tiny(family, size, processor=_processor(family, tok, size), seed=i)
+        own = copy.deepcopy(tok)  # a processor may add tokens (SmolVLM's layout tokens); the vocabulary follows them
+        processor = tiny_processor(family, own, size)
+        bb = build_tiny(family, replace(size, vocab_size=len(own)), processor=processor, seed=i)
         bb.model.eval()
         _make_eos_likely(EarlyExitVLM(bb), strength=3.0)
         for kind, layers in EXIT_LAYERS.items():

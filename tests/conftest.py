@@ -10,61 +10,48 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from freevlm.backbones.tiny import BOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize, build_tiny, num_image_tokens  # noqa: E402
+from freevlm.backbones.tiny import BOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize, build_tiny, tiny_images  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pads_left(family: str) -> bool:
+    """The families whose processors pad on the far left and put the image placeholders after the first token."""
+    return family.startswith(("llava", "idefics3", "smolvlm"))
 
 
 def tiny_batch(family: str, size: TinySize, batch: int, seed: int = 0, lengths=(5, 3, 4, 6)):
     """(pixel_values, input_ids, attention_mask, extra) with left padding, as the family's processor lays it out.
 
     BLIP-2/InstructBLIP put the image placeholders before everything (padding sits between them and the text, as
-    transformers' Blip2Processor leaves it); LLaVA pads on the far left and puts the placeholders after BOS, and so do
-    Idefics3/SmolVLM, with as many placeholders as the row's image has tiles (`image_tiles`).
+    transformers' Blip2Processor leaves it); LLaVA and Idefics3/SmolVLM pad on the far left and put the placeholders
+    after BOS (Idefics3/SmolVLM's images are split into different numbers of tiles across rows, so are their
+    placeholder counts).
     """
     g = torch.Generator().manual_seed(seed)
-    n_img = num_image_tokens(family, size)
     lens = list(lengths[:batch])
-    tiles = image_tiles(family, batch)
-    width = max(lens)
-    tiled_width = max(1 + n + t * n_img for n, t in zip(lens, tiles))
+    texts = [[BOS_ID] + torch.randint(5, size.vocab_size, (n,), generator=g).tolist() for n in lens]
+    pixels, extra, n_imgs = tiny_images(family, size, batch, g)
+    left_pad = pads_left(family)
+    width = max(len(t) + (n if left_pad else 0) for t, n in zip(texts, n_imgs))
     rows, masks = [], []
-    for n, t in zip(lens, tiles):
-        text = [BOS_ID] + torch.randint(5, size.vocab_size, (n,), generator=g).tolist()
-        if t:  # Idefics3/SmolVLM: t tiles of n_img placeholders each, padded on the far left
-            row = text[:1] + [IMAGE_ID] * (t * n_img) + text[1:]
-            rows.append([PAD_ID] * (tiled_width - len(row)) + row)
-            masks.append([0] * (tiled_width - len(row)) + [1] * len(row))
-            continue
-        pad = [PAD_ID] * (width - n)
-        if family.startswith("llava"):
+    for text, n_img in zip(texts, n_imgs):
+        if left_pad:
+            pad = [PAD_ID] * (width - len(text) - n_img)
             row = pad + text[:1] + [IMAGE_ID] * n_img + text[1:]
             mask = [0] * len(pad) + [1] * (len(row) - len(pad))
         else:
+            pad = [PAD_ID] * (width - len(text))
             row = [IMAGE_ID] * n_img + pad + text
             mask = [1] * n_img + [0] * len(pad) + [1] * len(text)
         rows.append(row)
         masks.append(mask)
-    pixels = torch.randn(batch, 3, size.image_size, size.image_size, generator=g)
-    if any(tiles):  # (B, tiles, 3, H, W); a row with fewer tiles is padded with all-zero ones, as the processor does
-        pixels = torch.randn(batch, max(tiles), 3, size.image_size, size.image_size, generator=g)
-        for r, t in enumerate(tiles):
-            pixels[r, t:] = 0.0
-    extra = {}
     if family.startswith("instructblip"):
         extra = dict(
             qformer_input_ids=torch.randint(5, size.vocab_size, (batch, 4), generator=g),
             qformer_attention_mask=torch.ones(batch, 4, dtype=torch.long),
         )
     return pixels, torch.tensor(rows), torch.tensor(masks), extra
-
-
-def image_tiles(family: str, batch: int) -> list[int]:
-    """Image tiles per row: Idefics3/SmolVLM split images into tiles (rows of a batch differ: images of different
-    sizes), the other families see one image as a whole (0: no tiles)."""
-    if family.startswith(("idefics3", "smolvlm")):
-        return [1, 3, 2, 1][:batch] if batch > 1 else [3]
-    return [0] * batch
 
 
 @pytest.fixture(scope="session")

@@ -200,3 +200,34 @@ def test_plan_evaluate_and_sweep_on_the_synthetic_data(tmp_path, capsys):
     run("sweep", "--out", tmp_path / "sweep", "--thresholds", 0.001, 1.0, "--limit", 2)
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert rows["1.0"]["parameter_speedup"] == 1.0 and rows["0.001"]["exit_fractions"]["2"] == 1.0
+
+
+def test_every_criterion_and_kv_policy_decode_a_tiled_batch_as_row_by_row():
+    """Greedy early exit on a batch whose rows have 3, 1 and 2 tiles: each row's tokens and exit layers are those it
+    gets alone (its padding stripped), under every criterion and KV policy; the sign rule gives a mix of exits."""
+    from freevlm.exits import ExitSpec, build_exits
+    from freevlm.generation.decode import generate_from_inputs
+    from freevlm.generation.kv import SkipPolicy
+    from tests.conftest import tiny_batch
+    from tests.generation.regression_cases import CRITERIA, EXIT_LAYERS, POLICIES, SIZE
+
+    bb = build_tiny("smolvlm-llama", SIZE, seed=0)
+    torch.manual_seed(1)
+    exits = build_exits(bb.lm, ExitSpec("transformer", list(EXIT_LAYERS)))
+    pixels, ids, mask, extra = tiny_batch("smolvlm-llama", SIZE, 3, seed=3)
+    assert pixels.flatten(2).ne(0).any(-1).sum(1).tolist() == [3, 1, 2]
+    mixed = set()
+    for (name, make), (policy, source) in [(c, p) for c in CRITERIA.items() for p in POLICIES]:
+        kw = dict(policy=SkipPolicy(policy, source), max_new_tokens=6)
+        with torch.no_grad():
+            batched = generate_from_inputs(bb.lm, exits, bb.prepare(pixels, ids, mask), criterion=make(), **kw)
+            for r in range(3):
+                keep = mask[r].bool()
+                single = generate_from_inputs(bb.lm, exits, bb.prepare(pixels[r : r + 1], ids[r : r + 1, keep]),
+                                              criterion=make(), **kw)
+                n = len(single.trace[0])
+                assert batched.sequences[r, :n].tolist() == single.sequences[0, :n].tolist(), (name, policy, r)
+                assert batched.exit_layers[r] == single.exit_layers[0], (name, policy, r)
+        if name == "sign":
+            mixed |= {layer for seq in batched.exit_layers for layer in seq}
+    assert len(mixed) > 1, "the sign rule should give a mix of exits for this test to mean anything"

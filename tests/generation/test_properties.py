@@ -28,14 +28,14 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from freevlm.backbones.tiny import BOS_ID, EOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize, build_tiny, num_image_tokens
+from freevlm.backbones.tiny import BOS_ID, EOS_ID, FAMILIES, IMAGE_ID, PAD_ID, TinySize, build_tiny, tiny_images
 from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.criteria import Confidence, make_criterion
 from freevlm.generation.decode import generate_from_inputs
 from freevlm.generation.kv import POLICIES, SkipPolicy
 from freevlm.generation.speculative import DraftSettings
-from tests.conftest import make_eos_likely
+from tests.conftest import make_eos_likely, pads_left
 
 SIZE = TinySize(lm_layers=5)
 N = SIZE.lm_layers
@@ -82,40 +82,33 @@ class CheckedNeverFires(Confidence):
 @st.composite
 def prompt_batches(draw, families=FAMILIES, max_batch: int = 3):
     """(family, pixel_values, input_ids, attention_mask, extra) laid out as the family's processor does: BLIP-2 and
-    InstructBLIP put the image placeholders first and pad between them and the text, LLaVA pads on the far left, and
-    so do Idefics3/SmolVLM, whose images are 1-5 tiles of placeholders each."""
+    InstructBLIP put the image placeholders first and pad between them and the text, LLaVA and Idefics3/SmolVLM pad
+    on the far left (Idefics3/SmolVLM's images are 1-3 tiles of placeholders)."""
     family = draw(st.sampled_from(families))
     batch = draw(st.integers(1, max_batch))
     texts = [draw(st.lists(st.sampled_from(TEXT_TOKENS), min_size=0, max_size=6)) for _ in range(batch)]
     width = max(len(t) for t in texts) + 1
-    n_img = num_image_tokens(family, SIZE)
-    tiled = family.startswith(("idefics3", "smolvlm"))  # an image is 1-5 tiles, rows differ (images' sizes differ)
-    tiles = [draw(st.integers(1, 5)) if tiled else 1 for _ in texts]
-    if tiled:
-        width = max(len(t) + 1 + k * n_img for t, k in zip(texts, tiles))
-    rows, masks = [], []
-    for t, k in zip(texts, tiles):
-        text = [BOS_ID] + t
-        pad = [PAD_ID] * (width - len(text))
-        if tiled:
-            pad = pad[k * n_img :]
-            rows.append(pad + text[:1] + [IMAGE_ID] * (k * n_img) + text[1:])
-            masks.append([0] * len(pad) + [1] * (len(text) + k * n_img))
-        elif family.startswith("llava"):
-            rows.append(pad + text[:1] + [IMAGE_ID] * n_img + text[1:])
-            masks.append([0] * len(pad) + [1] * (1 + n_img + len(t)))
-        else:
-            rows.append([IMAGE_ID] * n_img + pad + text)
-            masks.append([1] * n_img + [0] * len(pad) + [1] * len(text))
     seed = draw(st.integers(0, 2**16))
     scale = draw(st.sampled_from([0.0, 1.0, 3.0]))
     g = torch.Generator().manual_seed(seed)
-    pixels = scale * torch.randn(batch, 3, SIZE.image_size, SIZE.image_size, generator=g)
-    if tiled:  # (B, tiles, 3, H, W), all-zero padding tiles; a real tile is never all zero (the model skips those)
-        pixels = scale * torch.randn(batch, max(tiles), 3, SIZE.image_size, SIZE.image_size, generator=g) + 0.5
-        for r, k in enumerate(tiles):
-            pixels[r, k:] = 0.0
-    extra = {}
+    pixels, extra, n_imgs = tiny_images(family, SIZE, batch, g)  # Idefics3/SmolVLM's differ in tiles across rows
+    if pixels.dim() == 5:  # image tiles: scale the real ones (a tile of zeros is padding, which the model skips)
+        real = pixels.flatten(2).ne(0).any(-1)[..., None, None, None]
+        pixels = torch.where(real, scale * pixels + 0.5, pixels)
+    else:
+        pixels = scale * pixels
+    width += max(n_imgs) if pads_left(family) else 0
+    rows, masks = [], []
+    for t, n_img in zip(texts, n_imgs):
+        text = [BOS_ID] + t
+        if pads_left(family):
+            pad = [PAD_ID] * (width - len(text) - n_img)
+            rows.append(pad + text[:1] + [IMAGE_ID] * n_img + text[1:])
+            masks.append([0] * len(pad) + [1] * (1 + n_img + len(t)))
+        else:
+            pad = [PAD_ID] * (width - len(text))
+            rows.append([IMAGE_ID] * n_img + pad + text)
+            masks.append([1] * n_img + [0] * len(pad) + [1] * len(text))
     if family.startswith("instructblip"):
         q = draw(st.integers(1, 4))
         extra = dict(qformer_input_ids=torch.randint(5, V, (batch, q), generator=g),
@@ -308,7 +301,7 @@ def test_batched_early_exit_equals_row_by_row(batch, exit_cfg, criterion, policy
         for r in range(ids.shape[0]):
             # LLaVA pads on the far left (stripped here); the BLIP-2 layouts pad between image and text, where a T5
             # encoder's relative positions see the padding, so the single row keeps it
-            keep = mask[r].bool() if family.startswith("llava") else torch.ones_like(mask[r]).bool()
+            keep = mask[r].bool() if pads_left(family) else torch.ones_like(mask[r]).bool()
             single = _generate(bb, exits, bb.prepare(pixels[r : r + 1], ids[r : r + 1, keep], mask[r : r + 1, keep],
                                                      **{k: t[r : r + 1] for k, t in extra.items()}), **kw)
             assert _tokens(single)[0] == _tokens(batched)[r], r
@@ -372,42 +365,13 @@ WORDS = ["a", "photo", "of", "red", "green", "square", "circle", "what", "colour
 
 @functools.cache
 def api_vlm(family: str):
-    from transformers import (
-        Blip2Processor,
-        BlipImageProcessorPil,
-        InstructBlipProcessor,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
-    )
-
+    from freevlm.backbones.tiny import tiny_processor
     from freevlm.data.tokenizer import build_word_tokenizer
     from freevlm.generation.api import EarlyExitVLM
 
-    if family.startswith("smolvlm"):  # image splitting: up to 2 x 2 tiles of 32 pixels plus the global view
-        from transformers import Idefics3Processor, SmolVLMImageProcessorPil
-
-        from freevlm.backbones.idefics3 import LAYOUT_TOKENS
-
-        tok = build_word_tokenizer([" ".join(WORDS)], extra_words=LAYOUT_TOKENS)
-        image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 2 * SIZE.image_size},
-                                                   max_image_size={"longest_edge": SIZE.image_size})
-        processor = Idefics3Processor(image_processor, tok, image_seq_len=num_image_tokens(family, SIZE))
-        bb = build_tiny(family, TinySize(vocab_size=len(tok), lm_layers=N), processor=processor, seed=1)
-        torch.manual_seed(2)
-        return EarlyExitVLM(bb, build_exits(bb.lm, ExitSpec("transformer", [1, 3])))
     tok = build_word_tokenizer([" ".join(WORDS)])
+    processor = tiny_processor(family, tok, SIZE)  # before sizing the vocabulary: SmolVLM's adds layout tokens
     size = TinySize(vocab_size=len(tok), lm_layers=N)
-    if family.startswith("llava"):
-        image_processor = LlavaImageProcessorPil(size={"shortest_edge": size.image_size},
-                                                 crop_size={"height": size.image_size, "width": size.image_size})
-        processor = LlavaProcessor(image_processor, tok, patch_size=size.patch_size,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    else:
-        image_processor = BlipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
-        if family.startswith("instructblip"):
-            processor = InstructBlipProcessor(image_processor, tok, tok, num_query_tokens=size.num_query_tokens)
-        else:
-            processor = Blip2Processor(image_processor, tok, num_query_tokens=size.num_query_tokens)
     bb = build_tiny(family, size, processor=processor, seed=1)
     torch.manual_seed(2)
     return EarlyExitVLM(bb, build_exits(bb.lm, ExitSpec("transformer", [1, 3])))
@@ -433,6 +397,7 @@ def pil_images(draw):
 def test_api_modes_run_and_speculative_equals_full(family, data, batch, criterion, kv_policy, num_beams, max_new,
                                                    draft_layer, draft_length):
     vlm = api_vlm(family)
+    event(family)
     images = data.draw(st.lists(pil_images(), min_size=batch, max_size=batch), label="images")
     words = st.lists(st.sampled_from(WORDS + ["unseen", "Words!"]), max_size=5).map(" ".join)
     prompts = data.draw(st.lists(words, min_size=batch, max_size=batch), label="prompts")

@@ -46,8 +46,9 @@ def test_frozen_image_features_are_computed_once_per_image_and_change_nothing(an
     if any_backbone.lm.is_encoder_decoder:
         labels = torch.randint(5, tiny_size.vocab_size, (3, 4), generator=torch.Generator().manual_seed(1))
     first = Batch(["a", "b", "c"], pixels, ids, mask, labels, extra)
-    # the second batch repeats image 2 in row 0 and brings a new image in row 1
-    pixels2 = torch.stack([pixels[2], torch.randn_like(pixels[0]), pixels[0]])
+    # the second batch repeats image 2 in row 0 and brings a new image in row 1 (with row 1's tiles: Idefics3/SmolVLM's
+    # padding tiles are all zero, and its placeholder count depends on the real ones)
+    pixels2 = torch.stack([pixels[2], torch.randn_like(pixels[1]) * pixels[1].ne(0), pixels[0]])
     extra2 = {k: v[[2, 0, 0]] for k, v in extra.items()}  # rows 0 and 2 keep their images' own instructions
     second = Batch(["c", "d", "a"], pixels2, ids[[2, 1, 0]], mask[[2, 1, 0]], labels[[2, 1, 0]], extra2)
     calls = []

@@ -33,6 +33,9 @@ FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "in
             "smolvlm-llama")
 # tiny models that are built but not in FAMILIES: their code is another family's (Idefics3 is SmolVLM's)
 ALSO_BUILT = ("idefics3-llama",)
+# Idefics3/SmolVLM's images: tiles per row (one tile is one vision-tower input; 3 = 1 x 2 tiles + the global view),
+# cycled over a batch's rows so that its images differ in size
+SMOLVLM_TILES = (3, 1, 2, 5)
 
 
 @dataclass
@@ -139,6 +142,51 @@ def num_image_tokens(family: str, size: TinySize | None = None) -> int:
     if family.startswith(("idefics3", "smolvlm")):
         return (s.image_size // s.patch_size // s.scale_factor) ** 2
     return (s.image_size // s.patch_size) ** 2 if family.startswith("llava") else s.num_query_tokens
+
+
+def tiny_images(family: str, size: TinySize, batch: int, generator=None):
+    """Random image inputs for `batch` prompts: (pixel_values, extra inputs, image tokens per row).
+
+    Idefics3/SmolVLM's images are split into tiles, as many per row as `SMOLVLM_TILES` says: (B, tiles, 3, H, W),
+    rows with fewer tiles padded with all-zero ones (as its processor pads them); the other families take
+    (B, 3, H, W) at the one size their vision tower has.
+    """
+    import torch
+
+    if family.startswith(("idefics3", "smolvlm")):
+        tiles = [SMOLVLM_TILES[r % len(SMOLVLM_TILES)] for r in range(batch)]
+        pixels = torch.randn(batch, max(tiles), 3, size.image_size, size.image_size, generator=generator)
+        for r, t in enumerate(tiles):
+            pixels[r, t:] = 0.0
+        return pixels, {}, [t * num_image_tokens(family, size) for t in tiles]
+    pixels = torch.randn(batch, 3, size.image_size, size.image_size, generator=generator)
+    return pixels, {}, [num_image_tokens(family, size)] * batch
+
+
+def tiny_processor(family: str, tokenizer, size: TinySize | None = None):
+    """The transformers processor of a tiny `family` model over `tokenizer` (a word-level one, see
+    `freevlm.data.tokenizer`): images of `size.image_size` pixels. Idefics3/SmolVLM's adds its layout tokens to the
+    tokenizer (see `idefics3.make_processor`): size the model's vocabulary by the tokenizer after this call."""
+    from transformers import (
+        Blip2Processor,
+        BlipImageProcessorPil,
+        InstructBlipProcessor,
+        LlavaImageProcessorPil,
+        LlavaProcessor,
+    )
+
+    s = size or TinySize()
+    px = s.image_size
+    if family.startswith(("idefics3", "smolvlm")):  # up to 2 x 2 tiles of the tower's size, plus the global view
+        return idefics3.make_processor(tokenizer, tiny_config(family, s))
+    if family.startswith("llava"):
+        images = LlavaImageProcessorPil(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
+        return LlavaProcessor(images, tokenizer, patch_size=s.patch_size, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)
+    images = BlipImageProcessorPil(size={"height": px, "width": px})
+    if family.startswith("instructblip"):
+        return InstructBlipProcessor(images, tokenizer, tokenizer, num_query_tokens=s.num_query_tokens)
+    return Blip2Processor(images, tokenizer, num_query_tokens=s.num_query_tokens)
 
 
 def build_tiny(family: str, size: TinySize | None = None, processor=None, seed: int | None = None) -> VLMBackbone:
