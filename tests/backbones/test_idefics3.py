@@ -77,6 +77,8 @@ def test_a_saved_folder_loads_and_decodes_as_the_models_own_generate(tmp_path, m
     vlm = EarlyExitVLM.from_pretrained(tmp_path / "ckpt")
     images, prompts = images_of_different_sizes()[:3], ["a photo of", "what colour is it", ""]
     enc = encode_prompts(vlm.backbone, images, prompts)
+    saved = encode_prompts(bb, images, prompts)  # the loaded processor lays prompts out as the saved one
+    assert all(torch.equal(enc[k], saved[k]) for k in saved) and set(enc) == set(saved)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**enc).logits, bb.model(**enc).logits)
         for num_beams in (1, 3):
@@ -102,7 +104,7 @@ def _edit_json(path, **fields):
     path.write_text(json.dumps(data))
 
 
-def test_folder_errors_are_one_line(tmp_path):
+def test_folder_errors_are_one_line_and_either_model_type_loads(tmp_path):
     bb = tiny_smolvlm()
     bb.model.save_pretrained(tmp_path / "good")
     bb.processor.save_pretrained(tmp_path / "good")
@@ -119,6 +121,11 @@ def test_folder_errors_are_one_line(tmp_path):
     shutil.copytree(tmp_path / "good", tmp_path / "idefics3")  # the same weights under the other model type load
     _edit_json(tmp_path / "idefics3" / "config.json", model_type="idefics3")
     assert load_backbone(tmp_path / "idefics3").family == "idefics3"
+    # a SmolVLM2 folder names SmolVLMProcessor and holds a video processor's config: images load without them
+    shutil.copytree(tmp_path / "good", tmp_path / "smolvlm2")
+    _edit_json(tmp_path / "smolvlm2" / "processor_config.json", processor_class="SmolVLMProcessor",
+               video_processor={"video_processor_type": "SmolVLMVideoProcessor", "fps": 1})
+    assert load_backbone(tmp_path / "smolvlm2").processor.image_seq_len == bb.processor.image_seq_len
 
 
 def colour_examples(root):
