@@ -1,8 +1,8 @@
 """Preflight of every decode mode on a GPU: static (CUDA graphs) vs eager equality, host syncs per token, `.to()`.
 
-Tiny random models of three families (OPT and Llama decoders, a T5 encoder-decoder), in float32 and bfloat16, with
-exits at layers 2 and 4 of 6. Exits fire by a rule on the row's own hidden state (`SignRule`: random models never pass
-a confidence threshold), so every run mixes exit layers. For each mode:
+Tiny random models of four families (OPT and Llama decoders, a T5 encoder-decoder, SmolVLM's tiled images), in
+float32 and bfloat16, with exits at layers 2 and 4 of 6. Exits fire by a rule on the row's own hidden state
+(`SignRule`: random models never pass a confidence threshold), so every run mixes exit layers. For each mode:
 
 - `full`, and `early exit` under each skip policy (propagate from h_i or from the exit, copy, catch-up), with gated
   checks and with a head subset: the default path on this device (CUDA graphs where the engine captures them) is
@@ -48,7 +48,7 @@ from freevlm.planning.gates import ExitGates
 
 SIZE = TinySize(lm_layers=6, max_positions=256)
 EXITS = [2, 4]
-FAMILIES = ["blip2-opt", "llava-llama", "blip2-t5"]
+FAMILIES = ["blip2-opt", "llava-llama", "blip2-t5", "smolvlm-llama"]
 POLICIES = [("propagate", "hidden"), ("propagate", "exit"), ("copy", "hidden"), ("catch_up", "hidden")]
 
 
