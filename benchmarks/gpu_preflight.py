@@ -1,8 +1,8 @@
 """Preflight of every decode mode on a GPU: static (CUDA graphs) vs eager equality, host syncs per token, `.to()`.
 
-Tiny random models of three families (OPT and Llama decoders, a T5 encoder-decoder), in float32 and bfloat16, with
-exits at layers 2 and 4 of 6. Exits fire by a rule on the row's own hidden state (`SignRule`: random models never pass
-a confidence threshold), so every run mixes exit layers. For each mode:
+Tiny random models of four families (OPT and Llama decoders, a T5 encoder-decoder, SmolVLM's tiled images), in
+float32 and bfloat16, with exits at layers 2 and 4 of 6. Exits fire by a rule on the row's own hidden state
+(`SignRule`: random models never pass a confidence threshold), so every run mixes exit layers. For each mode:
 
 - `full`, and `early exit` under each skip policy (propagate from h_i or from the exit, copy, catch-up), with gated
   checks and with a head subset: the default path on this device (CUDA graphs where the engine captures them) is
@@ -48,7 +48,7 @@ from freevlm.planning.gates import ExitGates
 
 SIZE = TinySize(lm_layers=6, max_positions=256)
 EXITS = [2, 4]
-FAMILIES = ["blip2-opt", "llava-llama", "blip2-t5"]
+FAMILIES = ["blip2-opt", "llava-llama", "blip2-t5", "smolvlm-llama"]
 POLICIES = [("propagate", "hidden"), ("propagate", "exit"), ("copy", "hidden"), ("catch_up", "hidden")]
 
 
@@ -66,7 +66,8 @@ def inputs(bb, family: str, batch: int, device: str, dtype: torch.dtype):
     pixels, ids, mask, extra = tiny_batch(family, SIZE, batch, seed=3)
     extra = {k: v.to(device) for k, v in extra.items()}
     with torch.no_grad():
-        return bb.prepare(pixels.to(device, dtype), ids.to(device), mask.to(device), **extra), (pixels, ids, mask)
+        return (bb.prepare(pixels.to(device, dtype), ids.to(device), mask.to(device), **extra),
+                (pixels, ids, mask, extra))
 
 
 def modes(bb, exits, device):
@@ -100,7 +101,7 @@ def count_syncs(device: str, fn):
 
 def run_family(family: str, device: str, dtype: torch.dtype, batch: int, new: int) -> dict:
     bb, exits = build(family, device, dtype)
-    lm_inputs, (pixels, ids, mask) = inputs(bb, family, batch, device, dtype)
+    lm_inputs, (pixels, ids, mask, extra) = inputs(bb, family, batch, device, dtype)
     gen = bb.model.generation_config
     report: dict = {}
 
@@ -113,7 +114,7 @@ def run_family(family: str, device: str, dtype: torch.dtype, batch: int, new: in
     try:  # transformers' greedy generate at full depth, EOS as the model's config has it, on both sides
         with torch.no_grad():
             hf = bb.hf_generate(pixels.to(device, dtype), ids.to(device), mask.to(device), max_new_tokens=new,
-                                do_sample=False, num_beams=1)
+                                do_sample=False, num_beams=1, **extra)
             ours = generate_from_inputs(bb.lm, None, lm_inputs, generation_config=gen, max_new_tokens=new)
         hf = hf[:, 1:] if bb.lm.is_encoder_decoder else hf[:, ids.shape[1]:]
         report["hf generate == full eager"] = [r[:len(t)] for r, t in zip(hf.tolist(), ours.exit_layers)] == [

@@ -29,6 +29,7 @@ Each generation's inputs come from its own seed (`--seed`, index), so a failure 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -40,6 +41,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +124,9 @@ def tiny_models() -> dict[str, EarlyExitVLM]:
     size = TinySize(vocab_size=len(tok), lm_layers=LM_LAYERS)
     models = {}
     for i, family in enumerate(FAMILIES):
-        bb = build_tiny(family, size, processor=tiny_processor(family, tok, size), seed=i)
+        own = copy.deepcopy(tok)  # a processor may add tokens (SmolVLM's layout tokens); the vocabulary follows them
+        processor = tiny_processor(family, own, size)
+        bb = build_tiny(family, replace(size, vocab_size=len(own)), processor=processor, seed=i)
         bb.model.eval()
         _make_eos_likely(EarlyExitVLM(bb), strength=3.0)
         for kind, layers in EXIT_LAYERS.items():

@@ -17,15 +17,16 @@ torch.set_num_threads(1)
 
 def pads_left(family: str) -> bool:
     """The families whose processors pad on the far left and put the image placeholders after the first token."""
-    return family.startswith(("llava", "qwen", "onevision"))
+    return family.startswith(("llava", "qwen", "onevision", "idefics3", "smolvlm"))
 
 
 def tiny_batch(family: str, size: TinySize, batch: int, seed: int = 0, lengths=(5, 3, 4, 6)):
     """(pixel_values, input_ids, attention_mask, extra) with left padding, as the family's processor lays it out.
 
     BLIP-2/InstructBLIP put the image placeholders before everything (padding sits between them and the text, as
-    transformers' Blip2Processor leaves it); LLaVA and Qwen2-VL pad on the far left and put the placeholders after
-    the first token (Qwen2-VL's images differ in size across rows, so do their placeholder counts).
+    transformers' Blip2Processor leaves it); LLaVA, Qwen2-VL, LLaVA-OneVision and Idefics3/SmolVLM pad on the far
+    left and put the placeholders after the first token (Qwen2-VL's and LLaVA-OneVision's images differ in size across
+    rows, Idefics3/SmolVLM's are split into different numbers of tiles, so do their placeholder counts differ).
     """
     g = torch.Generator().manual_seed(seed)
     lens = list(lengths[:batch])

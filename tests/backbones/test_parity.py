@@ -1,6 +1,6 @@
 """Decoding on freevlm's engine reproduces each VLM's own transformers `generate`: greedy (tokens and logits), beam
 search (length penalty, early stopping, EOS inside beams) and seeded sampling, for every family, batch 1 and
-left-padded batches (Qwen2-VL's with images of different sizes)."""
+left-padded batches (Qwen2-VL's with images of different sizes, Idefics3/SmolVLM's with different tile counts)."""
 
 from __future__ import annotations
 

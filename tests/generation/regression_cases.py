@@ -16,7 +16,8 @@ from freevlm.generation.criteria import Confidence, Entropy, Patience, Similarit
 from tests.conftest import tiny_batch
 
 SIZE = TinySize(lm_layers=6)
-LEGACY_FAMILIES = FAMILIES[:6]  # the families the old engine's outputs were recorded for
+# the families the old engine's outputs were recorded for (later families are checked against transformers)
+LEGACY_FAMILIES = FAMILIES[:6]
 EXIT_LAYERS = [2, 4]
 POLICIES = [("propagate", "hidden"), ("propagate", "exit"), ("copy", "hidden"), ("catch_up", "hidden")]
 

@@ -34,8 +34,9 @@ def _reference_logits(bb, lm_inputs, tokens: torch.Tensor, pixels=None, ids=None
     embeds = torch.cat([lm_inputs.inputs_embeds, lm.embed_tokens(tokens)], 1)
     mask = torch.cat([lm_inputs.attention_mask, torch.ones_like(tokens)], 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # what generate passes (BLIP-2 pads sit mid-sequence)
-    if bb.family in ("llava", "llava_onevision"):  # the bare decoder, the head on the outer model
-        hidden = bb.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    if bb.family in ("llava", "llava_onevision", "idefics3", "smolvlm"):  # a bare decoder, the head on the outer model
+        decoder = bb.model.model.text_model if bb.family in ("idefics3", "smolvlm") else bb.model.model.language_model
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         return bb.model.lm_head(hidden.last_hidden_state)[:, -1]
     return bb.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
 

@@ -83,7 +83,8 @@ class CheckedNeverFires(Confidence):
 @st.composite
 def prompt_batches(draw, families=FAMILIES, max_batch: int = 3):
     """(family, pixel_values, input_ids, attention_mask, extra) laid out as the family's processor does: BLIP-2 and
-    InstructBLIP put the image placeholders first and pad between them and the text, LLaVA pads on the far left."""
+    InstructBLIP put the image placeholders first and pad between them and the text, LLaVA, Qwen2-VL, LLaVA-OneVision
+    and Idefics3/SmolVLM pad on the far left (Idefics3/SmolVLM's images are 1-3 tiles of placeholders)."""
     family = draw(st.sampled_from(families))
     batch = draw(st.integers(1, max_batch))
     texts = [draw(st.lists(st.sampled_from(TEXT_TOKENS), min_size=0, max_size=6)) for _ in range(batch)]
@@ -91,8 +92,15 @@ def prompt_batches(draw, families=FAMILIES, max_batch: int = 3):
     seed = draw(st.integers(0, 2**16))
     scale = draw(st.sampled_from([0.0, 1.0, 3.0]))
     g = torch.Generator().manual_seed(seed)
-    pixels, extra, n_imgs = tiny_images(family, SIZE, batch, g)  # Qwen2-VL's differ in size across rows
-    pixels = scale * pixels
+    # Qwen2-VL's and LLaVA-OneVision's differ in size across rows, Idefics3/SmolVLM's in tiles
+    pixels, extra, n_imgs = tiny_images(family, SIZE, batch, g)
+    if family.startswith(("idefics3", "smolvlm")):
+        # image tiles: scale the real ones (a tile of zeros is padding, which the model skips: scale 0 would make
+        # every tile padding); LLaVA-OneVision's tiles are all read or ignored by its image_sizes, so they scale as is
+        real = pixels.flatten(2).ne(0).any(-1)[..., None, None, None]
+        pixels = torch.where(real, scale * pixels + 0.5, pixels)
+    else:
+        pixels = scale * pixels
     width += max(n_imgs) if pads_left(family) else 0
     rows, masks = [], []
     for t, n_img in zip(texts, n_imgs):
@@ -356,7 +364,7 @@ def test_any_setting_decodes_or_fails_with_one_line(batch, exit_cfg, data, mode,
 
 # --- through the Python API ----------------------------------------------------------------------------------------
 
-API_FAMILIES = ("blip2-opt", "instructblip-t5", "llava-llama", "qwen2vl-qwen2", "onevision-qwen2")
+API_FAMILIES = ("blip2-opt", "instructblip-t5", "llava-llama", "qwen2vl-qwen2", "onevision-qwen2", "smolvlm-llama")
 WORDS = ["a", "photo", "of", "red", "green", "square", "circle", "what", "colour", "is", "it", "?"]
 
 
@@ -367,8 +375,8 @@ def api_vlm(family: str):
     from freevlm.generation.api import EarlyExitVLM
 
     tok = build_word_tokenizer([" ".join(WORDS)])
+    processor = tiny_processor(family, tok, SIZE)  # before sizing the vocabulary: SmolVLM's adds layout tokens
     size = TinySize(vocab_size=len(tok), lm_layers=N)
-    processor = tiny_processor(family, tok, size)
     bb = build_tiny(family, size, processor=processor, seed=1)
     torch.manual_seed(2)
     return EarlyExitVLM(bb, build_exits(bb.lm, ExitSpec("transformer", [1, 3])))
@@ -394,6 +402,7 @@ def pil_images(draw):
 def test_api_modes_run_and_speculative_equals_full(family, data, batch, criterion, kv_policy, num_beams, max_new,
                                                    draft_layer, draft_length):
     vlm = api_vlm(family)
+    event(family)
     images = data.draw(st.lists(pil_images(), min_size=batch, max_size=batch), label="images")
     words = st.lists(st.sampled_from(WORDS + ["unseen", "Words!"]), max_size=5).map(" ".join)
     prompts = data.draw(st.lists(words, min_size=batch, max_size=batch), label="prompts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ COLOURS = ["red", "green", "blue", "yellow"]
 def colour_task(root: Path, family: str = "blip2-opt", layers: int = 6, seed: int = 0):
     """(backbone with processor, examples): 4 colours x 2 shapes, prompt 'a photo of', caption 'a <colour> <shape>'."""
     tok = build_word_tokenizer(["a photo of square circle " + " ".join(COLOURS)])
-    size = TinySize(vocab_size=len(tok), lm_layers=layers, image_size=32, lm_hidden=32)
-    backbone = build_tiny(family, size, processor=tiny_processor(family, tok, size), seed=seed)
+    size = TinySize(lm_layers=layers, image_size=32, lm_hidden=32)
+    processor = tiny_processor(family, tok, size)  # before sizing the vocabulary: SmolVLM's adds layout tokens
+    backbone = build_tiny(family, replace(size, vocab_size=len(tok)), processor=processor, seed=seed)
     examples = []
     root.mkdir(parents=True, exist_ok=True)
     for c in COLOURS:

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
-from freevlm.backbones import blip2, instructblip, llava, llava_onevision, qwen2_vl
+from freevlm.backbones import blip2, idefics3, instructblip, llava, llava_onevision, qwen2_vl
 from freevlm.backbones.common import VLMBackbone, check_checkpoint_folder, read_model_type
 from freevlm.errors import FreeVLMError
 
 _FAMILY_BY_MODEL_TYPE = {"blip-2": blip2, "instructblip": instructblip, "llava": llava,
-                         "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_vl, "llava_onevision": llava_onevision}
+                         "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_vl, "llava_onevision": llava_onevision,
+                         "idefics3": idefics3, "smolvlm": idefics3}
 
 
 def check_backbone(path: str | Path) -> str:
@@ -26,8 +27,8 @@ def check_backbone(path: str | Path) -> str:
 
 
 def load_backbone(path: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None) -> VLMBackbone:
-    """A BLIP-2 / InstructBLIP / LLaVA / Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint folder (a local copy),
-    checked end to end (see `common.py`)."""
+    """A BLIP-2 / InstructBLIP / LLaVA / Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / Idefics3 / SmolVLM checkpoint
+    folder (a local copy), checked end to end (see `common.py`)."""
     family = _FAMILY_BY_MODEL_TYPE[check_backbone(path)]
     backbone = family.from_pretrained(path, dtype=dtype)
     if device is not None:

@@ -80,8 +80,10 @@ class VLMBackbone:
     """
 
     def __init__(self, family: str, model, processor, lm, image_features, parameter_groups, name: str = "", *,
-                 rope_index=None, generate_inputs=None, vision_inputs: tuple[str, ...] | None = None):
-        self.family = family  # "blip2" / "instructblip" / "llava" / "qwen2_vl" / "qwen2_5_vl" / "llava_onevision"
+                 rope_index=None, generate_inputs=None, vision_inputs: tuple[str, ...] | None = None,
+                 image_prompt_template: str | None = None):
+        # "blip2" / "instructblip" / "llava" / "qwen2_vl" / "qwen2_5_vl" / "llava_onevision" / "idefics3" / "smolvlm"
+        self.family = family
         self.model = model  # the transformers model (Blip2ForConditionalGeneration, ...)
         self.processor = processor  # the transformers processor (images + text -> model inputs), or None
         self.lm = lm  # DecoderOnlyLM / EncoderDecoderLM
@@ -93,6 +95,7 @@ class VLMBackbone:
         # (model, input_ids, extra) -> the extra inputs the model's own `generate` needs (None: `extra` as it is)
         self._generate_inputs = generate_inputs
         self.vision_inputs = vision_inputs  # the extra inputs the vision side reads (None: all of them)
+        self.image_prompt_template = image_prompt_template  # e.g. "<image>{}": where the processor expands the image
 
     def __repr__(self) -> str:
         lm = self.lm
@@ -112,6 +115,8 @@ class VLMBackbone:
     def image_prompt(self, prompt: str) -> str:
         """The text a prompt becomes before the processor: LLaVA's processor expands an `<image>` marker in the
         text, the BLIP-2 family's processors prepend the query-token placeholders themselves."""
+        if self.image_prompt_template is not None:  # Idefics3/SmolVLM's: the processor expands a leading <image>
+            return self.image_prompt_template.format(prompt)
         if hasattr(self.processor, "image_prompt"):  # Qwen2-VL's: the image between its vision markers
             return self.processor.image_prompt(prompt)
         return f"<image> {prompt}" if self.family == "llava" else prompt
@@ -209,7 +214,8 @@ SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.j
 TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # legacy; loaded, but not pre-checked
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 FAMILY_NAMES = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "llava": "LLaVA", "qwen2_vl": "Qwen2-VL",
-                "qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision"}
+                "qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision", "idefics3": "Idefics3/SmolVLM"}
+SAME_WEIGHTS = {"smolvlm": "idefics3"}  # model types whose weights have the same names (SmolVLM copies Idefics3)
 
 
 def _one_line(err: BaseException) -> str:
@@ -261,6 +267,8 @@ def family_of_keys(keys: Iterable[str]) -> str | None:
         return "instructblip"  # InstructBLIP's Q-Former reads the instruction, so it has word embeddings
     if any(k.endswith("query_tokens") for k in keys):
         return "blip-2"
+    if any(".connector.modality_projection." in k for k in keys):
+        return "idefics3"  # or SmolVLM: the same weights
     return None
 
 
@@ -284,7 +292,7 @@ def check_checkpoint_folder(folder: str | Path, model_type: str) -> None:
     keys = weight_keys(folder)
     if keys is not None:
         found = family_of_keys(keys)
-        if found != model_type:
+        if found != SAME_WEIGHTS.get(model_type, model_type):
             what = f"a {FAMILY_NAMES[found]} model's" if found else "not those of a model freevlm supports"
             raise FreeVLMError(f"{folder / 'config.json'} says model_type {model_type!r} but the weights in {folder} "
                                f"are {what}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from transformers import (
     Blip2Config,
     CLIPVisionConfig,
+    Idefics3Config,
     InstructBlipConfig,
     LlamaConfig,
     LlavaConfig,
@@ -22,20 +23,26 @@ from transformers import (
     OPTConfig,
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
+    SmolVLMConfig,
     T5Config,
 )
 
-from freevlm.backbones import blip2, instructblip, llava, llava_onevision, qwen2_vl
+from freevlm.backbones import blip2, idefics3, instructblip, llava, llava_onevision, qwen2_vl
 from freevlm.backbones.common import VLMBackbone
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = 0, 1, 2, 3, 4
 
 FAMILIES = ("blip2-opt", "blip2-t5", "minigpt4-llama", "instructblip-llama", "instructblip-t5", "llava-llama",
-            "qwen2vl-qwen2", "qwen25vl-qwen2", "onevision-qwen2")
+            "qwen2vl-qwen2", "qwen25vl-qwen2", "onevision-qwen2", "smolvlm-llama")
+# tiny models that are built but not in FAMILIES: their code is another family's (Idefics3 is SmolVLM's)
+ALSO_BUILT = ("idefics3-llama",)
 # Qwen2-VL's images: one (t, h, w) patch grid per image, cycled over a batch's rows so that its images differ in size
 QWEN_GRIDS = ((1, 4, 4), (1, 2, 4), (1, 4, 6), (1, 6, 2))
 # LLaVA-OneVision's images: (height, width) per row, in units of the tiny tower's input size (anyres tiles)
 ONEVISION_SIZES = ((1, 1), (1, 2), (2, 1), (1.5, 1.25))
+# Idefics3/SmolVLM's images: tiles per row (one tile is one vision-tower input; 3 = 1 x 2 tiles + the global view),
+# cycled over a batch's rows so that its images differ in size
+SMOLVLM_TILES = (3, 1, 2, 5)
 
 
 @dataclass
@@ -53,6 +60,7 @@ class TinySize:
     image_size: int = 32  # input resolution
     patch_size: int = 8  # ViT patch size
     num_query_tokens: int = 4  # Q-Former queries = image tokens seen by the LM
+    scale_factor: int = 2  # Idefics3/SmolVLM pixel shuffle: (image_size / patch_size / scale_factor)^2 tokens a tile
     max_positions: int = 128  # OPT learned positions / Llama max_position_embeddings
     dropout: float = 0.0  # LM dropout (0 keeps training deterministic; OPT-2.7B ships 0.1)
 
@@ -167,14 +175,24 @@ def tiny_config(family: str, size: TinySize | None = None):
             vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
             image_grid_pinpoints=[[side * h, side * w] for h in (1, 2) for w in (1, 2)],
         )
-    raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if arch in ("idefics3", "smolvlm"):
+        vision = dict(
+            hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden, num_hidden_layers=s.vision_layers,
+            num_attention_heads=max(1, s.vision_hidden // 16), image_size=s.image_size, patch_size=s.patch_size,
+        )
+        cls = Idefics3Config if arch == "idefics3" else SmolVLMConfig
+        return cls(vision_config=vision, text_config=text.to_dict(), image_token_id=IMAGE_ID,
+                   scale_factor=s.scale_factor, pad_token_id=PAD_ID)
+    raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(FAMILIES + ALSO_BUILT)}")
 
 
 def tiny_images(family: str, size: TinySize, batch: int, generator=None):
     """Random image inputs for `batch` prompts: (pixel_values, extra inputs, image tokens per row).
 
     Qwen2-VL's images differ in size across rows (`QWEN_GRIDS`): flat patches (sum of t*h*w, C*T*P*P) and their
-    `image_grid_thw`; the other families take (B, 3, H, W) at the one size their vision tower has.
+    `image_grid_thw`. Idefics3/SmolVLM's images are split into tiles, as many per row as `SMOLVLM_TILES` says:
+    (B, tiles, 3, H, W), rows with fewer tiles padded with all-zero ones (as its processor pads them). The other
+    families take (B, 3, H, W) at the one size their vision tower has (LLaVA-OneVision: up to 5 tiles of it).
     """
     import torch
 
@@ -191,13 +209,20 @@ def tiny_images(family: str, size: TinySize, batch: int, generator=None):
         pixels = torch.randn(batch, tiles, 3, size.image_size, size.image_size, generator=generator)
         counts = [llava_onevision.image_tokens(config, int(h), int(w)) for h, w in sizes]
         return pixels, {"image_sizes": sizes}, counts
+    if family.startswith(("idefics3", "smolvlm")):
+        tiles = [SMOLVLM_TILES[r % len(SMOLVLM_TILES)] for r in range(batch)]
+        pixels = torch.randn(batch, max(tiles), 3, size.image_size, size.image_size, generator=generator)
+        for r, t in enumerate(tiles):
+            pixels[r, t:] = 0.0
+        return pixels, {}, [t * num_image_tokens(family, size) for t in tiles]
     pixels = torch.randn(batch, 3, size.image_size, size.image_size, generator=generator)
     return pixels, {}, [num_image_tokens(family, size)] * batch
 
 
 def tiny_processor(family: str, tokenizer, size: TinySize | None = None):
     """The transformers-style processor of a tiny `family` model over `tokenizer` (a word-level one, see
-    `freevlm.data.tokenizer`): images of `size.image_size` pixels."""
+    `freevlm.data.tokenizer`): images of `size.image_size` pixels. Idefics3/SmolVLM's adds its layout tokens to the
+    tokenizer (see `idefics3.make_processor`): size the model's vocabulary by the tokenizer after this call."""
     from transformers import (
         Blip2Processor,
         BlipImageProcessorPil,
@@ -220,6 +245,8 @@ def tiny_processor(family: str, tokenizer, size: TinySize | None = None):
                                                  image_grid_pinpoints=[[side * h, side * w] for h in (1, 2)
                                                                        for w in (1, 2)])
         return llava_onevision.processor(images, tokenizer, tiny_config(family, s))
+    if family.startswith(("idefics3", "smolvlm")):  # up to 2 x 2 tiles of the tower's size, plus the global view
+        return idefics3.make_processor(tokenizer, tiny_config(family, s))
     if family.startswith("llava"):
         images = LlavaImageProcessorPil(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
         return LlavaProcessor(images, tokenizer, patch_size=s.patch_size, vision_feature_select_strategy="default",
@@ -231,12 +258,14 @@ def tiny_processor(family: str, tokenizer, size: TinySize | None = None):
 
 
 def num_image_tokens(family: str, size: TinySize | None = None) -> int:
-    """How many placeholder tokens a prompt for this tiny model carries."""
+    """How many placeholder tokens a prompt for this tiny model carries (Idefics3/SmolVLM: per image tile)."""
     s = size or TinySize()
     if family.startswith("qwen"):  # the first of QWEN_GRIDS (4 x 4 patches, merged 2 x 2)
         return (s.image_size // s.patch_size) ** 2 // 4
     if family.startswith("onevision"):  # a square image of the tower's size
         return llava_onevision.image_tokens(tiny_config(family, s), s.image_size, s.image_size)
+    if family.startswith(("idefics3", "smolvlm")):
+        return (s.image_size // s.patch_size // s.scale_factor) ** 2
     return (s.image_size // s.patch_size) ** 2 if family.startswith("llava") else s.num_query_tokens
 
 
@@ -248,7 +277,8 @@ def build_tiny(family: str, size: TinySize | None = None, processor=None, seed: 
         torch.manual_seed(seed)
     config = tiny_config(family, size)
     module = {"blip2": blip2, "minigpt4": blip2, "instructblip": instructblip, "llava": llava, "qwen2vl": qwen2_vl,
-              "qwen25vl": qwen2_vl, "onevision": llava_onevision}[family.split("-")[0]]
+              "qwen25vl": qwen2_vl, "onevision": llava_onevision, "idefics3": idefics3,
+              "smolvlm": idefics3}[family.split("-")[0]]
     backbone = module.from_config(config, processor, name=f"tiny-{family}")
     query_tokens = getattr(backbone.model, "query_tokens", None)
     if query_tokens is not None:

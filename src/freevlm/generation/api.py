@@ -162,7 +162,10 @@ class EarlyExitVLM:
         pixels = enc.pop("pixel_values").to(self.backbone.model.dtype)
         if pixel_noise:
             g = torch.Generator(device="cpu").manual_seed(noise_seed)
-            pixels = pixels + pixel_noise * torch.randn(pixels.shape, generator=g).to(pixels)
+            noise = pixel_noise * torch.randn(pixels.shape, generator=g).to(pixels)
+            if pixels.dim() == 5:  # Idefics3/SmolVLM tiles: the all-zero padding tiles stay padding
+                noise = noise * pixels.flatten(2).ne(0).any(-1)[..., None, None, None]
+            pixels = pixels + noise
         ids, mask = enc.pop("input_ids"), enc.pop("attention_mask")
         lm_inputs = self.backbone.prepare(pixels, ids, mask, **enc)
         criterion = draft = None

@@ -60,13 +60,22 @@ class FrozenImageFeatures:
     def _key(self, batch: Batch, row: int) -> bytes:
         h = hashlib.blake2b(digest_size=16)
         pixels, extra = image_rows(batch.pixel_values, self._vision_extra(batch), [row])
+        if self.backbone.family in ("idefics3", "smolvlm"):
+            # (1, tiles, 3, H, W), padded with all-zero tiles (which the model drops) up to the batch's most: a row's
+            # key holds its real tiles only, so the same image has the same key in any batch
+            real = pixels[0].flatten(1).ne(0).any(1)
+            tiles = pixels.shape[1]
+            pixels = pixels[:, real]
+            extra = {k: v[:, real] if v.dim() > 2 and v.shape[1] == tiles else v for k, v in extra.items()}
         for t in (pixels, *(extra[k] for k in sorted(extra))):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.digest()
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> torch.Tensor:
-        """(sum of Q_b, D) features of the batch's images, row after row, computing only the ones not seen before."""
+        """(sum of Q_b, D) features of the batch's images, row after row, computing only the ones not seen before.
+        Rows may hold different numbers, told by their image placeholders (Qwen2-VL, LLaVA-OneVision: an image's
+        size; Idefics3/SmolVLM: an image's tiles)."""
         keys = [self._key(batch, r) for r in range(batch.input_ids.shape[0])]
         missing = [r for r, k in enumerate(keys) if k not in self.store]
         fresh = {}
