@@ -20,7 +20,7 @@ from freevlm.train.batches import caption_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.stage2 import ExitTrainConfig, train_exits
 
-FAMILIES = ["qwen2vl-qwen2", "onevision-qwen2"]
+FAMILIES = ["qwen2vl-qwen2", "qwen25vl-qwen2", "onevision-qwen2"]
 
 
 def run(*argv) -> None:
@@ -64,7 +64,6 @@ def test_exits_trained_on_the_folder_decode_under_every_criterion_and_policy(wor
             assert layers <= {1, 2, 4} and layers & {1, 2}, (criterion, policy)  # tokens did leave early
 
 
-@pytest.mark.parametrize("workspace", ["qwen2vl-qwen2"], indirect=True)  # the commands' costs: one family
 def test_plan_evaluate_and_sweep_commands_run_on_the_folders(workspace, tmp_path):
     family, root, data = workspace
     common = ["--backbone", root / "backbone", "--exits", root / "exits", "--data", data]

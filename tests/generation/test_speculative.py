@@ -20,12 +20,7 @@ SIZE = TinySize(lm_layers=6)
 EXIT_LAYERS = [1, 3, 5]  # exit 5 is seeded from layer 6 (seed "next"): a perfect drafter, every draft kept
 
 
-# Qwen2.5-VL's LM and engine path are Qwen2-VL's (only the vision tower differs, which the parity, kernel and
-# forward tests cover), so the speculative (and vocabulary) tests run on Qwen2-VL alone: the suite's time budget
-SPECULATIVE_FAMILIES = [f for f in FAMILIES if f != "qwen25vl-qwen2"]
-
-
-@pytest.fixture(scope="module", params=SPECULATIVE_FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES)
 def setup(request):
     bb = build_tiny(request.param, SIZE, seed=0)
     make_eos_likely(bb, request.param, SIZE)

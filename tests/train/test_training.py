@@ -39,7 +39,7 @@ def _exit_loss(backbone, exits, batch):
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("family", ["blip2-opt", "qwen2vl-qwen2", "onevision-qwen2"])
+@pytest.mark.parametrize("family", ["blip2-opt", "qwen2vl-qwen2", "qwen25vl-qwen2", "onevision-qwen2"])
 def test_stage1_lowers_the_loss_on_a_fixed_batch(tmp_path, family):
     backbone, examples = colour_task(tmp_path / "data", family)
     batch = Collator(backbone)(examples)
@@ -53,7 +53,8 @@ def test_stage1_lowers_the_loss_on_a_fixed_batch(tmp_path, family):
 
 # FREE's adversarial term pulls against CE on a batch this small (on LLaVA and Qwen2-VL it barely falls in 4
 # epochs), so the M-RoPE family checks the exits learn from CE + KD alone
-@pytest.mark.parametrize("family,adversarial", [("blip2-opt", 1.0), ("qwen2vl-qwen2", 0.0), ("onevision-qwen2", 0.0)])
+@pytest.mark.parametrize("family,adversarial", [("blip2-opt", 1.0), ("qwen2vl-qwen2", 0.0), ("qwen25vl-qwen2", 0.0),
+                                                ("onevision-qwen2", 0.0)])
 def test_stage2_lowers_the_exit_loss_on_a_fixed_batch(tmp_path, family, adversarial):
     backbone, examples = colour_task(tmp_path / "data", family)
     batch = Collator(backbone)(examples)
