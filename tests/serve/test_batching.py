@@ -1,0 +1,126 @@
+"""Continuous batching: overlapping requests of different lengths, in every mode, each answered with what
+`EarlyExitVLM.generate` gives for it alone; greedy early exit (propagate / copy) and full depth share decode steps,
+the rest decode alone between them (docs/serving.md)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import openai
+import pytest
+import torch
+
+from freevlm.generation.api import DecodeOptions
+from freevlm.serve.app import serve_in_thread
+from tests.serve.conftest import THRESHOLD, config, expected, messages, tiny_vlm, wait_until
+
+OPERATORS = {  # the operator's decoding: family, options
+    "propagate": ("blip2-opt", DecodeOptions(threshold=THRESHOLD)),
+    "copy": ("blip2-opt", DecodeOptions(threshold=THRESHOLD, kv_policy="copy")),
+    "catch_up": ("blip2-opt", DecodeOptions(threshold=THRESHOLD, kv_policy="catch_up")),
+    "t5": ("blip2-t5", DecodeOptions(threshold=THRESHOLD)),
+}
+REQUESTS = [  # prompt, image colour, max_tokens, extension / sampling fields
+    ("a photo of", "red", 10, {}),
+    ("a", "blue", 6, {}),
+    ("what is this a photo of the", "green", 12, {"mode": "full"}),
+    ("photo", "white", 9, {"threshold": 0.075}),
+    ("a photo of", "blue", 11, {"mode": "speculative"}),
+    ("a", "red", 8, {"temperature": 0.9, "seed": 5}),
+    ("photo of a", "yellow", 7, {}),
+    ("a photo", "green", 5, {"mode": "full"}),
+    ("a photo of", "white", 9, {"mode": "speculative", "temperature": 0.7, "top_p": 0.9, "seed": 11}),
+]
+
+
+def _alone(vlm, operator: DecodeOptions, prompt, colour, max_tokens, fields):
+    options = replace(operator, mode=fields.get("mode", operator.mode),
+                      threshold=fields.get("threshold", operator.threshold))
+    settings = {}
+    if fields.get("temperature"):
+        torch.manual_seed(fields["seed"])
+        settings = dict(do_sample=True, temperature=fields["temperature"], top_p=fields.get("top_p", 1.0), top_k=0)
+    return expected(vlm, prompt, colour, max_tokens, options, **settings)
+
+
+def _steps_in_batch(family: str, operator: DecodeOptions, fields: dict) -> bool:
+    mode = fields.get("mode", operator.mode)
+    return (family == "blip2-opt" and not fields.get("temperature") and mode != "speculative"
+            and (mode == "full" or operator.kv_policy != "catch_up"))
+
+
+@pytest.mark.parametrize("operator", list(OPERATORS))
+def test_overlapping_requests_get_what_they_get_alone(operator):
+    family, options = OPERATORS[operator]
+    vlm = tiny_vlm(family)
+    want = [_alone(vlm, options, *r) for r in REQUESTS]  # before the server: one thread decodes at a time
+    with serve_in_thread(vlm, config(options=options)) as (url, app):
+        scheduler = app.state.scheduler
+        steps = []  # per batch step: (the batch, the requests in it)
+        step = scheduler._step
+
+        def spy(key, lane):
+            steps.append((id(lane), frozenset(id(job) for job in lane.jobs.values())))
+            step(key, lane)
+
+        scheduler._step = spy
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(len(REQUESTS)) as pool:
+            with scheduler.hold:  # every request waits, so they all overlap once the scheduler runs
+                futures = []
+                for prompt, colour, max_tokens, fields in REQUESTS:
+                    extension = {k: fields[k] for k in ("mode", "threshold") if k in fields}
+                    sampling = {k: fields[k] for k in ("temperature", "top_p", "seed") if k in fields}
+                    futures.append(pool.submit(
+                        client.chat.completions.create, model="freevlm", messages=messages(prompt, colour),
+                        max_tokens=max_tokens, extra_body=extension, **sampling))
+                wait_until(lambda: len(scheduler.waiting) == len(REQUESTS), "every request queued")
+            answers = [f.result() for f in futures]
+    for (prompt, colour, max_tokens, fields), answer, (text, exit_layers, tokens) in zip(REQUESTS, answers, want):
+        extra = answer.model_extra["freevlm"]
+        assert answer.choices[0].message.content == text, (prompt, colour, fields)
+        assert extra["exit_layers"] == exit_layers, (prompt, colour, fields)
+        assert extra["batched"] == _steps_in_batch(family, options, fields)
+        assert answer.usage.completion_tokens == len(tokens)
+        assert answer.choices[0].finish_reason == ("length" if len(tokens) == max_tokens and tokens[-1] != 2
+                                                   else "stop")
+    if family == "blip2-opt" and operator != "catch_up":
+        assert any(len(jobs) > 1 for _, jobs in steps), "batched requests must share steps"
+        by_lane = {}
+        for lane, jobs in steps:
+            by_lane.setdefault(lane, []).append(jobs)
+        assert any(a != b and a & b for runs in by_lane.values() for a, b in zip(runs, runs[1:])), \
+            "a request must join or leave while another one decodes on"
+        n = vlm.backbone.lm.num_layers
+        layers = [x for a in answers if a.model_extra["freevlm"]["mode"] == "early_exit"
+                  for x in a.model_extra["freevlm"]["exit_layers"]]
+        assert min(layers) < n and max(layers) == n, "some tokens exit early, some go to the last layer"
+    assert len({tuple(tokens) for *_, tokens in want}) > 3, "different requests, different answers"
+
+
+def test_row_batches_in_their_own_sessions_interleave():
+    """The scheduler runs one batch per decoding signature, each in a session of its own, stepped in turn: each
+    decodes as `generate` alone (a batch that fell back to the VLM's session would share a cache with the other)."""
+    from freevlm.generation.session import DecodeSession
+    from tests.serve.conftest import image
+
+    vlm = tiny_vlm()
+    thresholds, new = (THRESHOLD, 0.075), 8
+    alone = [expected(vlm, "a photo of", "red", new, DecodeOptions(threshold=t), eos_token_id=[])[1:]
+             for t in thresholds]
+    assert alone[0] != alone[1], "the two settings decode differently (else the test shows little)"
+    got = []
+    with torch.no_grad():
+        batches = [vlm.rows(DecodeOptions(threshold=t), rows=2, columns=32, session=DecodeSession(1))
+                   for t in thresholds]
+        for batch in batches:
+            row, token, layer = batch.admit(vlm.prepare([image("red")], ["a photo of"]))
+            got.append(([layer], [token], row))
+        for _ in range(new - 1):
+            for batch, (layers, tokens, row) in zip(batches, got):
+                token, layer = batch.step()[row]
+                tokens.append(token)
+                layers.append(layer)
+    assert batches[0].engine.cache is not batches[1].engine.cache
+    assert [(layers, tokens) for layers, tokens, _ in got] == alone
