@@ -15,9 +15,9 @@ from PIL import Image
 from freevlm.generation.api import DecodeOptions
 from freevlm.serve.config import ServeConfig
 
-# For the tiny VLM below, alpha = 0.08 sends some tokens out at the exits and some to the last layer (checked where
+# For the tiny VLM below, alpha = 0.075 sends some tokens out at the exits and some to the last layer (checked where
 # it matters): random weights are barely confident, and at 0.8 nothing would leave early.
-THRESHOLD = 0.08
+THRESHOLD = 0.075
 _VLMS: dict = {}
 
 
@@ -32,7 +32,7 @@ def tiny_vlm(family: str = "blip2-opt"):
 
 
 def config(**overrides) -> ServeConfig:
-    settings = dict(options=DecodeOptions(threshold=THRESHOLD), max_batch_size=3, max_columns=64,
+    settings = dict(options=DecodeOptions(threshold=THRESHOLD), max_batch_size=3, max_columns=64, default_max_tokens=16,
                     max_prompt_tokens=64, max_image_bytes=64 * 1024, max_image_pixels=256 * 256,
                     max_body_bytes=1 << 20)
     return ServeConfig(**{**settings, **overrides})
