@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import signal
 import socket
@@ -190,15 +191,25 @@ async def stream(job: Job, events: asyncio.Queue, cid: str, model: str, include_
     yield sse("[DONE]")
 
 
-def uvicorn_config(app: FastAPI, cfg: ServeConfig, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
-    # uvicorn waits this long for in-flight responses on shutdown, then cancels them (their rows are freed)
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                          timeout_graceful_shutdown=max(1, int(cfg.shutdown_grace_s)))
+class GracefulServer(uvicorn.Server):
+    """uvicorn, whose shutdown first drains the scheduler: requests in flight get `shutdown_grace_s` to finish, then
+    are cancelled with an error (a 503 body, or an error event and [DONE] on a stream), so every response ends
+    cleanly before uvicorn's own deadline, past which it would cut connections."""
+
+    def __init__(self, app: FastAPI, cfg: ServeConfig, host: str, port: int, log_level: str = "info"):
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                        timeout_graceful_shutdown=math.ceil(cfg.shutdown_grace_s) + 5))
+        self.app, self.grace_s = app, cfg.shutdown_grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        drain = asyncio.get_running_loop().run_in_executor(None, self.app.state.scheduler.stop, self.grace_s)
+        await super().shutdown(sockets)  # stops listening, waits for the responses in flight
+        await drain
 
 
 def serve(vlm: EarlyExitVLM, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM: in-flight requests finish, up to `cfg.shutdown_grace_s`)."""
-    server = uvicorn.Server(uvicorn_config(build_app(vlm, cfg), cfg, host, port))
+    server = GracefulServer(build_app(vlm, cfg), cfg, host, port)
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again: that is the way out, not an
     # error, so SIGTERM is ignored then and SIGINT's KeyboardInterrupt swallowed.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -219,7 +230,7 @@ def serve_in_thread(vlm: EarlyExitVLM, cfg: ServeConfig, host: str = "127.0.0.1"
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(app, cfg, host, port, log_level="warning"))
+    server = GracefulServer(app, cfg, host, port, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="freevlm-http", daemon=True)
     thread.start()
     try:

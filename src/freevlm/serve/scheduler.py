@@ -359,8 +359,8 @@ class Scheduler:
             if self._push(job, token, layer):
                 break
 
-    def _fail(self, job: Job, error: RequestError) -> None:
-        self.metrics.count_request(job.options.mode, "failed", job.prompt_tokens)
+    def _fail(self, job: Job, error: RequestError, outcome: str = "failed") -> None:
+        self.metrics.count_request(job.options.mode, outcome, job.prompt_tokens)
         job.deliver(("error", error))
 
     def _cancel_everything(self) -> None:
@@ -368,7 +368,7 @@ class Scheduler:
         with self.cond:
             waiting, self.waiting = list(self.waiting), deque()
         for job in waiting + [job for lane in self.lanes.values() for job in lane.jobs.values()]:
-            self._fail(job, error)
+            self._fail(job, error, "cancelled")
         for lane in self.lanes.values():
             lane.batch.close()
         self.lanes.clear()
