@@ -124,3 +124,40 @@ def test_row_batches_in_their_own_sessions_interleave():
                 layers.append(layer)
     assert batches[0].engine.cache is not batches[1].engine.cache
     assert [(layers, tokens) for layers, tokens, _ in got] == alone
+
+
+def test_a_batch_outgrown_by_waiting_requests_reopens_larger():
+    """A lone request decodes in a one-row batch; requests that queue behind it make the batch drain and reopen with
+    a row for each (every row costs compute each step, so batches are no larger than their demand)."""
+    import threading
+
+    from tests.serve.conftest import post
+
+    vlm = tiny_vlm()
+    asks = [("a photo of", colour, n) for colour, n in (("red", 6), ("blue", 5), ("green", 7), ("white", 4))]
+    want = [expected(vlm, prompt, colour, n, config().options)[0] for prompt, colour, n in asks]
+    with serve_in_thread(vlm, config(max_batch_size=4)) as (url, app):
+        scheduler = app.state.scheduler
+        rows, go_on, step = [], threading.Event(), scheduler._step
+
+        def spy(key, lane):
+            rows.append(lane.batch.engine.cache.batch)
+            step(key, lane)
+            if len(rows) == 1:  # the first request waits here until the others have queued behind it
+                go_on.wait(30)
+
+        scheduler._step = spy
+
+        def ask(prompt, colour, n):
+            body = {"model": "freevlm", "messages": messages(prompt, colour), "max_tokens": n}
+            return post(url + "/v1/chat/completions", body)[1]["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(len(asks)) as pool:
+            first = pool.submit(ask, *asks[0])
+            wait_until(lambda: rows, "the first request decodes")
+            rest = [pool.submit(ask, *a) for a in asks[1:]]
+            wait_until(lambda: len(scheduler.waiting) == len(rest), "the others queued")
+            go_on.set()
+            got = [first.result()] + [f.result() for f in rest]
+    assert got == want
+    assert rows[0] == 1 and max(rows) == 4

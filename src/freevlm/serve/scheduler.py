@@ -12,7 +12,9 @@ running batches, which wait for it; one such request per tick, so they cannot st
 
 A batch's KV cache has `max_columns` columns and every row writes the same column each step, so columns are used up
 as the batch runs: a request is admitted only where its prompt and max_tokens still fit; otherwise the batch stops
-admitting, drains, and is closed; the next request opens a fresh one (its buffers reused from the session).
+admitting, drains, and is closed; the next request opens a fresh one (its buffers reused from the session). A batch
+has as many rows as requests of its signature were waiting when it opened (a power of two, up to `max_batch_size`:
+every row costs compute each step, occupied or not); one that more requests outgrow drains and reopens larger.
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ class Scheduler:
             return
         try:
             if lane is None:
-                lane = self.lanes[key] = Lane(self.vlm.rows(job.options, rows=self.cfg.max_batch_size,
+                lane = self.lanes[key] = Lane(self.vlm.rows(job.options, rows=self._rows_for(key),
                                                              columns=self.cfg.max_columns, session=self._session(key)))
         except FreeVLMError as err:
             self._unqueue(job)
@@ -254,8 +256,9 @@ class Scheduler:
             self._unqueue(job)
             return
         fits = max(cache.length, job.prompt_tokens) + job.request.max_tokens <= cache.max_len
+        outgrown = not lane.batch.free and cache.batch < self.cfg.max_batch_size
         if lane.draining or not lane.batch.free or not fits:
-            lane.draining = lane.draining or not fits
+            lane.draining = lane.draining or not fits or outgrown
             return
         self._unqueue(job)
         row, token, layer = lane.batch.admit(job.lm_inputs)
@@ -266,8 +269,16 @@ class Scheduler:
             lane.batch.release(row)
             del lane.jobs[row]
 
+    def _rows_for(self, key: str) -> int:
+        """Rows of a new batch: the waiting requests of its signature, rounded up to a power of two (at most
+        max_batch_size). Every row costs compute each step, occupied or not, so a lone request decodes in a small
+        batch; a batch that more requests outgrow stops admitting, drains, and reopens larger."""
+        with self.cond:
+            demand = sum(1 for job in self.waiting if job.batched and signature(job.options) == key)
+        return min(self.cfg.max_batch_size, 1 << max(demand - 1, 0).bit_length())
+
     def _session(self, key: str) -> DecodeSession:
-        session = self.sessions.pop(key, None) or DecodeSession(max_entries=1)
+        session = self.sessions.pop(key, None) or DecodeSession(max_entries=3)  # a few row counts
         self.sessions[key] = session
         while len(self.sessions) > 2 * MAX_LANES:
             oldest = next(k for k in self.sessions if k not in self.lanes)
