@@ -19,8 +19,8 @@ class PieceTokenizer:
         return text.replace(" caf", " caf\ufffd") if ids and ids[-1] == 7 else text
 
 
-def _run(tokens, stop=(), max_tokens=20):
-    stream = TextStream(PieceTokenizer(), [EOS], max_tokens, list(stop))
+def _run(tokens, stop=(), max_tokens=20, incremental=True):
+    stream = TextStream(PieceTokenizer(), [EOS], max_tokens, list(stop), incremental)
     sent = []
     for token in tokens:
         sent.append(stream.push(token))
@@ -35,6 +35,13 @@ def test_deltas_add_up_to_the_text_and_eos_stops():
     assert stream.sent == "a cat on the mat" and stream.finish_reason == "stop" and len(stream.tokens) == 6
 
 
+def test_a_text_not_streamed_comes_whole_at_the_end():
+    sent, stream = _run([1, 2, 3, 4, 5, EOS], incremental=False)
+    assert sent == ["", "", "", "", "", "a cat on the mat"] and stream.finish_reason == "stop"
+    sent, stream = _run([1, 2, 3, 4, 5], stop=[" the"], incremental=False)  # stop strings are watched all along
+    assert "".join(sent) == "a cat on" and stream.finish_reason == "stop" and len(stream.tokens) == 4
+
+
 def test_max_tokens_ends_with_length():
     sent, stream = _run([1, 2, 3], max_tokens=3)
     assert "".join(sent) == "a cat on" and stream.finish_reason == "length"
@@ -45,7 +52,7 @@ def test_a_stop_string_across_tokens_is_never_sent_in_part():
     assert "".join(sent) == "a ca" and stream.finish_reason == "stop"
     assert all("t" not in piece for piece in sent), "no prefix of the stop string went out"
     sent, stream = _run([1, 2, 3, 4, 5], stop=["dog"])
-    assert "".join(sent) == "a cat on the m" and stream.finish_reason is None, "'at' waits: it could begin 'dog'"
+    assert "".join(sent) == "a cat on the m" and stream.finish_reason is None, "the last 2 characters wait"
     sent, stream = _run([1, 2, 3, 4, 5, EOS], stop=["dog"])
     assert "".join(sent) == "a cat on the mat", "sent in full once finished"
 

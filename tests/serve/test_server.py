@@ -332,3 +332,24 @@ def test_concurrent_clients_each_get_their_answer(server, client):
         got = list(pool.map(lambda a: client.chat.completions.create(
             model="freevlm", messages=messages(a[0], a[1]), max_tokens=a[2]).choices[0].message.content, asks))
     assert got == want
+
+
+def test_a_fault_in_a_decode_step_fails_only_that_batch(server, client):
+    url, app, (text, _, _) = server
+    scheduler = app.state.scheduler
+    step = scheduler._step
+
+    def faulty(key, lane):  # the batch's next step raises, once
+        def boom():
+            raise RuntimeError("injected fault")
+
+        lane.batch.step = boom
+        scheduler._step = step
+        step(key, lane)
+
+    scheduler._step = faulty
+    status, body = _chat(url)
+    assert status == 500 and body["error"]["code"] == "internal_error" and body["error"]["type"] == "server_error"
+    assert scheduler.busy_rows() == 0 and not scheduler.lanes
+    answer = client.chat.completions.create(model="freevlm", messages=messages(PROMPT, COLOUR), max_tokens=MAX_TOKENS)
+    assert answer.choices[0].message.content == text, "the server goes on"

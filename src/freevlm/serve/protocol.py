@@ -277,8 +277,9 @@ class TextStream:
     decodes), cut before the first stop string; text that may still turn into a stop string, or an incomplete
     character, is held back until it cannot, so the deltas sent add up to the final text."""
 
-    def __init__(self, tokenizer, eos_ids: list[int], max_tokens: int, stop: list[str]):
+    def __init__(self, tokenizer, eos_ids: list[int], max_tokens: int, stop: list[str], incremental: bool = True):
         self.tokenizer, self.eos, self.max_tokens, self.stop = tokenizer, set(eos_ids), max_tokens, stop
+        self.incremental = incremental  # False: the text is wanted at the end only (not streamed), so decoded once
         self.tokens: list[int] = []
         self.sent = ""  # the text sent so far
         self.finish_reason: str | None = None  # stop | length, once finished
@@ -290,6 +291,8 @@ class TextStream:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.max_tokens:
             self.finish_reason = "length"
+        if not (self.incremental or self.stop or self.finish_reason):
+            return ""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
         cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if cuts:

@@ -313,7 +313,8 @@ class Scheduler:
                 del lane.jobs[row]
 
     def _start(self, job: Job) -> None:
-        job.text = TextStream(self.tokenizer, self.eos, job.request.max_tokens, job.request.stop)
+        job.text = TextStream(self.tokenizer, self.eos, job.request.max_tokens, job.request.stop,
+                              incremental=job.request.stream)
         job.deliver(("started", job.prompt_tokens))
 
     def _push(self, job: Job, token: int, layer: int) -> bool:
