@@ -183,6 +183,8 @@ BAD_REQUESTS = {  # name: (body, status, param, code)
     "oversized image pixels": (_with_image(_b64(png("red", 300))), 400, "messages", "image_too_large"),
     "oversized prompt": (_with_image(data_url("red"), "a photo of " * 40), 400, "messages",
                          "context_length_exceeded"),
+    "prompt far too long to read": (_with_image(data_url("red"), "word " * 1000), 400, "messages",
+                                    "context_length_exceeded"),
     "prompt and max_tokens past the context": ({**GOOD, "max_tokens": 63}, 400, "max_tokens",
                                                "context_length_exceeded"),
     "remote image URL": (_with_image("https://example.com/cat.png"), 400, "messages", "remote_image_refused"),

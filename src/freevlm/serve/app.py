@@ -63,7 +63,6 @@ def sse(data: dict | str) -> str:
 def build_app(vlm: EarlyExitVLM, cfg: ServeConfig) -> FastAPI:
     metrics = Metrics(vlm.backbone.lm.num_layers)
     scheduler = Scheduler(vlm, cfg, metrics)
-    tokenizer = vlm.backbone.processor.tokenizer
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,7 +128,7 @@ def build_app(vlm: EarlyExitVLM, cfg: ServeConfig) -> FastAPI:
         authorize(request)
         try:
             body = await read_body(request)
-            req = await run_in_threadpool(parse_chat, body, cfg, tokenizer, vlm.exits is not None)
+            req = await run_in_threadpool(parse_chat, body, cfg, vlm.exits is not None)
         except RequestError:
             metrics.count_rejected()
             raise

@@ -33,6 +33,9 @@ UNSUPPORTED = {"tools": None, "functions": None, "tool_choice": None, "logit_bia
                "top_logprobs": None, "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "prediction": None}
 
 
+PROMPT_CHARS_PER_TOKEN = 32  # a prompt longer than this many characters per allowed token is refused unread
+
+
 class RequestError(Exception):
     """A request the server refuses: HTTP `status` and an OpenAI-style error body."""
 
@@ -79,9 +82,10 @@ def parse_json(body: bytes) -> dict:
     return data
 
 
-def parse_chat(body: bytes, cfg: ServeConfig, tokenizer, exits_loaded: bool) -> ChatRequest:
+def parse_chat(body: bytes, cfg: ServeConfig, exits_loaded: bool) -> ChatRequest:
     """A chat-completions body checked against the operator's limits; the image decoded (this runs off the event
-    loop: decoding an image is CPU work)."""
+    loop: decoding an image is CPU work). The prompt's tokens are counted on the scheduler thread, since a fast
+    tokenizer must not be used from two threads at once (the processor changes its padding state)."""
     data = parse_json(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
@@ -96,7 +100,7 @@ def parse_chat(body: bytes, cfg: ServeConfig, tokenizer, exits_loaded: bool) -> 
     if n != 1 or isinstance(n, bool):
         raise RequestError(f"'n' must be 1 (one choice per request), got {n!r}", "n", "invalid_value")
     image, prompt = parse_messages(data.get("messages"), cfg)
-    if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > cfg.max_prompt_tokens:
+    if len(prompt) > PROMPT_CHARS_PER_TOKEN * cfg.max_prompt_tokens:  # the token count is the scheduler's to take
         raise RequestError(f"the prompt is longer than {cfg.max_prompt_tokens} tokens", "messages",
                            "context_length_exceeded")
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))

@@ -219,6 +219,10 @@ class Scheduler:
         """The job's LM inputs (vision encoder and projection); False (and the job failed) if it cannot fit."""
         if job.lm_inputs is not None:
             return True
+        if len(self.tokenizer(job.request.prompt, add_special_tokens=False)["input_ids"]) > self.cfg.max_prompt_tokens:
+            self._fail(job, RequestError(f"the prompt is longer than {self.cfg.max_prompt_tokens} tokens", "messages",
+                                         "context_length_exceeded"))
+            return False
         try:
             job.lm_inputs = self.vlm.prepare([job.request.image], [job.request.prompt])
         except FreeVLMError as err:
