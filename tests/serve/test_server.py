@@ -283,6 +283,31 @@ def test_a_client_leaving_mid_stream_frees_its_row():
         assert _chat(url, mode="full", max_tokens=5)[0] == 200  # the server goes on
 
 
+def test_a_client_leaving_before_its_answer_frees_its_row():
+    """Not streamed: the server notices the closed connection while the request decodes and cancels it."""
+    with serve_in_thread(tiny_vlm(), config(max_columns=128)) as (url, app):
+        scheduler = app.state.scheduler
+        go_on, step = threading.Event(), scheduler._step
+
+        def paused_step(key, lane):
+            step(key, lane)
+            go_on.wait(30)
+
+        scheduler._step = paused_step
+        where = urlparse(url)
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        body = {"model": "freevlm", "messages": messages(PROMPT, "red"), "max_tokens": 100, "mode": "full"}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        wait_until(lambda: scheduler.busy_rows() == 1, "the request decodes")
+        (job,) = [job for lane in list(scheduler.lanes.values()) for job in list(lane.jobs.values())]
+        conn.sock.shutdown(2)
+        conn.close()
+        wait_until(job.cancelled.is_set, "the server noticed the client leave")
+        go_on.set()
+        wait_until(lambda: scheduler.busy_rows() == 0, "the row freed")
+        assert metrics(url)['freevlm_requests_total{mode="full",outcome="cancelled"}'] == 1
+
+
 def test_the_api_key_guards_the_v1_routes():
     with serve_in_thread(tiny_vlm(), config(api_key="sekrit")) as (url, _):
         status, body = _chat(url)

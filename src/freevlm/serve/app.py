@@ -152,17 +152,26 @@ def build_app(vlm: EarlyExitVLM, cfg: ServeConfig) -> FastAPI:
         if req.stream:
             return JobStream(stream(job, events, cid, req.model, req.include_usage), job)
         try:
-            return await complete(events, cid, req.model)
+            return await complete(events, cid, req.model, request)
         finally:
-            job.cancel()  # a no-op once done; frees the row if this handler was cancelled
+            job.cancel()  # a no-op once done; frees the row if the client left or this handler was cancelled
 
     return app
 
 
-async def complete(events: asyncio.Queue, cid: str, model: str) -> dict:
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+async def complete(events: asyncio.Queue, cid: str, model: str, request: Request) -> dict | None:
+    """The whole answer, once done; None if the client went away first (the caller then cancels the job)."""
     text = []
     while True:
-        event = await events.get()
+        try:
+            event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+            continue
         if event[0] == "delta":
             text.append(event[1])
         elif event[0] == "done":
