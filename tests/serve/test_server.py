@@ -380,3 +380,21 @@ def test_a_fault_in_a_decode_step_fails_only_that_batch(server, client):
     wait_until(lambda: scheduler.busy_rows() == 0 and not scheduler.lanes, "the failed batch closed")
     answer = client.chat.completions.create(model="freevlm", messages=messages(PROMPT, COLOUR), max_tokens=MAX_TOKENS)
     assert answer.choices[0].message.content == text, "the server goes on"
+
+
+def test_a_request_the_model_cannot_prepare_fails_alone(server, client, monkeypatch):
+    url, app, (text, _, _) = server
+    vlm = app.state.scheduler.vlm
+    prepare = vlm.prepare
+
+    def refuse_red(images, prompts, **kw):
+        if images[0].getpixel((0, 0)) == (255, 0, 0):
+            raise ValueError("the processor refuses this image")
+        return prepare(images, prompts, **kw)
+
+    monkeypatch.setattr(vlm, "prepare", refuse_red)
+    status, body = post(url + "/v1/chat/completions", {**GOOD, "messages": messages(PROMPT, "red"), "max_tokens": 4})
+    assert status == 400 and body["error"]["code"] == "invalid_input"
+    assert "refuses this image" in body["error"]["message"]
+    answer = client.chat.completions.create(model="freevlm", messages=messages(PROMPT, COLOUR), max_tokens=MAX_TOKENS)
+    assert answer.choices[0].message.content == text

@@ -170,7 +170,12 @@ class Scheduler:
                     if self.stopping:
                         break
                 with self.hold:
-                    self._tick()
+                    try:
+                        self._tick()
+                    except Exception:  # a bug must not end the thread: the server would hang, not fail
+                        log.exception("a scheduler tick failed")
+                        self._fail_running(RequestError("decoding failed: internal error", code="internal_error",
+                                                        status=500, kind="server_error"))
                 with self.cond:
                     self.cond.notify_all()  # `stop` waits for the work to drain
             self._cancel_everything()
@@ -206,9 +211,8 @@ class Scheduler:
                     self._unqueue(job)
                     self._decode_alone(job)
                 continue
-            if self.busy_rows() >= self.cfg.max_batch_size:
-                break
-            self._admit_one(job)
+            if self.busy_rows() < self.cfg.max_batch_size:
+                self._admit_one(job)
 
     def _unqueue(self, job: Job) -> None:
         with self.cond:
@@ -225,8 +229,9 @@ class Scheduler:
             return False
         try:
             job.lm_inputs = self.vlm.prepare([job.request.image], [job.request.prompt])
-        except FreeVLMError as err:
-            self._fail(job, RequestError(f"the request could not be prepared: {err}", "messages"))
+        except Exception as err:  # the image or prompt the processor refuses: this request fails, no other
+            self._fail(job, RequestError(f"the request could not be prepared: {type(err).__name__}: "
+                                         f"{' '.join(str(err).split())}", "messages", "invalid_input"))
             return False
         job.prompt_tokens = int(job.lm_inputs.inputs_embeds.shape[1])
         return True
@@ -378,6 +383,16 @@ class Scheduler:
     def _fail(self, job: Job, error: RequestError, outcome: str = "failed") -> None:
         self.metrics.count_request(job.options.mode, outcome, job.prompt_tokens)
         job.deliver(("error", error))
+
+    def _fail_running(self, error: RequestError) -> None:
+        """Fail every request holding a row, close every batch, forget their buffers."""
+        for lane in self.lanes.values():
+            for job in lane.jobs.values():
+                self._fail(job, error)
+        self.lanes.clear()
+        self.sessions.clear()
+        self.alone = None
+        self._publish_load()
 
     def _cancel_everything(self) -> None:
         error = RequestError(SHUTTING_DOWN, code="server_shutting_down", status=503, kind="server_error")
