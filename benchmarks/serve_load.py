@@ -12,7 +12,7 @@ run that measures the machinery, not FREE's exits), or `--real` (the real VLM fr
 
     python benchmarks/serve_load.py --run runs/demo [--train]
     python benchmarks/serve_load.py --random --requests 16
-    python benchmarks/serve_load.py --real --real-run runs/real --clients 1 8
+    python benchmarks/serve_load.py --real --real-only --real-run runs/real --clients 1 8
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--train", action="store_true", help="train what the demo run lacks first")
     p.add_argument("--random", action="store_true", help="the toy's architecture with random weights (quick)")
     p.add_argument("--real", action="store_true", help="the real VLM from `make real` (skipped if not built)")
+    p.add_argument("--real-only", action="store_true", help="with --real: skip the toy")
     p.add_argument("--real-run", type=Path, default=Path("runs/real"))
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -170,7 +171,7 @@ def measure(vlm: EarlyExitVLM, images: list[bytes], name: str, args) -> list[dic
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = [load_toy(args)]
+    models = [] if args.real and args.real_only else [load_toy(args)]
     if args.real:
         models.append(load_real(args))
     rows = []

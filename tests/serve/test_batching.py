@@ -161,3 +161,23 @@ def test_a_batch_outgrown_by_waiting_requests_reopens_larger():
             got = [first.result()] + [f.result() for f in rest]
     assert got == want
     assert rows[0] == 1 and max(rows) == 4
+
+
+def test_which_requests_decode_at_step_level():
+    """The table of docs/serving.md."""
+    from freevlm.serve.scheduler import steps_in_batch
+
+    opt, t5 = tiny_vlm("blip2-opt"), tiny_vlm("blip2-t5")
+    cases = [  # (vlm, options, sampling, batched)
+        (opt, DecodeOptions(mode="full"), False, True),
+        (opt, DecodeOptions(kv_policy="propagate"), False, True),
+        (opt, DecodeOptions(kv_policy="copy"), False, True),
+        (opt, DecodeOptions(kv_policy="catch_up"), False, False),
+        (opt, DecodeOptions(gates="plan/gates"), False, False),
+        (opt, DecodeOptions(mode="speculative"), False, False),
+        (opt, DecodeOptions(), True, False),
+        (opt, DecodeOptions(mode="full"), True, False),
+        (t5, DecodeOptions(mode="full"), False, False),
+        (t5, DecodeOptions(), False, False),
+    ]
+    assert [steps_in_batch(vlm, options, sampling) for vlm, options, sampling, _ in cases] == [c[-1] for c in cases]

@@ -4,11 +4,12 @@ Requests wait in a FIFO queue. Each tick the scheduler admits what fits, steps e
 each request its new text, and frees the rows of requests that finished or whose client went away.
 
 Which requests batch at step level (docs/serving.md): greedy requests (temperature 0) on a decoder-only LM in mode
-`full`, or `early_exit` under the propagate / copy KV policies. They decode in a `RowBatch` (`session.py`) per decoding
-signature (mode, threshold): a request is prefilled into a free row between two steps and leaves when done, and it
-gets the tokens it gets alone (`EarlyExitVLM.generate`). Every other request (sampling, `speculative`, the catch_up
-policy, encoder-decoder LMs) is decoded alone by `EarlyExitVLM.generate`, on this thread between two steps of the
-running batches, which wait for it; one such request per tick, so they cannot starve the batches.
+`full`, or `early_exit` under the propagate / copy KV policies without gates. They decode in a `RowBatch`
+(`session.py`) per decoding signature (mode, threshold): a request is prefilled into a free row between two steps
+and leaves when done, and it gets the tokens it gets alone (`EarlyExitVLM.generate`). Every other request (sampling,
+`speculative`, the catch_up policy, gates, encoder-decoder LMs) is decoded alone by `EarlyExitVLM.generate`, on this
+thread between two steps of the running batches, which wait for it; one such request per tick, so they cannot
+starve the batches.
 
 A batch's KV cache has `max_columns` columns and every row writes the same column each step, so columns are used up
 as the batch runs: a request is admitted only where its prompt and max_tokens still fit; otherwise the batch stops
@@ -45,10 +46,12 @@ SHUTTING_DOWN = "the server is shutting down"
 
 
 def steps_in_batch(vlm: EarlyExitVLM, options: DecodeOptions, sampling: bool) -> bool:
-    """Whether a request decodes at step level in a shared batch (else alone, between steps)."""
+    """Whether a request decodes at step level in a shared batch (else alone, between steps). Gated exits (a plan's
+    gates) decode alone: a closed gate leaves exit K/V owed to its row's columns, to be written later, and a row
+    released and reused in between would receive them."""
     return (not sampling and options.mode in ("full", "early_exit") and options.num_beams == 1
             and not vlm.backbone.lm.is_encoder_decoder
-            and (options.mode == "full" or options.kv_policy in ("propagate", "copy")))
+            and (options.mode == "full" or (options.kv_policy in ("propagate", "copy") and options.gates is None)))
 
 
 @dataclass
