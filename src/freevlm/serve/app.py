@@ -140,12 +140,19 @@ def build_app(vlm: EarlyExitVLM, cfg: ServeConfig) -> FastAPI:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = scheduler.job(req, deliver)
-        scheduler.submit(job)
         try:
-            first = await events.get()  # started, or refused: the status is known before anything is sent
-        except asyncio.CancelledError:
-            job.cancel()
+            scheduler.submit(job)
+        except RequestError:  # the queue is full, or the server is stopping
+            metrics.count_rejected()
             raise
+        first = None
+        try:  # started, or refused: the status is known before anything is sent
+            first = await next_event(events, request)
+        finally:
+            if first is None:  # the client left (or this handler was cancelled) while the request waited
+                job.cancel()
+        if first is None:
+            return None
         if first[0] == "error":
             raise first[1]
         cid = completion_id()
@@ -162,16 +169,23 @@ def build_app(vlm: EarlyExitVLM, cfg: ServeConfig) -> FastAPI:
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
+async def next_event(events: asyncio.Queue, request: Request) -> tuple | None:
+    """The job's next event; None once the client has gone away (checked every DISCONNECT_POLL_S)."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
 async def complete(events: asyncio.Queue, cid: str, model: str, request: Request) -> dict | None:
     """The whole answer, once done; None if the client went away first (the caller then cancels the job)."""
     text = []
     while True:
-        try:
-            event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
-            continue
+        event = await next_event(events, request)
+        if event is None:
+            return None
         if event[0] == "delta":
             text.append(event[1])
         elif event[0] == "done":

@@ -70,6 +70,7 @@ class Job:
     lm_inputs: object = None  # prepared once, kept while the job waits for room
     seed: int | None = None
     speculative: dict | None = None
+    key: str = ""  # the decoding signature (`signature`): which batch the job decodes in
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -130,7 +131,8 @@ class Scheduler:
                           max_new_tokens=request.max_tokens)
         if options.mode == "full":
             options = replace(options, kv_policy="propagate")  # no exits, nothing skipped: one batch for full depth
-        return Job(request, options, steps_in_batch(self.vlm, options, request.sampling), deliver)
+        return Job(request, options, steps_in_batch(self.vlm, options, request.sampling), deliver,
+                   key=signature(options))
 
     def submit(self, job: Job) -> None:
         with self.cond:
@@ -248,7 +250,7 @@ class Scheduler:
         return False
 
     def _admit_one(self, job: Job) -> None:
-        key = signature(job.options)
+        key = job.key
         lane = self.lanes.get(key)
         if lane is None and len(self.lanes) >= MAX_LANES:
             return
@@ -286,7 +288,7 @@ class Scheduler:
         max_batch_size). Every row costs compute each step, occupied or not, so a lone request decodes in a small
         batch; a batch that more requests outgrow stops admitting, drains, and reopens larger."""
         with self.cond:
-            demand = sum(1 for job in self.waiting if job.batched and signature(job.options) == key)
+            demand = sum(1 for job in self.waiting if job.batched and job.key == key)
         return min(self.cfg.max_batch_size, 1 << max(demand - 1, 0).bit_length())
 
     def _session(self, key: str) -> DecodeSession:
