@@ -57,11 +57,11 @@ def test_overlapping_requests_get_what_they_get_alone(operator):
     want = [_alone(vlm, options, *r) for r in REQUESTS]  # before the server: one thread decodes at a time
     with serve_in_thread(vlm, config(options=options)) as (url, app):
         scheduler = app.state.scheduler
-        steps = []  # per batch step: (the batch, the requests in it)
+        steps = []  # per batch step: (the batch, the requests in it), the objects kept so that ids stay unique
         step = scheduler._step
 
         def spy(key, lane):
-            steps.append((id(lane), frozenset(id(job) for job in lane.jobs.values())))
+            steps.append((lane, list(lane.jobs.values())))
             step(key, lane)
 
         scheduler._step = spy
@@ -69,13 +69,14 @@ def test_overlapping_requests_get_what_they_get_alone(operator):
         with ThreadPoolExecutor(len(REQUESTS)) as pool:
             with scheduler.hold:  # every request waits, so they all overlap once the scheduler runs
                 futures = []
-                for prompt, colour, max_tokens, fields in REQUESTS:
+                for i, (prompt, colour, max_tokens, fields) in enumerate(REQUESTS):
                     extension = {k: fields[k] for k in ("mode", "threshold") if k in fields}
                     sampling = {k: fields[k] for k in ("temperature", "top_p", "seed") if k in fields}
                     futures.append(pool.submit(
                         client.chat.completions.create, model="freevlm", messages=messages(prompt, colour),
                         max_tokens=max_tokens, extra_body=extension, **sampling))
-                wait_until(lambda: len(scheduler.waiting) == len(REQUESTS), "every request queued")
+                    # queued in this order, so the schedule (who joins and leaves when) is the same every run
+                    wait_until(lambda n=i + 1: len(scheduler.waiting) == n, "the request queued")
             answers = [f.result() for f in futures]
     for (prompt, colour, max_tokens, fields), answer, (text, exit_layers, tokens) in zip(REQUESTS, answers, want):
         extra = answer.model_extra["freevlm"]
@@ -89,7 +90,7 @@ def test_overlapping_requests_get_what_they_get_alone(operator):
         assert any(len(jobs) > 1 for _, jobs in steps), "batched requests must share steps"
         by_lane = {}
         for lane, jobs in steps:
-            by_lane.setdefault(lane, []).append(jobs)
+            by_lane.setdefault(id(lane), []).append({id(job) for job in jobs})
         assert any(a != b and a & b for runs in by_lane.values() for a, b in zip(runs, runs[1:])), \
             "a request must join or leave while another one decodes on"
         n = vlm.backbone.lm.num_layers
