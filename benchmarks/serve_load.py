@@ -3,8 +3,11 @@
 A server (the same app `freevlm serve` runs, in a background thread on a free loopback port) takes requests from
 N client threads, each sending its share of `--requests` one after another (raw HTTP, non-streaming; one image and the
 caption prompt each, `--max-tokens` tokens at most). Per (mode, clients): generated tokens per second of wall-clock
-time, the ratio to one client (requests one at a time: the sequential baseline), and the p50 / p95 request latency.
-Bounded: at most `--requests` per cell, and no new request is sent after `--max-seconds`.
+time, the ratio to one client (requests one at a time: the sequential baseline), the p50 / p95 request latency, and
+tokens per CPU-second of this process (server and clients: on a machine shared with other work, the wall clock
+measures the neighbours too; CPU time is what this run used). Every cell runs once per round, the cells interleaved,
+`--rounds` rounds: the medians are reported, so a neighbour's burst falls on every cell alike. Bounded: at most
+`--requests` per cell and round, and no new request is sent after `--max-seconds`.
 
 Models: the toy (the embedded default's trained backbone and FREE exits from a demo run, `--run`; `--train` trains
 what is missing, several CPU minutes), `--random` (the default's architecture with random weights and exits: a quick
@@ -53,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=32, help="requests per (mode, clients) cell")
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--max-seconds", type=float, default=60.0, help="no new request after this, per cell")
+    p.add_argument("--rounds", type=int, default=3, help="each cell runs once per round; medians reported")
     p.add_argument("--threshold", type=float, default=0.8, help="early exit: alpha")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
@@ -116,7 +120,7 @@ def run_cell(url: str, bodies: list[bytes], clients: int, max_seconds: float) ->
     """`clients` threads send `bodies` (round robin), each one request at a time."""
     latencies, tokens, batched = [], [0], []
     lock = threading.Lock()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
 
     def client(mine: list[bytes]) -> None:
         for body in mine:
@@ -134,12 +138,20 @@ def run_cell(url: str, bodies: list[bytes], clients: int, max_seconds: float) ->
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - start
-    ordered = sorted(latencies)
-    return {"clients": clients, "requests": len(latencies), "tokens": tokens[0], "seconds": seconds,
-            "tokens_per_second": tokens[0] / seconds, "p50_s": statistics.median(ordered),
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return {"requests": len(latencies), "tokens": tokens[0], "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "latencies": latencies, "batched": all(batched)}
+
+
+def summary(runs: list[dict]) -> dict:
+    """A cell's rounds: median throughputs, latency percentiles over every request."""
+    ordered = sorted(x for r in runs for x in r["latencies"])
+    return {"rounds": len(runs), "requests": sum(r["requests"] for r in runs), "tokens": sum(r["tokens"] for r in runs),
+            "tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in runs),
+            "tokens_per_cpu_second": statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs),
+            "p50_s": statistics.median(ordered),
             "p95_s": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-            "batched": all(batched)}
+            "batched": all(r["batched"] for r in runs)}
 
 
 def measure(vlm: EarlyExitVLM, images: list[bytes], name: str, args) -> list[dict]:
@@ -150,17 +162,19 @@ def measure(vlm: EarlyExitVLM, images: list[bytes], name: str, args) -> list[dic
     with serve_in_thread(vlm, cfg) as (url, _):
         for mode in modes:  # warm-up: the first request of a mode builds its buffers
             send(url, request_body(images[0], mode, args.max_tokens))
-        for mode in modes:
-            bodies = [request_body(images[i % len(images)], mode, args.max_tokens) for i in range(args.requests)]
-            base = None
-            for clients in args.clients:
-                cell = {"model": name, "mode": mode, **run_cell(url, bodies, clients, args.max_seconds)}
-                base = cell["tokens_per_second"] if clients == 1 else base
-                cell["vs_one_client"] = cell["tokens_per_second"] / base if base else None
-                rows.append(cell)
-                print(f"  {mode:>11} x{clients:<2}: {cell['tokens_per_second']:7.1f} tokens/s "
-                      f"({cell['vs_one_client'] or 0:.2f}x), p50 {cell['p50_s']:.3f} s, p95 {cell['p95_s']:.3f} s, "
-                      f"{cell['requests']} requests", flush=True)
+        bodies = {mode: [request_body(images[i % len(images)], mode, args.max_tokens) for i in range(args.requests)]
+                  for mode in modes}
+        runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in modes for c in args.clients}
+        for r in range(args.rounds):  # interleaved: every cell once per round
+            for mode, clients in runs:
+                runs[(mode, clients)].append(run_cell(url, bodies[mode], clients, args.max_seconds))
+            print(f"  round {r + 1} of {args.rounds} done", flush=True)
+        for (mode, clients), cell_runs in runs.items():
+            cell = {"model": name, "mode": mode, "clients": clients, **summary(cell_runs)}
+            one = summary(runs[(mode, args.clients[0])])
+            cell["vs_one_client"] = cell["tokens_per_second"] / one["tokens_per_second"]
+            cell["cpu_vs_one_client"] = cell["tokens_per_cpu_second"] / one["tokens_per_cpu_second"]
+            rows.append(cell)
         with urllib.request.urlopen(url + "/metrics") as resp:
             tail = [line for line in resp.read().decode().splitlines()
                     if line.startswith(("freevlm_exit_fraction", "freevlm_draft_acceptance"))]
@@ -178,10 +192,11 @@ def main(argv=None) -> None:
     for loaded in filter(None, models):
         print(f"{loaded[2]}:")
         rows += measure(*loaded, args)
-    print(markdown_table(["model", "mode", "clients", "tokens/s", "vs 1 client", "p50 latency s", "p95 latency s",
-                          "step-level batched"],
+    print(markdown_table(["model", "mode", "clients", "tokens/s", "vs 1 client", "tokens/CPU-s", "vs 1 client",
+                          "p50 latency s", "p95 latency s", "step-level batched"],
                          [[r["model"], r["mode"], r["clients"], round(r["tokens_per_second"], 1),
-                           round(r["vs_one_client"], 2), round(r["p50_s"], 3), round(r["p95_s"], 3), r["batched"]]
+                           round(r["vs_one_client"], 2), round(r["tokens_per_cpu_second"], 1),
+                           round(r["cpu_vs_one_client"], 2), round(r["p50_s"], 3), round(r["p95_s"], 3), r["batched"]]
                           for r in rows]))
     write_json(args.out, {"system": system_info(), "settings": {k: str(v) for k, v in vars(args).items()},
                           "cells": rows})
