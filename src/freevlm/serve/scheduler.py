@@ -115,7 +115,7 @@ class Scheduler:
         self.alone: Job | None = None  # the request decoding alone right now
         # Each signature's batch decodes in a session of its own: a session entry is keyed by shapes and what graphs
         # bake in, not by the criterion's threshold, so two batches that differ only there would share one cache.
-        # Kept while the batch closes and reopens (its buffers reused), the least recently used dropped past a few.
+        # Kept while the batch closes and reopens (its buffers reused), the least recently used dropped (`_session`).
         self.sessions: OrderedDict[str, DecodeSession] = OrderedDict()
         self.accepting = True
         self.stopping = False
@@ -292,9 +292,13 @@ class Scheduler:
         return min(self.cfg.max_batch_size, 1 << max(demand - 1, 0).bit_length())
 
     def _session(self, key: str) -> DecodeSession:
-        session = self.sessions.pop(key, None) or DecodeSession(max_entries=3)  # a few row counts
+        # One entry per signature (a batch reopened with another row count replaces it) and no more sessions than
+        # batches may run: each entry is a KV cache of rows x columns x layers, the server's largest allocation.
+        session = self.sessions.pop(key, None)
+        if session is None:  # (not `or`: an empty session is falsy)
+            session = DecodeSession(max_entries=1)
         self.sessions[key] = session
-        while len(self.sessions) > 2 * MAX_LANES:
+        while len(self.sessions) > MAX_LANES:
             oldest = next(k for k in self.sessions if k not in self.lanes)
             del self.sessions[oldest]
         return session
