@@ -182,3 +182,38 @@ def test_which_requests_decode_at_step_level():
         (t5, DecodeOptions(), False, False),
     ]
     assert [steps_in_batch(vlm, options, sampling) for vlm, options, sampling, _ in cases] == [c[-1] for c in cases]
+
+
+def test_requests_admitted_together_share_a_vision_call_with_the_same_inputs():
+    """Requests with one prompt text, admitted in one tick, are prepared in one call (one vision-encoder batch): each
+    row's inputs equal those of a call of its own, bit for bit (else a request could decode otherwise than alone)."""
+    from freevlm.serve.metrics import Metrics
+    from freevlm.serve.protocol import ChatRequest
+    from freevlm.serve.scheduler import Scheduler
+    from tests.serve.conftest import image
+
+    vlm = tiny_vlm()
+    scheduler = Scheduler(vlm, config(), Metrics(vlm.backbone.lm.num_layers))
+    colours = ["red", "blue", "green"]
+    jobs = [scheduler.job(ChatRequest("freevlm", image(c), "a photo of", 5, "early_exit", THRESHOLD), print)
+            for c in colours]
+    calls = []
+    prepare = vlm.prepare
+
+    def counted(images, prompts, **kw):
+        calls.append(len(images))
+        return prepare(images, prompts, **kw)
+
+    vlm.prepare = counted
+    try:
+        with torch.no_grad():
+            scheduler._prepare_together(jobs)
+    finally:
+        del vlm.prepare
+    assert calls == [3], "one call for the three"
+    with torch.no_grad():
+        for job, colour in zip(jobs, colours):
+            alone = vlm.prepare([image(colour)], ["a photo of"])
+            assert torch.equal(job.lm_inputs.inputs_embeds, alone.inputs_embeds)
+            assert torch.equal(job.lm_inputs.attention_mask, alone.attention_mask)
+            assert torch.equal(job.lm_inputs.input_ids, alone.input_ids)

@@ -18,6 +18,7 @@ class ServeConfig:
     min_threshold: float = 0.0  # the lowest early-exit threshold a request may ask for (a quality floor)
     max_batch_size: int = 8  # requests decoded side by side (rows of the running batch)
     max_columns: int = 512  # KV-cache columns of a batch: a request's prompt plus max_tokens must fit
+    batch_vision: bool = True  # requests admitted together with one prompt text share one vision-encoder call
     default_max_tokens: int = 64  # max_tokens when a request gives none
     max_prompt_tokens: int = 256  # longer text prompts are refused (400) before any work
     max_image_bytes: int = 8 * MiB  # larger encoded images are refused (400)
