@@ -18,7 +18,7 @@ import types
 import typing
 from pathlib import Path
 
-from freevlm.commands import demo, evaluate, generate, make_data, plan, pretrain, reproduce, sweep, train
+from freevlm.commands import demo, evaluate, generate, make_data, plan, pretrain, reproduce, serve, sweep, train
 from freevlm.errors import FreeVLMError
 
 COMMANDS = {
@@ -32,6 +32,7 @@ COMMANDS = {
     "sweep": sweep.sweep,
     "plan": plan.plan,
     "reproduce": reproduce.reproduce,
+    "serve": serve.serve,
 }
 
 

@@ -26,7 +26,7 @@ from freevlm.exits import ExitStack, load_exits
 from freevlm.generation.criteria import Gated, make_criterion
 from freevlm.generation.decode import DecodeSettings, GenerationResult, generate_from_inputs
 from freevlm.generation.kv import SkipPolicy
-from freevlm.generation.session import DecodeSession
+from freevlm.generation.session import DecodeSession, RowBatch
 from freevlm.generation.speculative import DraftSettings
 from freevlm.generation.vocab import head_subset, load_token_ranking
 from freevlm.train.batches import encode_prompts
@@ -146,16 +146,33 @@ class EarlyExitVLM:
 
     @torch.no_grad()
     def generate(self, images, prompts: list[str], options: DecodeOptions | None = None, *, pixel_noise: float = 0.0,
-                 noise_seed: int = 0, tokenizer_decode: bool = True, **overrides) -> GenerationResult:
+                 noise_seed: int = 0, tokenizer_decode: bool = True, lm_inputs=None, **overrides) -> GenerationResult:
         """Generate for a batch of images (PIL images or paths) and prompts; `overrides` set DecodeOptions fields
         (`use_exits=False` is short for `mode="full"`) or are transformers-named generation settings
-        (length_penalty, do_sample, top_p, num_return_sequences, ...)."""
+        (length_penalty, do_sample, top_p, num_return_sequences, ...). `lm_inputs`: what `prepare` made of the images
+        and prompts already (they are then not read)."""
         opts = options or DecodeOptions()
         fields = set(DecodeOptions.__dataclass_fields__)
         if overrides.pop("use_exits", True) is False:
             overrides["mode"] = "full"
         opts = DecodeOptions(**{**opts.__dict__, **{k: v for k, v in overrides.items() if k in fields}})
         hf_kwargs = {k: v for k, v in overrides.items() if k not in fields}
+        if lm_inputs is None:
+            lm_inputs = self.prepare(images, prompts, pixel_noise=pixel_noise, noise_seed=noise_seed)
+        criterion, draft, exits, subset = self._decoding(opts, hf_kwargs)
+        tokenizer = self.backbone.processor.tokenizer if tokenizer_decode else None
+        return generate_from_inputs(
+            self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft, check_layers=opts.exit_layers,
+            head_subset=subset,
+            policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
+            generation_config=self.backbone.model.generation_config, max_new_tokens=opts.max_new_tokens,
+            num_beams=opts.num_beams, max_cache_gb=opts.max_cache_gb, session=self.session, **hf_kwargs,
+        )
+
+    @torch.no_grad()
+    def prepare(self, images, prompts: list[str], *, pixel_noise: float = 0.0, noise_seed: int = 0):
+        """The LM inputs of images (PIL images or paths) and prompts, as `generate` decodes them: processor, vision
+        encoder, projection (`VLMBackbone.prepare`)."""
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
         enc = encode_prompts(self.backbone, pil, prompts, padding_side="left")
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -167,7 +184,23 @@ class EarlyExitVLM:
                 noise = noise * pixels.flatten(2).ne(0).any(-1)[..., None, None, None]
             pixels = pixels + noise
         ids, mask = enc.pop("input_ids"), enc.pop("attention_mask")
-        lm_inputs = self.backbone.prepare(pixels, ids, mask, **enc)
+        return self.backbone.prepare(pixels, ids, mask, **enc)
+
+    def rows(self, options: DecodeOptions, *, rows: int, columns: int, session: DecodeSession | None = None,
+             static: bool | None = None) -> RowBatch:
+        """A `RowBatch` (continuous batching: prompts from `prepare` admitted and rows released between steps) that
+        decodes greedily as `generate` does with `options`: full depth, or early exit under the propagate / copy
+        policies; decoder-only LMs (`DecodeSession.rows` refuses the rest). In `session` (default: this VLM's)."""
+        if options.mode == "speculative":
+            raise FreeVLMError("speculative rounds are not decoded in a row batch: use generate")
+        criterion, _, exits, subset = self._decoding(options, {})
+        return (session if session is not None else self.session).rows(  # an empty session is falsy (len 0)
+            self.backbone.lm, exits, rows=rows, columns=columns, criterion=criterion,
+            policy=SkipPolicy(options.kv_policy, options.propagate_from), check_layers=options.exit_layers,
+            head_subset=subset, static=static, generation_config=self.backbone.model.generation_config)
+
+    def _decoding(self, opts: DecodeOptions, hf_kwargs: dict):
+        """(criterion, draft settings, exits, head subset) of a mode: what `generate` and `rows` decode with."""
         criterion = draft = None
         exits = self.exits if opts.uses_exits else None
         if opts.mode == "speculative":
@@ -180,16 +213,9 @@ class EarlyExitVLM:
             criterion = make_criterion(opts.criterion, opts.threshold)
             if opts.gates is not None:
                 criterion = Gated(criterion, self.load_gates(opts.gates), opts.gate_threshold)
-        tokenizer = self.backbone.processor.tokenizer if tokenizer_decode else None
         subset = None
         if opts.head_subset is not None and opts.uses_exits:
             lm, config = self.backbone.lm, self.backbone.model.generation_config
             eos = DecodeSettings.from_kwargs(config, lm.config, **hf_kwargs).eos_token_id
             subset = self._subset(self._ranking(opts.token_ranking), opts.head_subset, eos, lm.vocab_size)
-        return generate_from_inputs(
-            self.backbone.lm, exits, lm_inputs, criterion=criterion, draft=draft, check_layers=opts.exit_layers,
-            head_subset=subset,
-            policy=SkipPolicy(opts.kv_policy, opts.propagate_from), tokenizer=tokenizer,
-            generation_config=self.backbone.model.generation_config, max_new_tokens=opts.max_new_tokens,
-            num_beams=opts.num_beams, max_cache_gb=opts.max_cache_gb, session=self.session, **hf_kwargs,
-        )
+        return criterion, draft, exits, subset
