@@ -28,7 +28,7 @@ def serve(
     allowed_modes: list[str] | None = None, min_threshold: float | None = None, host: str = "127.0.0.1",
     port: int = 8000, max_batch_size: int = 8, max_columns: int = 512, max_tokens: int = 64,
     allowed_image_dir: Path | None = None, api_key: str | None = None, model_name: str | None = None,
-    shutdown_grace: float = 30.0,
+    shutdown_grace: float = 30.0, draft_exits: Path | None = None,
 ) -> None:
     """Serve the VLM over HTTP, OpenAI-compatible (POST /v1/chat/completions, GET /v1/models, /health, /metrics).
 
@@ -53,6 +53,7 @@ def serve(
     api_key: require 'Authorization: Bearer KEY' on /v1 (default: the FREEVLM_API_KEY environment variable, if set)
     model_name: the model id clients send (default: the backbone folder's name)
     shutdown_grace: seconds in-flight requests get to finish on shutdown (Ctrl-C) before they are cancelled
+    draft_exits: speculative: separate drafting exits (e.g. train-exits --variant kd, one layer); default: --exits
     """
     threshold, kv_policy = checked_decoding(plan, mode, criterion, threshold, kv_policy, 1, max_tokens, draft_layer,
                                             draft_length, draft_threshold, None, None)
@@ -70,14 +71,14 @@ def serve(
     if allowed_image_dir is not None and not Path(allowed_image_dir).is_dir():
         raise FreeVLMError(f"--allowed-image-dir is not a folder: {allowed_image_dir}")
     api_key = api_key if api_key is not None else os.environ.get("FREEVLM_API_KEY") or None
-    check_inputs(backbone, exits)
+    check_inputs(backbone, exits, draft_exits)
     try:
         from freevlm.serve.app import serve as run_server
         from freevlm.serve.config import ServeConfig
     except ImportError as err:
         raise FreeVLMError(f"freevlm serve needs FastAPI and uvicorn: pip install 'freevlm[serve]' ({err})") from None
-    mode = decoding_mode(mode, exits)
-    possible = [m for m in MODES if m == "full" or exits is not None]
+    mode = decoding_mode(mode, exits, draft_exits)
+    possible = [m for m in MODES if m == "full" or exits is not None or (m == "speculative" and draft_exits)]
     allowed = list(allowed_modes) if allowed_modes is not None else possible
     if mode not in allowed:
         raise FreeVLMError(f"--mode {mode} is not among --allowed-modes ({', '.join(allowed)})")
@@ -89,7 +90,7 @@ def serve(
                           draft_threshold, None, plan_)
     if min_threshold is not None and opts.threshold < min_threshold:
         raise FreeVLMError(f"the default threshold {opts.threshold:g} lies below --min-threshold {min_threshold:g}")
-    vlm = load_vlm(backbone, exits, plan_)
+    vlm = load_vlm(backbone, exits, plan_, draft_exits)
     cfg = ServeConfig(model_name=model_name or Path(backbone).resolve().name, options=opts,
                       allowed_modes=tuple(allowed), min_threshold=min_threshold or 0.0, max_batch_size=max_batch_size,
                       max_columns=max_columns, default_max_tokens=max_tokens, allowed_image_dir=allowed_image_dir,
