@@ -26,13 +26,13 @@ import torch
 
 from freevlm.demo import DEFAULT_ALPHA, decodes_as_full_depth
 from freevlm.eval.evaluate import evaluate_captions, speed_comparison
-from freevlm.eval.planning import default_costs
+from freevlm.eval.planning import check_plan, default_costs
 from freevlm.eval.report import markdown_table
 from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.machine import system_info
 from freevlm.outputs import write_json
 from freevlm.planning.plan import apply_plan, read_plan
-from freevlm.real import RealConfig, real_backbone, real_exits, real_splits
+from freevlm.real import RealConfig, real_backbone, real_draft_exits, real_exits, real_splits
 from freevlm.train.batches import CAPTION_PROMPT, Example
 
 
@@ -53,12 +53,14 @@ def main(argv=None) -> dict:
     cfg = RealConfig()
     data_root, backbone = real_backbone(out, cfg, args.seed, progress=True)
     train, dev, test = real_splits(data_root, args.seed, cfg)
-    vlm = EarlyExitVLM(backbone, real_exits(backbone, out, train, cfg, args.seed, progress=True))
+    vlm = EarlyExitVLM(backbone, real_exits(backbone, out, train, cfg, args.seed, progress=True),
+                       draft_exits=real_draft_exits(backbone, out, train, cfg, args.seed, progress=True))
     report_file, plan_dir = out / "demo_report.json", out / f"plan-s{args.seed}"
     if not report_file.is_file() or not (plan_dir / "plan.json").is_file():
         raise SystemExit(f"run `freevlm demo --real --out {out}` first: it chooses alpha and makes the plan")
     demo = json.loads(report_file.read_text())
     plan = read_plan(plan_dir)
+    check_plan(plan, vlm.exits, vlm.draft_exits)  # the demo's plan drafts with the demo's drafting exit
     alpha = demo["alpha"]
     paths = {f"FREE alpha={a}": DecodeOptions(threshold=a) for a in dict.fromkeys([alpha, DEFAULT_ALPHA])}
     paths["FREE + plan"] = apply_plan(DecodeOptions(), plan)
