@@ -40,6 +40,8 @@ from freevlm.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger("freevlm.serve")
 
+DRAIN_FACTOR = 8  # an oversized request body is read (and dropped) up to this many times the limit
+
 
 class JobStream(StreamingResponse):
     """Server-sent events of one job; however the response ends (finished, client gone, shutdown), the job is
@@ -97,16 +99,24 @@ def build_app(vlm: EarlyExitVLM, cfg: ServeConfig) -> FastAPI:
                                code="invalid_api_key", status=401, kind="authentication_error")
 
     async def read_body(request: Request) -> bytes:
+        too_large = RequestError(f"the request body is larger than {cfg.max_body_bytes} bytes",
+                                 code="body_too_large", status=413)
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-            raise RequestError(f"the request body is larger than {cfg.max_body_bytes} bytes", code="body_too_large",
-                               status=413)
         body = bytearray()
+        over = declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes
+        seen = 0
         async for piece in request.stream():
-            body += piece
-            if len(body) > cfg.max_body_bytes:
-                raise RequestError(f"the request body is larger than {cfg.max_body_bytes} bytes",
-                                   code="body_too_large", status=413)
+            seen += len(piece)
+            if not over:
+                body += piece
+                over = len(body) > cfg.max_body_bytes
+            # An oversized body is read to its end (and dropped) before the 413 goes out: a client still sending it
+            # when the server answers and closes gets a broken pipe instead of the answer. Past DRAIN_FACTOR times
+            # the limit the connection is cut (the client then sees no 413; nothing more is read).
+            if over and seen > DRAIN_FACTOR * cfg.max_body_bytes:
+                break
+        if over:
+            raise too_large
         return bytes(body)
 
     @app.get("/health")
