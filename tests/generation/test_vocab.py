@@ -34,6 +34,8 @@ def test_ranking_orders_by_count_and_subsets_keep_eos(tmp_path):
     assert sub.scatter(torch.ones(1, 3))[0].isinf().sum() == 9
     save_token_ranking(tmp_path, ranking)
     assert torch.equal(load_token_ranking(tmp_path, 12), ranking)
+    save_token_ranking(tmp_path / "plan-s0", ranking)  # a plan folder not made yet (the demo's planner saves first)
+    assert torch.equal(load_token_ranking(tmp_path / "plan-s0", 12), ranking)
     assert load_token_ranking(tmp_path / "none") is None
     with pytest.raises(FreeVLMError, match="vocabulary of 12, not 13"):
         load_token_ranking(tmp_path, 13)

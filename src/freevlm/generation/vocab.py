@@ -120,6 +120,7 @@ def save_token_ranking(folder: str | Path, ranking: torch.Tensor, source: str = 
     from freevlm.outputs import write_json
 
     ranking = torch.as_tensor(ranking, dtype=torch.long)
+    Path(folder).mkdir(parents=True, exist_ok=True)  # a plan's folder may not exist yet (the demo writes it last)
     return write_json(Path(folder) / RANKING_FILE, {"format": RANKING_FORMAT, "vocab_size": int(ranking.numel()),
                                                     "source": source, "ranking": ranking.tolist()})
 
