@@ -30,7 +30,7 @@ from freevlm.generation.api import DecodeOptions, EarlyExitVLM
 from freevlm.generation.criteria import make_criterion
 from freevlm.machine import system_info
 from freevlm.outputs import write_json
-from freevlm.planning.plan import apply_plan, write_plan
+from freevlm.planning.plan import apply_plan, read_plan, write_plan
 from freevlm.train.batches import CAPTION_PROMPT, Example, caption_examples
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.stage1 import Stage1Config, train_backbone
@@ -167,8 +167,11 @@ def compare(vlm: EarlyExitVLM, out: Path, seed: int, train, dev, test, *, model:
                      draft_lengths=(4, 8), spec_images=8, batch_size=batch_size, head_subsets=head_subsets,
                      full_dev=full_dev, progress=progress)
     write_plan(out / f"plan-s{seed}", plan)
-    planned = apply_plan(DecodeOptions(), plan)
-    speculative = apply_plan(DecodeOptions(mode="speculative"), plan)
+    # applied as `--plan` applies it: read back, so that its gates and token ranking (saved relative to the plan's
+    # folder) resolve wherever the demo runs from
+    resolved = read_plan(out / f"plan-s{seed}")
+    planned = apply_plan(DecodeOptions(), resolved)
+    speculative = apply_plan(DecodeOptions(mode="speculative"), resolved)
     phase("plan (gates, costs, dev decodes)")
 
     # The paper picks "the best-performing threshold" on dev, which can be alpha = 1 (no exit at all) when no exit
