@@ -13,6 +13,7 @@ from freevlm.backbones.tiny import EOS_ID, FAMILIES, TinySize, build_tiny
 from freevlm.errors import FreeVLMError
 from freevlm.exits import ExitSpec, build_exits
 from freevlm.generation.decode import generate_from_inputs
+from freevlm.generation.graphs import StaticSpeculative
 from freevlm.generation.speculative import DraftSettings
 from tests.conftest import make_eos_likely, pads_left, tiny_batch
 
@@ -54,27 +55,32 @@ def test_greedy_output_equals_full_depth(setup, draft):
 
 @pytest.mark.parametrize("draft", [(1, 3, None), (3, 4, 0.3, True), (5, 8, None)],
                          ids=["e1-k3", "e3-k4-adaptive-pace", "e5-k8-perfect"])
-def test_static_rounds_equal_the_dynamic_path(setup, draft):
-    """The static speculative rounds (CUDA graphs on a GPU; the same functions eagerly here): the dynamic path's tokens,
-    statistics and work log, per row, with rows drifting apart, EOS inside blocks and the token budget mid-block."""
+def test_graph_shaped_rounds_equal_the_trimmed_eager_rounds(setup, draft, monkeypatch):
+    """A round as a GPU graphs it (every row makes all L + 1 feeds, what it may really draft masked on the device)
+    and as it runs eagerly on a CPU (feeding stops once no row needs the next feed; the block verified is only what
+    was fed): the same tokens, statistics, work log and cache lengths, per row, with rows drifting apart, EOS inside
+    blocks and the token budget mid-block."""
     family, bb, exits = setup
     for batch, seed in ((1, 2), (3, 5)):
         pixels, ids, mask, extra = tiny_batch(family, SIZE, batch, seed=seed)
         lm_inputs = bb.prepare(pixels, ids, mask, **extra)
+        runs = {}
+        for trim in (True, False):
+            monkeypatch.setattr(StaticSpeculative, "trim", trim)
+            with torch.no_grad():
+                runs[trim] = _run(bb, exits, lm_inputs, DraftSettings(*draft), max_new_tokens=11, static=True,
+                                  keep_cache=True)
         with torch.no_grad():
-            runs = {static: _run(bb, exits, lm_inputs, DraftSettings(*draft), max_new_tokens=11, static=static,
-                               keep_cache=True)
-                    for static in (False, True)}
             full = _run(bb, exits, lm_inputs, max_new_tokens=11)
-        dynamic, graphed = runs[False], runs[True]
-        assert _tokens(graphed) == _tokens(dynamic) == _tokens(full)
-        assert graphed.speculative.to_json(SIZE.lm_layers) == dynamic.speculative.to_json(SIZE.lm_layers)
-        assert graphed.speculative.per_round == dynamic.speculative.per_round
-        for a, b in zip(graphed.records, dynamic.records):
+        trimmed, graphed = runs[True], runs[False]
+        assert _tokens(graphed) == _tokens(trimmed) == _tokens(full)
+        assert graphed.speculative.to_json(SIZE.lm_layers) == trimmed.speculative.to_json(SIZE.lm_layers)
+        assert graphed.speculative.per_round == trimmed.speculative.per_round
+        for a, b in zip(graphed.records, trimmed.records):
             for name in ("layers", "exit_layers", "heads", "tokens"):
                 x, y = getattr(a, name), getattr(b, name)
                 assert (x is None and y is None) or torch.equal(x, y), name
-        assert torch.equal(graphed.caches().lengths, dynamic.caches().lengths)
+        assert torch.equal(graphed.caches().lengths, trimmed.caches().lengths)
 
 
 def _mid_sequence_token(rows):

@@ -77,15 +77,17 @@ class Buffers:
         step.engine = engine
         return step
 
-    def rounds(self, engine, layer: int, length: int, threshold: float | None, subset, eos_ids: list[int]):
-        """The static speculative rounds for `engine` (the threshold, subset and EOS ids are baked into the graphs)."""
+    def rounds(self, engine, layer: int, length: int, threshold: float | None, subset, eos_ids: list[int],
+               capture: bool):
+        """The static speculative rounds for `engine` (the threshold, subset and EOS ids are baked into the graphs;
+        `capture`: as CUDA graphs)."""
         from freevlm.generation.graphs import StaticSpeculative
 
-        key = (layer, length, threshold, id(subset), tuple(eos_ids))
+        key = (layer, length, threshold, id(subset), tuple(eos_ids), capture)
         rounds = self.static_rounds
         if rounds is None or self.rounds_key != key or rounds.keys is not engine.cache.keys:
             eos = torch.tensor(eos_ids, dtype=torch.long, device=engine.cache.keys.device)
-            self.static_rounds = StaticSpeculative(engine, layer, length, threshold, subset, eos)
+            self.static_rounds = StaticSpeculative(engine, layer, length, threshold, subset, eos, capture)
             self.rounds_key = key
         self.static_rounds.engine = engine
         return self.static_rounds

@@ -38,7 +38,6 @@ from freevlm.generation.speculative import (
     DraftSettings,
     SpeculativeStats,
     speculative_decode,
-    static_speculative_decode,
 )
 
 
@@ -331,7 +330,7 @@ def generate_from_inputs(
     extra_columns = draft.max_draft + 1 if draft else 0
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     static = static if static is not None else embeds.device.type == "cuda"
-    if draft is not None:  # greedy speculative rounds have a static path (`graphs.StaticSpeculative`), sampling not
+    if draft is not None:  # greedy rounds are graphed (`graphs.StaticSpeculative`), sampling rounds run eagerly
         static = static and not s.do_sample and engine.kernel.static_rope
     columns = (1 if lm.is_encoder_decoder else embeds.shape[1]) + s.max_new_tokens + extra_columns
     check_generation_bounds(engine, lm_inputs, s.max_new_tokens, extra_columns, expand, max_cache_gb, memory=False)
@@ -397,8 +396,8 @@ def _decode(engine: Engine, buffers: Buffers, lm, lm_inputs, s: DecodeSettings, 
         if s.output_logits:
             raise FreeVLMError("output_logits is not available in speculative mode (tokens come in blocks)")
         stats = SpeculativeStats()
-        run = static_speculative_decode if static else speculative_decode
-        sequences, lengths = run(engine, logits, s, draft, stats)
+        sequences, lengths = speculative_decode(engine, logits, s, draft, stats,
+                                                capture=static and logits.device.type == "cuda")
         traces = [[(t, r) for t in range(n)] for r, n in enumerate(lengths)]
         rows = torch.arange(sequences.shape[0])
         live = [rows] + [entry.live for entry in engine.log[1:]]

@@ -1,14 +1,17 @@
 """One decoding step with early exits, on the static cache: the layers a token runs, the exits it checks, and what
 its skipped layers get.
 
-`Engine.prefill` runs the prompt through every layer (and every exit, to fill the exit caches: later tokens need the
-prompt's K/V at every depth); the first generated token is still decided by the exits, as in the paper. `Engine.step`
-then runs one new token per row. After an exit layer the exit's distribution is computed and the criterion asked
-whether to stop (one host sync per exit decision); rows that leave keep the exit's logits as their prediction and
-run no further layers. What their skipped layers get in the cache is the `SkipPolicy`'s (see `kv.py`):
+The unit of work is the segment (`Engine.run_segment`): layers (a, b] and then the exit at b, if any. A step runs its
+segments in turn, cut at the exits (`Engine.segments`), and one loop (`Engine._step`) decides between two: after an
+exit the exit's distribution is computed and the criterion asked whether to stop (one host transfer per exit
+decision); rows that leave keep the exit's logits as their prediction. `Engine.prefill` runs the prompt through every
+segment (every layer and every exit, to fill the exit caches: later tokens need the prompt's K/V at every depth); the
+first generated token is still decided by the exits, as in the paper. `Engine.step` then runs one new token per row,
+eagerly or through the static step's graphs (`graphs.py`). What the leaving rows' skipped layers get in the cache is
+the `SkipPolicy`'s (see `kv.py`):
 
-- `propagate` / `copy`: rows leave one by one; the remaining rows run on (a smaller batch); the exited rows' skipped
-  slots are filled once the step is over, one batched write per exit event.
+- `propagate` / `copy`: rows leave one by one; the remaining rows run on (a smaller batch; all rows ride along in the
+  static step); the exited rows' skipped slots are filled once the step is over, one batched write per exit event.
 - `catch_up`: the batch moves together. A row that exits rides along with the rows still deciding (its token is
   chosen, its layers still run, so its K/V are exact); when every row has exited the step stops, and the deeper layers
   run later for those tokens, batched with the next token that goes deep (or at `flush()`).
@@ -27,7 +30,9 @@ import torch
 from freevlm.errors import FreeVLMError
 from freevlm.generation.buffers import Buffers
 from freevlm.generation.cache import KVCache, Span, make_span
+from freevlm.generation.criteria import Gated
 from freevlm.generation.events import ExitEvent
+from freevlm.generation.graphs import to_device as _index
 from freevlm.generation.kernels import kernel_for
 from freevlm.generation.kernels.common import DecoderKernel, EncoderDecoderKernel, ExitKernel
 from freevlm.generation.kv import SkipPolicy, fill_exit_kv, fill_skipped
@@ -167,6 +172,10 @@ def prompt_positions(lm_inputs, positions: torch.Tensor) -> tuple[torch.Tensor, 
     return mrope, mrope.amax((0, 2))[:, None].long() + 1
 
 
+def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t[index]
+
+
 @dataclass
 class _Pending:
     """Catch-up: a token whose layers after `depth` have not run yet, with its state after layer `depth`."""
@@ -216,7 +225,7 @@ class Engine:
                                    f"{list(exits.layers)}")
             for i, layer in enumerate(self.exit_list):
                 self.exit_at[layer] = ExitKernel(exits.at(layer), self.kernel, i)
-        self.gated = self.checking and hasattr(criterion, "open")  # a gate decides whether an exit is checked
+        self.gated = self.checking and isinstance(criterion, Gated)  # a gate decides whether an exit is checked
         self.fills_exits = bool(self.exit_at)  # the prefill runs the exits (to fill their caches)
         self.uses_exit_cache = any(e.uses_cache for e in self.exit_at.values())
         self.calls: list[tuple[str, int, int]] | None = [] if trace else None
@@ -282,7 +291,7 @@ class Engine:
         self.prompt_len = p
         self._rows = torch.arange(b, device=device)
         span = self._prepare(make_span(cache, p, positions, start=0))
-        logits = self._step_together(h0, span, prefill=True)
+        logits = self._step(h0, span, prefill=True)
         cache.advance(p)
         return logits
 
@@ -329,7 +338,7 @@ class Engine:
         self._rows = torch.arange(1, device=device)  # the prefill's own rows (its criterion state has one)
         try:
             span = self._prepare(make_span(cache, p, positions, start=start, rows=rows))
-            return self._step_together(h0, span, prefill=True)
+            return self._step(h0, span, prefill=True)
         finally:
             self._rows = every
 
@@ -357,19 +366,12 @@ class Engine:
         if self._static_ok():
             if self._static_step is None or self._static_step.keys is not cache.keys:
                 self._static_step = self.buffers.step(self)
-            logits, exit_layer, events = self._static_step.step(tokens, col)
-            for event in events:
-                fill_skipped(self, event)
-            self.log.append(_StepLog(exit_layer.clone(), False, None))
-            cache.advance(1)
-            return logits
-        positions = self._base + col  # (B, 1)
-        h0 = self.kernel.embed_tokens(tokens[:, None], positions)
-        span = self._prepare(make_span(cache, 1, positions, start=col))
-        if self.policy.batch_moves_together:
-            logits = self._step_together(h0, span, prefill=False)
+            self._static_step.load(tokens, col)
+            logits = self._step(None, None, static=self._static_step)
         else:
-            logits = self._step_per_row(h0, span)
+            positions = self._base + col  # (B, 1)
+            h0 = self.kernel.embed_tokens(tokens[:, None], positions)
+            logits = self._step(h0, self._prepare(make_span(cache, 1, positions, start=col)))
         cache.advance(1)
         return logits
 
@@ -400,17 +402,11 @@ class Engine:
         self.fill_owed_exits()
         if not self.pending:
             return
-        x, start = None, None
-        for layer in range(self.pending[-1].depth + 1, self.n + 1):
-            joiners = [p for p in self.pending if p.depth == layer - 1]
-            if joiners:
-                x = torch.cat([p.hidden for p in joiners] + ([x] if x is not None else []), 1)
-                start = joiners[0].col
-                span = self._group_span(start, x.shape[1])
-            x = self.run_layer(layer, x, span)
-            ex = self.exit_at.get(layer)
-            if ex is not None and ex.uses_cache:
-                self.run_exit(ex, x, span)
+        x, span = None, None
+        for lo, hi in self.segments():
+            if lo >= self.pending[-1].depth:
+                x, span = self._join_pending(lo, x, span)
+                x = self.run_segment(lo, hi, x, span)[0]
         self.pending = []
 
     # ----------------------------------------------------------------------------------------------------------
@@ -459,19 +455,6 @@ class Engine:
         cross = self._cross(c.exit_cross_keys, c.exit_cross_values, ex.slot, span)
         return self.kernel.layer(ex.layer, x, c.exit_keys[ex.slot], c.exit_values[ex.slot], span, cross)
 
-    def _decide(self, ex: ExitKernel, layer: int, state, hidden, prev, rows, crit_state, out, exit_layer):
-        """Ask the criterion about `rows` (last-position states given); returns the leaving mask or None."""
-        sub = self.head_subset
-        logits = ex.logits(self.kernel, state, sub) if self.criterion.needs_logits else None  # (R, V) or (R, K)
-        go = self.criterion(crit_state, rows, logits, hidden, prev)
-        if not bool(go.any()):
-            return None
-        leaving = rows[go]
-        chosen = logits[go] if logits is not None else ex.logits(self.kernel, state[go], sub)
-        out[leaving] = (chosen if sub is None else sub.scatter(chosen)).to(out.dtype)
-        exit_layer[leaving] = layer
-        return go
-
     def _new_outputs(self, b: int, like: torch.Tensor):
         out = torch.empty(b, self.lm.vocab_size, dtype=like.dtype, device=like.device)
         exit_layer = torch.full((b,), self.n, dtype=torch.long, device=like.device)
@@ -479,142 +462,181 @@ class Engine:
         return out, exit_layer, crit_state
 
     # ----------------------------------------------------------------------------------------------------------
-    def _step_together(self, h0: torch.Tensor, span: Span, prefill: bool) -> torch.Tensor:
-        """Prefill, and the catch-up policy: every row runs every layer this step runs (rows that exit ride along)."""
-        b = h0.shape[0]
-        out, exit_layer, crit_state = self._new_outputs(b, h0)
-        active = self._rows
-        x, start = h0, span.start
+    def segments(self) -> list[tuple[int, int]]:
+        """The unit of work: a segment (lo, hi] is layers lo+1..hi, then the exit at hi if there is one. A step is
+        its segments in turn, cut at the exits this engine runs (checked ones, or speculative decoding's drafting one),
+        with an exit decision between two."""
+        bounds = [0, *self.exit_list, self.n]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def run_segment(self, lo: int, hi: int, x: torch.Tensor, span: Span, exit: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Segment (lo, hi] over x (R, q, D) at `span`: (h_hi, the last layer's input, the exit's output state). The
+        exit transformer runs when `exit` and the exit at hi has one (else the state is h_hi)."""
+        prev = x
+        for layer in range(lo + 1, hi + 1):
+            prev = x
+            x = self.run_layer(layer, x, span)
+        ex = self.exit_at.get(hi) if exit else None
+        state = self.run_exit(ex, x, span) if ex is not None and ex.uses_cache else x
+        return x, prev, state
+
+    def _join_pending(self, depth: int, x: torch.Tensor, span: Span) -> tuple[torch.Tensor, Span]:
+        """Catch-up: tokens left after layer `depth` (always a segment's start: they stopped at an exit) join the
+        group that goes on from there, in column order before it."""
+        joiners = [p for p in self.pending if p.depth == depth]
+        if not joiners:
+            return x, span
+        if x is not None:
+            joiners = [*joiners, _Pending(depth, span.start, x)]
+        x = torch.cat([p.hidden for p in joiners], 1)
+        return x, self._group_span(joiners[0].col, x.shape[1])
+
+    def _at_column(self, rows: torch.Tensor, col: int):
+        """(cols, RoPE (cos, sin) or None) of one token per row of `rows`, all at column `col` (a decode step)."""
+        cols = torch.full((rows.shape[0],), col, dtype=torch.long, device=rows.device)
+        if not self.kernel.has_rope:
+            return cols, None
+        cos, sin = self.kernel.rope(self._base[rows] + col, self.tables)
+        return cols, (cos[:, -1], sin[:, -1])
+
+    def _step(self, x: torch.Tensor | None, span: Span | None, *, prefill: bool = False, static=None
+              ) -> torch.Tensor:
+        """One step: the prompt (`prefill`), or one token per row at column `cache.length`; next-token logits (B, V).
+
+        The step runs the segments in turn (`run_segment`, or `static.run`: the same segments over static buffers,
+        graphed on CUDA) and, when exits decide, asks the criterion after each exit about the rows still deciding;
+        the decision comes to the host in one transfer. Rows that leave are carried in one of two ways:
+        - ride along (the prefill, catch-up, the static step): every row runs every segment that runs (the batch keeps
+          its shape; the prefill and catch-up's tokens need exact K/V, the static step's graphs fixed shapes); the step
+          stops when no row is left deciding (catch-up: its tokens wait as pending for the next token going deep);
+        - narrow (propagate / copy, eager): the remaining rows run on as a smaller batch, gates are asked before the
+          exit runs (a closed gate costs the gate; the exit's K/V are owed).
+        Rows that leave a decode step outside catch-up get the skip policy's fill for their skipped slots."""
+        ride = prefill or static is not None or self.policy.batch_moves_together
+        fill = not prefill and not self.policy.batch_moves_together
+        gated, checking, kernel, sub = self.gated, self.checking, self.kernel, self.head_subset
+        like = self.cache.keys if x is None else x
+        b = like.shape[1] if x is None else x.shape[0]
+        out, exit_layer, crit_state = self._new_outputs(b, like) if checking else (None, None, None)
+        rows = self._rows  # the batch rows the step's tensors hold (narrow: fewer as rows leave)
+        active = list(range(b))  # positions in the step's tensors of the rows still deciding
         last = self._prefill_last if prefill else None
-
-        def tail(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # (R, D): each row's last (real) position
-            return t[rows, -1] if last is None else t[rows, last[rows]]
-
+        col = self.cache.length
+        events: list[ExitEvent] = []
         gate_log: list = []
         blocks: dict[int, int] = {}
         exit_blocks: dict[int, int] = {}
         stop = self.n
-        for layer in range(1, self.n + 1):
-            if not prefill:
-                joiners = [p for p in self.pending if p.depth == layer - 1]
-                if joiners:
-                    x = torch.cat([p.hidden for p in joiners] + [x], 1)
-                    start = joiners[0].col
-                    span = self._group_span(start, x.shape[1])
-            prev = x
-            x = self.run_layer(layer, x, span)
-            blocks[x.shape[1]] = blocks.get(x.shape[1], 0) + 1
-            ex = self.exit_at.get(layer)
-            if ex is None:
-                continue
-            state = x
-            if ex.uses_cache:
-                state = self.run_exit(ex, x, span)
-                exit_blocks[x.shape[1]] = exit_blocks.get(x.shape[1], 0) + 1
-            if self.checking and active.numel():
-                asked = active
-                if self.gated:  # the exit ran (its cache needs every token); only open rows are asked
-                    opened = self.criterion.open(layer, tail(x, active))
-                    gate_log.append((layer, active, opened))
-                    asked = active[opened]
-                go = None
-                if asked.numel():
-                    go = self._decide(ex, layer, tail(state, asked), tail(x, asked), tail(prev, asked), asked,
-                                      crit_state, out, exit_layer)
-                if go is not None:
-                    leaving = asked[go]
-                    active = active[~torch.isin(active, leaving)]
-            if not active.numel() and not prefill:
-                stop = layer
-                break
-        if active.numel():
-            out[active] = self.kernel.logits(tail(x, active)).to(out.dtype)
-        if stop < self.n:  # the group waits after `stop` for the next token that goes deep
-            kept = [p for p in self.pending if p.depth >= stop]
-            self.pending = kept + [_Pending(stop, start + i, x[:, i : i + 1]) for i in range(x.shape[1])]
-        elif not prefill:
-            self.pending = []
-        self.log.append(_StepLog(exit_layer, prefill, (blocks, exit_blocks), gate_log or None))
-        return out
-
-    def _step_per_row(self, h0: torch.Tensor, span: Span) -> torch.Tensor:
-        """Propagate / copy: rows that exit stop running layers; their skipped slots get the policy's fill."""
-        b = h0.shape[0]
-        checking = self.checking
-        if not checking:  # full depth: no decisions, no bookkeeping beyond the log
-            x = h0
-            for layer in range(1, self.n + 1):
-                x = self.run_layer(layer, x, span)
-            self.log.append(_StepLog(self._full_exit_layer(b, h0.device), False, None))
-            return self.kernel.logits(x[:, -1])
-        out, exit_layer, crit_state = self._new_outputs(b, h0)
-        rows = self._rows
-        x = h0
-        events: list[ExitEvent] = []
-        gate_log: list = []
-        for layer in range(1, self.n + 1):
-            prev = x
-            x = self.run_layer(layer, x, span)
-            ex = self.exit_at.get(layer)
-            if ex is None:
-                continue
-            if self.gated:
-                go, state = self._gated_decision(ex, layer, x, prev, span, rows, crit_state, out, exit_layer, gate_log)
+        for i, (lo, hi) in enumerate(self.segments()):
+            ex = self.exit_at.get(hi)
+            late_exit = gated and not ride and ex is not None  # the gate decides first whether the exit runs
+            if static is not None:
+                seg = static.run(i)
+                xs, x_t, prev_t, state_t, seg_logits = seg.x, seg.x[:, -1], seg.prev, seg.state, seg.logits
             else:
-                state = self.run_exit(ex, x, span) if ex.uses_cache else x
-                go = self._decide(ex, layer, state[:, -1], x[:, -1], prev[:, -1], rows, crit_state, out, exit_layer)
-            if go is None:
-                continue
-            source = state if self.policy.source == "exit" else x
-            rope = None if span.rope is None else (span.rope[0][go, -1], span.rope[1][go, -1])
-            events.append(ExitEvent(rows[go], layer, ex.slot, source[go, -1], span.cols[go, -1], rope))
-            keep = (~go).nonzero()[:, 0]
-            if not keep.numel():
-                rows = rows[:0]
+                if ride and not prefill:
+                    x, span = self._join_pending(lo, x, span)
+                x, prev, state = self.run_segment(lo, hi, x, span, exit=not late_exit)
+                if ride:
+                    q = x.shape[1]
+                    blocks[q] = blocks.get(q, 0) + hi - lo
+                    if ex is not None and ex.uses_cache:
+                        exit_blocks[q] = exit_blocks.get(q, 0) + 1
+                if last is None:
+                    x_t, prev_t, state_t = x[:, -1], prev[:, -1], state[:, -1]
+                else:  # a prompt row whose last real position is not its last column
+                    ar = torch.arange(b, device=x.device)
+                    x_t, prev_t, state_t = x[ar, last], prev[ar, last], state[ar, last]
+                xs, seg_logits = x, None
+            if ex is None:  # the final layer: rows still deciding take the model's head
+                if not checking:
+                    out = kernel.logits(x_t) if seg_logits is None else seg_logits
+                elif len(active) == len(rows):
+                    logits = (kernel.logits(x_t) if seg_logits is None else seg_logits).to(out.dtype)
+                    if len(rows) == b:
+                        out = logits
+                    else:
+                        out[rows] = logits
+                elif active:  # riding along: only the rows still deciding
+                    a_idx = _index(active, like.device)
+                    picked = kernel.logits(x_t[a_idx]) if seg_logits is None else seg_logits[a_idx]
+                    out[rows[a_idx]] = picked.to(out.dtype)
                 break
-            rows, x, span = rows[keep], x[keep], span.select(keep)
-        if rows.numel():
-            out[rows] = self.kernel.logits(x[:, -1]).to(out.dtype)
+            if not checking or not active:
+                continue
+            asked = active  # positions asked this time
+            if gated:  # a gate on h_i first; only rows where it opens are checked
+                asked_idx = _index(asked, like.device)
+                opened = self.criterion.open(hi, x_t[asked_idx])
+                gate_log.append((hi, rows[asked_idx], opened))
+                flags = opened.tolist()
+                closed = [p for p, o in zip(asked, flags) if not o]
+                asked = [p for p, o in zip(asked, flags) if o]
+                if late_exit and ex.uses_cache and closed:  # their exit K/V: projected from h_i, now or owed
+                    c_idx = _index(closed, like.device)
+                    cols, rope = self._at_column(rows[c_idx], col)
+                    owed = (rows[c_idx], cols, x_t[c_idx], rope)
+                    if self.lazy_exit_fill:
+                        self.exit_owed.setdefault(ex.slot, []).append(owed)
+                    else:
+                        fill_exit_kv(self, ex, owed[2], owed[0], owed[1], owed[3])
+                if not asked:
+                    continue
+            a_idx = None if len(asked) == len(rows) else _index(asked, like.device)
+            x_a, prev_a = _pick(x_t, a_idx), _pick(prev_t, a_idx)
+            if late_exit and ex.uses_cache:  # the exit runs for the rows whose gate opened
+                a_span = span if a_idx is None else span.select(a_idx)
+                state_a = self.run_exit(ex, _pick(xs, a_idx), a_span)[:, -1]
+            else:
+                state_a = _pick(state_t, a_idx)
+            if seg_logits is not None:
+                logits_a = _pick(seg_logits, a_idx)
+            else:
+                logits_a = ex.logits(kernel, state_a, sub) if self.criterion.needs_logits else None
+            go = self.criterion(crit_state, rows if a_idx is None else rows[a_idx], logits_a, x_a, prev_a)
+            flags = go.tolist()  # the decision's one host transfer
+            leave = [j for j, g in enumerate(flags) if g]  # indices into `asked`
+            if not leave:
+                continue
+            l_idx = _index(leave, like.device)
+            leaving = [asked[j] for j in leave]  # positions in the step's tensors
+            p_idx = _index(leaving, like.device)
+            chosen = logits_a[l_idx] if logits_a is not None else ex.logits(kernel, state_a[l_idx], sub)
+            out[rows[p_idx]] = (chosen if sub is None else sub.scatter(chosen)).to(out.dtype)
+            exit_layer[rows[p_idx]] = hi
+            if fill:
+                source = state_a if self.policy.source == "exit" else x_a
+                event_rows = rows[p_idx]
+                events.append(ExitEvent(event_rows, hi, ex.slot, source[l_idx],
+                                        *self._at_column(event_rows, col)))
+            gone = set(leaving)
+            active = [p for p in active if p not in gone]
+            if ride:
+                if not active and not prefill:
+                    stop = hi
+                    break
+                continue
+            if not active:  # narrow: the rows still deciding run on
+                break
+            k_idx = _index(active, like.device)
+            x, span, rows = x[k_idx], span.select(k_idx), rows[k_idx]
+            active = list(range(len(active)))
         for event in events:
             fill_skipped(self, event)
-        self.log.append(_StepLog(exit_layer, False, None, gate_log or None, self._filled_rows or None))
+        if not prefill and self.policy.batch_moves_together:
+            if stop < self.n:  # the group waits after `stop` for the next token that goes deep
+                kept = [p for p in self.pending if p.depth >= stop]
+                start = span.start
+                self.pending = kept + [_Pending(stop, start + i, x[:, i : i + 1]) for i in range(x.shape[1])]
+            else:
+                self.pending = []
+        if exit_layer is None:
+            exit_layer = self._full_exit_layer(b, like.device)
+        together = (blocks, exit_blocks) if ride and static is None else None
+        self.log.append(_StepLog(exit_layer, prefill, together, gate_log or None, self._filled_rows or None))
         self._filled_rows = []
         return out
-
-    def _gated_decision(self, ex, layer, x, prev, span, rows, crit_state, out, exit_layer, gate_log):
-        """A gate on h_i first: rows it keeps closed run neither the exit transformer nor the head (their exit
-        K/V, exactly what the exit layer would write, are projected from h_i: later, batched, when the exit next runs,
-        under `lazy_exit_fill`); the others are checked as usual.
-        Returns (leaving mask over `rows` or None, the exit's state with rows where the gate was closed = h_i)."""
-        opened = self.criterion.open(layer, x[:, -1])  # (R,) bool
-        n_open = int(opened.sum())
-        gate_log.append((layer, rows, opened))
-        if n_open == rows.numel():
-            state = self.run_exit(ex, x, span) if ex.uses_cache else x
-            return self._decide(ex, layer, state[:, -1], x[:, -1], prev[:, -1], rows, crit_state, out,
-                                exit_layer), state
-        if ex.uses_cache:
-            closed = (~opened).nonzero()[:, 0]
-            owed = (rows[closed], span.cols[closed, -1], x[closed, -1],
-                    None if span.rope is None else (span.rope[0][closed, -1], span.rope[1][closed, -1]))
-            if self.lazy_exit_fill:
-                self.exit_owed.setdefault(ex.slot, []).append(owed)
-            else:
-                fill_exit_kv(self, ex, owed[2], owed[0], owed[1], owed[3])
-        if not n_open:
-            return None, x
-        idx = opened.nonzero()[:, 0]
-        sub = span.select(idx)
-        state_open = self.run_exit(ex, x[idx], sub) if ex.uses_cache else x[idx]
-        go_open = self._decide(ex, layer, state_open[:, -1], x[idx, -1], prev[idx, -1], rows[idx], crit_state, out,
-                               exit_layer)
-        if go_open is None:
-            return None, x
-        go = torch.zeros(rows.numel(), dtype=torch.bool, device=x.device)
-        go[idx] = go_open
-        state = x.clone()
-        state[idx] = state_open
-        return go, state
 
     def _fill_owed(self, ex: ExitKernel) -> None:
         """Project every K/V pair exit `ex` owes (closed gates since it last ran) in one batched call."""

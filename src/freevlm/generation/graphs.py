@@ -1,32 +1,33 @@
 """The decode step with static shapes, captured as CUDA graphs on a GPU.
 
 A small LM at batch 1 is launch-bound: a layer is ~25 kernels of microseconds each, and Python issues them one by
-one. `StaticStep` makes the per-token work between two exit decisions one replayable CUDA graph (gpt-fast's and
-vLLM's approach): every row and every cache column take part (attention masks the columns past the token's own), the
-token's column is a device tensor, and K/V are written with `index_copy_` at that column, so the same graph serves
-every step. The step is cut into segments at the exits that decide: layers (e_k, e_k+1] plus the exit at e_k+1
-(its transformer, the head, the logits); between segments the host asks the criterion, which is the one host sync
-per exit decision. Full depth is one segment, one graph per token.
+one. `StaticStep` makes each segment of a decode step (layers (e_k, e_k+1] plus the exit at e_k+1: its transformer,
+the head, the logits; `Engine.run_segment`) one replayable CUDA graph (gpt-fast's and vLLM's approach): every row and
+every cache column take part (attention masks the columns past the token's own), the token's column is a device
+tensor, and K/V are written with `index_copy_` at that column, so the same graph serves every step. Between two
+segments the engine's step loop (`Engine._step`) asks the criterion: one host sync per exit decision. Full depth is
+one segment, one graph per token.
 
 Rows that leave keep riding through the later segments (static shapes: the batch cannot shrink inside a graph); what
 they compute there is overwritten afterwards by the skip policy's fill (`kv.py`), so the caches and tokens are those
-of the dynamic engine (tested on CPU, where the same segment functions run eagerly), and the work records still count
+of the eager engine (tested on CPU, where the same segment functions run eagerly), and the work records still count
 what each row needed.
 
-Greedy speculative decoding has its own static rounds (`StaticSpeculative`: L + 1 single-token drafting feeds and one
-verification block, each one graph). Not captured (they run on the dynamic path): catch-up, whose token groups change
-shape from step to step; gated checks; speculative sampling; RoPE types that rescale with the sequence length.
+Greedy speculative decoding runs in `StaticSpeculative` rounds (L + 1 single-token drafting feeds and one verification
+block, each one graph on CUDA; trimmed to what the rows need when eager). Not captured (they run eagerly): catch-up,
+whose token groups change shape from step to step; gated checks; speculative sampling; RoPE types that rescale with
+the sequence length.
 """
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from freevlm.generation.cache import Span
-from freevlm.generation.events import ExitEvent
 
 
 def capture(fn, pool) -> torch.cuda.CUDAGraph:
@@ -69,7 +70,8 @@ class _SegmentOut:
 
 
 class StaticStep:
-    """One decode step per call, over static buffers; CUDA graphs on CUDA, the same functions eagerly elsewhere."""
+    """One decode step's segments over static buffers: CUDA graphs on CUDA, the same functions eagerly elsewhere. The
+    step itself (the exit decisions between segments) is the engine's (`Engine._step`)."""
 
     def __init__(self, engine, capture: bool | None = None):
         self.engine = engine
@@ -80,12 +82,15 @@ class StaticStep:
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
         self.col = torch.zeros(1, dtype=torch.long, device=device)
         self.columns = torch.arange(cache.max_len, device=device)
-        deciding = engine.exit_list if engine.checking else []
-        bounds = [0, *deciding, engine.n]
-        self.segments = list(zip(bounds[:-1], bounds[1:]))
+        self.segments = engine.segments()
         self.outputs: dict[int, _SegmentOut] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def load(self, tokens: torch.Tensor, col: int) -> None:
+        """The step's inputs: one token per row (B,), written at column `col`."""
+        self.tokens.copy_(tokens)
+        self.col.fill_(col)
 
     def span(self) -> Span:
         """Every row at column `self.col`, attending over all cache columns up to it (built inside the graph)."""
@@ -101,17 +106,14 @@ class StaticStep:
         lo, hi = self.segments[i]
         span = self.span()
         x = k.embed_tokens(self.tokens[:, None], span.positions) if i == 0 else self.outputs[i - 1].x
-        prev = x
-        for layer in range(lo + 1, hi + 1):
-            prev = x
-            x = e.run_layer(layer, x, span)
-        ex = e.exit_at.get(hi) if hi < e.n else None
+        x, prev, state = e.run_segment(lo, hi, x, span)
+        ex = e.exit_at.get(hi)
         if ex is None:
             return _SegmentOut(x, None, None, k.logits(x[:, -1]))
-        state = e.run_exit(ex, x, span) if ex.uses_cache else x
         return _SegmentOut(x, prev[:, -1], state[:, -1], ex.logits(k, state[:, -1], e.head_subset))  # (B, V|K)
 
-    def _run(self, i: int) -> _SegmentOut:
+    def run(self, i: int) -> _SegmentOut:
+        """Segment i for every row: its layers, its exit and logits (replayed from its graph on CUDA)."""
         def run():
             self.outputs[i] = self._segment(i)
 
@@ -123,45 +125,6 @@ class StaticStep:
             self.graphs[i].replay()
         return self.outputs[i]
 
-    def step(self, tokens: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Decode one token per row at column `col`: (logits (B, V), exit layer per row (B,), exit events)."""
-        e = self.engine
-        self.tokens.copy_(tokens)
-        self.col.fill_(col)
-        b = tokens.shape[0]
-        if not e.checking:
-            out = self._run(0)
-            return out.logits, e._full_exit_layer(b, tokens.device), []
-        logits, exit_layer, crit_state = e._new_outputs(b, e.cache.keys)
-        rows = e._rows
-        active = torch.ones(b, dtype=torch.bool, device=tokens.device)
-        events = []
-        for i, (_, hi) in enumerate(self.segments):
-            seg = self._run(i)
-            if hi == e.n:  # torch.where, not a masked write: no host sync
-                logits = torch.where(active[:, None], seg.logits.to(logits.dtype), logits)
-                break
-            ex = e.exit_at[hi]
-            go = e.criterion(crit_state, rows, seg.logits if e.criterion.needs_logits else None, seg.x[:, -1],
-                             seg.prev) & active
-            leaving, staying = torch.stack([go, active & ~go]).tolist()  # the decision's one host sync
-            rows_out = [r for r, g in enumerate(leaving) if g]
-            if rows_out:
-                chosen = seg.logits if e.head_subset is None else e.head_subset.scatter(seg.logits)
-                logits = torch.where(go[:, None], chosen.to(logits.dtype), logits)
-                exit_layer = torch.where(go, hi, exit_layer)
-                source = seg.state if e.policy.source == "exit" else seg.x[:, -1]
-                idx = to_device(rows_out, tokens.device)  # from the host's copy: no second sync (nonzero)
-                rope = None
-                if e.kernel.has_rope:  # propagation applies RoPE at the token's position
-                    cos, sin = e.kernel.rope((e._base + self.col)[idx], e.tables)
-                    rope = (cos[:, -1], sin[:, -1])
-                events.append(ExitEvent(idx, hi, ex.slot, source[idx].clone(), self.col.expand(idx.shape[0]), rope))
-                active = active & ~go
-            if not any(staying):
-                break
-        return logits, exit_layer, events
-
 
 class StaticSpeculative:
     """Greedy self-speculative rounds over static buffers; CUDA graphs on CUDA, the same functions eagerly elsewhere.
@@ -172,10 +135,13 @@ class StaticSpeculative:
     next draft. Then layers e+1..N run once over the L + 1 h_e states at each row's own columns (rows drift apart as
     they keep different numbers of drafts, so K/V are scattered per row), the full model's argmax is compared with the
     drafts, and `kept` / `next` are decided on the device. Every row drafts L every round (static shapes); what a row
-    may really draft (its cap, EOS, the confidence threshold) is a mask on the device, so the tokens are exactly the
-    dynamic path's. The last feed's exit step writes that token's exit K/V, so no fix-up runs when every draft is
-    kept. One host transfer per round brings back what the host emits.
+    may really draft (its cap, EOS, the confidence threshold) is a mask on the device, so the tokens are exactly those
+    of a round that stops where the rows stop (`trim`, the eager round). Each feed runs the exit, so that token's exit
+    K/V are written and no fix-up runs when every draft is kept. One host transfer per round brings back what the host
+    emits.
     """
+
+    trim = True  # eager rounds stop feeding once no row needs the next feed (see `round`)
 
     def __init__(self, engine, layer: int, length: int, threshold: float | None, subset, eos: torch.Tensor,
                  capture: bool | None = None):
@@ -195,6 +161,11 @@ class StaticSpeculative:
         self.result: torch.Tensor | None = None  # (B, 3 + L): kept, drafted, next token, drafts
         self.columns = torch.arange(cache.max_len, device=device)
         self.offsets = torch.arange(length + 1, device=device)
+        self.state: torch.Tensor | None = None  # (R, D) the last feed's exit state, for its rows (None: all)
+        self.state_rows: torch.Tensor | None = None
+        # speculative sampling (eager rounds only): logits -> warped probabilities, set per call; None: greedy
+        self.warp: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.q: torch.Tensor | None = None  # (B, L, V) the draft distributions (sampling)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -207,42 +178,96 @@ class StaticSpeculative:
         span = Span(None, cols.shape[1], cache.max_len, cols, e._base + cols, allowed[:, None])
         return e._prepare(span)
 
-    def _feed(self, i: int) -> None:
+    def _feed(self, i: int, span: Span | None = None, rows: torch.Tensor | None = None) -> None:
+        """Block token i (the current token, then draft i-1) through segment (0, e]: layers 1..e and the exit at e,
+        keeping h_e for the verification (`span`: where the token sits, default: over every cache column; `rows`: only
+        these rows, default: all)."""
         e, k = self.engine, self.engine.kernel
-        span = self._span((self.col + i)[:, None])
-        tok = self.tok if i == 0 else self.drafts[:, i - 1]
+        span = self._span((self.col + i)[:, None]) if span is None else span
+        tok = _rows(self.tok if i == 0 else self.drafts[:, i - 1], rows)
         h = k.embed_tokens(tok[:, None], span.positions)
-        for layer in range(1, self.layer + 1):
-            h = e.run_layer(layer, h, span)
-        self.hs[:, i] = h[:, 0]
-        ex = e.exit_at[self.layer]
-        state = e.run_exit(ex, h, span) if ex.uses_cache else h
-        if i == self.length:
-            return
-        lg = ex.logits(k, state[:, -1], self.subset).float()  # (B, V) or (B, K)
-        best = lg.argmax(-1)
-        draft = best if self.subset is None else self.subset.token(best)
-        self.drafts[:, i] = draft
+        h, _, state = e.run_segment(0, self.layer, h, span)
+        if rows is None:
+            self.hs[:, i] = h[:, 0]
+        else:
+            self.hs[rows, i] = h[:, 0]
+        self.state, self.state_rows = state[:, -1], rows
+
+    def _draft(self, i: int) -> None:
+        """Draft i from the exit's head (or head subset) on feed i's state: its argmax, or (sampling) a sample of its
+        warped distribution q, kept for the acceptance rule; and whether the row stops after it."""
+        e, k, rows = self.engine, self.engine.kernel, self.state_rows
+        lg = e.exit_at[self.layer].logits(k, self.state, self.subset).float()  # (R, V) or (R, K)
+        if self.warp is None:
+            best = lg.argmax(-1)
+            draft = best if self.subset is None else self.subset.token(best)
+            confidence = torch.softmax(lg, -1).amax(-1) if self.threshold is not None else None
+        else:  # a subset's q is zero outside it: the acceptance rule still holds
+            q = self.warp(lg if self.subset is None else self.subset.scatter(lg))
+            if self.q is None:
+                self.q = q.new_zeros((self.hs.shape[0], self.length, q.shape[1]))
+            _write(self.q[:, i], rows, q)
+            draft = torch.multinomial(q, 1)[:, 0]
+            confidence = q.amax(-1)
         stop = torch.isin(draft, self.eos)  # nothing after a drafted EOS could be emitted
         if self.threshold is not None:
-            stop = stop | (torch.softmax(lg, -1).amax(-1) < self.threshold)
-        self.stop[:, i] = stop
+            stop = stop | (confidence < self.threshold)
+        _write(self.drafts[:, i], rows, draft)
+        _write(self.stop[:, i], rows, stop)
 
-    def _verify(self) -> None:
+    def _feed_and_draft(self, i: int) -> None:
+        self._feed(i)
+        if i < self.length:
+            self._draft(i)
+
+    def _made(self, drafts: int) -> torch.Tensor:
+        """(B, drafts) whether each row makes draft j: j < its cap and no earlier draft stopped it."""
+        earlier = ~self.stop[:, : max(drafts - 1, 0)]
+        go_on = torch.cat([torch.ones_like(self.stop[:, :1]), earlier], 1)[:, :drafts].long().cumprod(1).bool()
+        return go_on & (self.offsets[None, :drafts] < self.cap[:, None])
+
+    def _verify(self, m: int, span: Span | None = None, rows: torch.Tensor | None = None) -> None:
+        """Segment (e, N] once over the m fed block tokens at each row's own columns (`rows`: only these rows); the full
+        model's output decides how many drafts each row keeps and its next token."""
         e, k = self.engine, self.engine.kernel
-        length = self.length
-        span = self._span(self.col[:, None] + self.offsets[None])
-        x = self.hs
-        for layer in range(self.layer + 1, e.n + 1):
-            x = e.run_layer(layer, x, span)
-        f = k.logits(x).float().argmax(-1)  # (B, L+1) the full model's next token after each block token
-        # draft i is made when i < cap and no earlier draft stopped the row
-        go_on = torch.cat([torch.ones_like(self.stop[:, :1]), ~self.stop[:, :-1]], 1).long().cumprod(1).bool()
-        made = go_on & (self.offsets[None, :length] < self.cap[:, None])
-        drafted = made.sum(1)
-        kept = torch.minimum((self.drafts == f[:, :length]).long().cumprod(1).sum(1), drafted)
-        nxt = f.gather(1, kept[:, None])[:, 0]
-        self.result = torch.cat([kept[:, None], drafted[:, None], nxt[:, None], self.drafts], 1)
+        span = self._span(self.col[:, None] + self.offsets[None, :m]) if span is None else span
+        x = e.run_segment(self.layer, e.n, _rows(self.hs, rows)[:, :m], span)[0]
+        d = min(m, self.length)  # drafts the block verifies
+        drafted = _rows(self._made(d), rows).sum(1)
+        drafts = _rows(self.drafts, rows)
+        if self.warp is None:
+            f = k.logits(x).float().argmax(-1)  # (R, m) the full model's next token after each block token
+            kept = torch.minimum((drafts[:, :d] == f[:, :d]).long().cumprod(1).sum(1), drafted)
+            nxt = f.gather(1, kept.clamp(max=m - 1)[:, None])[:, 0]  # kept = m: the row kept its EOS and ends there
+        else:
+            kept, nxt = self._accept(self.warp(k.logits(x).float()), drafts[:, :d], _rows(self.q, rows), drafted)
+        result = torch.cat([kept[:, None], drafted[:, None], nxt[:, None], drafts], 1)
+        if rows is None:
+            self.result = result
+        else:  # the rows not verified are finished: the host reads nothing of theirs
+            self.result = result.new_zeros((self.hs.shape[0], result.shape[1])).index_copy_(0, rows, result)
+
+    @staticmethod
+    def _accept(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, drafted: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative sampling's rule over the target distributions p (R, m, V) and the d drafts (R, d) drawn from q
+        (R, >= d, V): draft x is kept with probability min(1, p(x) / q(x)), up to the first rejection; the next token is
+        sampled from the residual max(0, p - q) there (or from p after the last kept draft), so the output has plain
+        sampling's distribution."""
+        b, m = p.shape[:2]
+        d = drafts.shape[1]
+        ar = torch.arange(b, device=p.device)
+        if not d:
+            return drafted.new_zeros(b), torch.multinomial(p[:, 0], 1)[:, 0]
+        q = q[:, :d]
+        p_d, q_d = p[:, :d].gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
+        ok = torch.rand_like(p_d) < (p_d / q_d).clamp(max=1.0)  # unmade drafts: past `drafted`, never counted
+        kept = torch.minimum(ok.long().cumprod(1).sum(1), drafted)
+        at = p[ar, kept.clamp(max=m - 1)]  # the target distribution at the first rejection
+        qd = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[ar, kept]
+        resid = torch.where((kept < drafted)[:, None], (at - qd).clamp(min=0), at)
+        resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, at)  # p == q: nothing to correct
+        return kept, torch.multinomial(resid / resid.sum(-1, keepdim=True), 1)[:, 0]
 
     def _run(self, key: int, fn) -> None:
         if not self.capture:
@@ -252,13 +277,61 @@ class StaticSpeculative:
             self.graphs[key] = capture(fn, self.pool)
         self.graphs[key].replay()
 
-    def round(self, tok: torch.Tensor, col: torch.Tensor, cap: torch.Tensor) -> list[list[int]]:
-        """One round for every row from its current token `tok` at column `col`, drafting at most `cap`: per row
-        [kept, drafted, next token, draft 1..L] (one host transfer)."""
+    def round(self, tok: torch.Tensor, col: torch.Tensor, cap: torch.Tensor, cols: list[int], caps: list[int],
+              live: list[int]) -> list[list[int]]:
+        """One round from each row's current token `tok` at column `col`, drafting at most `cap` (`cols`, `caps`: the
+        host's copies; `live`: the rows not finished): per row [kept, drafted, next token, draft 1..L] (one host
+        transfer). Graphed, a round runs every row through L + 1 feeds (fixed shapes). Eager with `trim`, each feed
+        runs only the rows that need it, feeding stops once none does, and the live rows verify only what was fed,
+        over the columns in use (slices when the rows are at one column): the same tokens, with a host check per feed,
+        which costs nothing where nothing is asynchronous (a CPU)."""
         self.tok.copy_(tok)
         self.col.copy_(col)
         self.cap.copy_(cap)
-        for i in range(self.length + 1):
-            self._run(i, lambda i=i: self._feed(i))
-        self._run(-1, self._verify)
+        length = self.length
+        if self.capture or not self.trim:
+            for i in range(length + 1):
+                self._run(i, lambda i=i: self._feed_and_draft(i))
+            self._run(-1, lambda: self._verify(length + 1))
+            return self.result.tolist()
+        stopped = [False] * len(cols)  # a draft so far stopped the row (an EOS, or low confidence)
+        fed_on = list(live)  # rows whose last draft was made and is not an EOS: they feed it
+        m = length + 1
+        for i in range(length + 1):
+            if not fed_on:
+                m = i
+                break
+            self._feed(i, *self._eager_span(fed_on, cols, i, 1))
+            drafting = [r for r in fed_on if i < caps[r] and not stopped[r]]
+            if i == length or not drafting:
+                m = i + 1
+                break
+            self._draft(i)
+            stop, eos = torch.stack([self.stop[:, i], torch.isin(self.drafts[:, i], self.eos)]).tolist()
+            for r in drafting:
+                stopped[r] = stop[r]
+            fed_on = [r for r in drafting if not eos[r]]
+        self._verify(m, *self._eager_span(live, cols, 0, m))
         return self.result.tolist()
+
+    def _eager_span(self, rows: list[int], cols: list[int], offset: int, q: int
+                    ) -> tuple[Span, torch.Tensor | None]:
+        """The span of q tokens per row of `rows` from `offset` columns after each one's current token, over the columns
+        in use; and those rows as an index (None: every row)."""
+        e = self.engine
+        index = None if len(rows) == len(cols) else to_device(rows, self.col.device)
+        at = {cols[r] for r in rows}
+        if len(at) == 1:
+            return e.aligned_span(index, at.pop() + offset, q), index
+        return e.span(index, _rows(self.col, index)[:, None] + offset + self.offsets[None, :q]), index
+
+
+def _rows(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    return t if rows is None or t is None else t[rows]
+
+
+def _write(buf: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> None:
+    if rows is None:
+        buf.copy_(value)
+    else:
+        buf[rows] = value
