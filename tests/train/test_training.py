@@ -255,3 +255,80 @@ def test_kd_on_the_backbones_own_greedy_captions_lowers_the_distillation_loss(tm
     exits, _ = train_exits(backbone, pseudo, cfg, tmp_path / "run")
     after = kl(exits)
     assert after < 0.5 * before, (before, after)
+
+
+def _every_position_loss(task, logits, full, mask, teacher_logits):
+    """Stage 2's task losses as they were taken before at_targets: heads over every position, IGNORE masked."""
+    from freevlm.losses import exit_kl, mutual_distillation, pabee_weights
+
+    ce = [token_cross_entropy(lg, full.targets) for lg in logits]
+    if task == "kd":
+        return sum(exit_kl(lg, full.logits, mask) for lg in logits)
+    if task == "pabee":
+        return sum(w * c for w, c in zip(pabee_weights(2), ce))
+    if task == "leeblip":
+        return sum(ce) + sum(exit_kl(lg, full.logits, mask, "final_to_exit") for lg in logits)
+    if task == "leebert":
+        return sum(ce) + mutual_distillation(logits, mask, torch.softmax(teacher_logits, 0))
+    return sum(ce)
+
+
+@pytest.mark.parametrize("task", ["ce", "kd", "pabee", "leeblip", "leebert"])
+def test_exit_losses_taken_at_the_target_positions_equal_those_over_every_position(tmp_path, task):
+    """The exits' heads run only where a loss is taken (at_targets): the same losses as heads over every position,
+    with the IGNORE positions masked out (the formula before), for the transformer and the linear exits."""
+    from freevlm.exits import ExitSpec, build_exits
+    from freevlm.train.batches import IGNORE
+    from freevlm.train.stage2 import ExitLosses
+
+    backbone, examples = colour_task(tmp_path / "data")
+    batch = Collator(backbone, train=True)(examples)
+    lm = backbone.lm
+    for kind in ("transformer", "linear"):
+        exits = build_exits(lm, ExitSpec(kind, [2, 4]))
+        cfg = ExitTrainConfig(exit_kind=kind, exit_layers=[2, 4], task=task, adversarial_weight=0.0)
+        losses = ExitLosses(backbone, exits, cfg)
+        with torch.no_grad():
+            full = teacher_forced(backbone, batch, keep={2, 4}, logits=True)
+            picked = teacher_forced(backbone, batch, keep={2, 4}, logits=True, at_targets=True)
+            mask = full.targets != IGNORE
+            assert 0 < int(mask.sum()) < mask.numel()  # some positions carry no loss
+            torch.testing.assert_close(picked.logits, full.logits[mask])
+            _, ours, _ = losses(picked, None)
+            logits = [e.logits(lm, e.state(lm, full.states[i], full.ctx, None)) for i, e in zip(exits.layers,
+                                                                                             exits.exits)]
+            ref = _every_position_loss(task, logits, full, mask, getattr(losses, "teacher_logits", None))
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_exit_heads_give_the_fp32_loss_to_bf16_precision_and_a_wrong_precision_is_refused(tmp_path):
+    from freevlm.exits import ExitSpec, build_exits
+    from freevlm.train.stage2 import ExitLosses
+
+    backbone, examples = colour_task(tmp_path / "data")
+    batch = Collator(backbone, train=True)(examples)
+    exits = build_exits(backbone.lm, ExitSpec("transformer", [2, 4]))
+    with torch.no_grad():
+        tf = teacher_forced(backbone, batch, keep={2, 4}, at_targets=True)
+        out = {p: ExitLosses(backbone, exits, ExitTrainConfig(exit_layers=[2, 4], head_precision=p))(tf, None)[1]
+               for p in ("fp32", "bf16")}
+    assert out["bf16"] != out["fp32"]  # the heads did run in bf16
+    torch.testing.assert_close(out["bf16"], out["fp32"], rtol=2e-2, atol=0)
+    with pytest.raises(FreeVLMError, match="head_precision"):
+        ExitTrainConfig(head_precision="fp16")
+
+
+def test_stage1_in_bf16_gives_the_fp32_loss_to_bf16_precision_and_lowers_it(tmp_path):
+    from freevlm.train.stage1 import CaptionLoss
+
+    backbone, examples = colour_task(tmp_path / "data")
+    batch = Collator(backbone, train=True)(examples)
+    with torch.no_grad():
+        fp32, bf16 = (float(CaptionLoss(backbone, p)(batch, None)) for p in ("fp32", "bf16"))
+    assert fp32 != bf16 and abs(bf16 - fp32) < 2e-2 * fp32
+    cfg = Stage1Config(train_parts=("vision", "qformer", "projection", "lm"), optim=OptimConfig(name="adam", lr=3e-3),
+                       loop=LoopConfig(epochs=6, batch_size=4, progress=False), precision="bf16")
+    train_backbone(backbone, examples, cfg, tmp_path / "run")
+    assert _final_loss(backbone, batch) < 0.75 * fp32
+    with pytest.raises(FreeVLMError, match="precision"):
+        Stage1Config(precision="half")

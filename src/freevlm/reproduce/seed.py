@@ -143,7 +143,7 @@ class SeedRun:
         return variant_config(variant, exit_layers=exit_layers or base.exit_layers, seed_layer=base.seed_layer,
                               discriminator_hidden=base.discriminator_hidden, discriminator_lr=base.discriminator_lr,
                               optim=base.optim, loop=self._loop(base.loop),
-                              cache_image_features=base.cache_image_features)
+                              cache_image_features=base.cache_image_features, head_precision=base.head_precision)
 
     def exits_for(self, bb, variant: str, examples, name: str, exit_layers=None):
         exits, _ = train_exits(bb, examples, self._exit_cfg(variant, exit_layers), self.out / name, resume=True)

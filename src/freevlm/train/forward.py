@@ -23,7 +23,12 @@ class TeacherForced:
     final: torch.Tensor  # (B, T, D) h_N, the last layer's output before the final norm
     ctx: LayerContext  # the full-sequence layer context (causal mask, positions, encoder states)
     targets: torch.Tensor  # (B, T) next-token targets aligned with positions; IGNORE where no loss
-    logits: torch.Tensor | None  # (B, T, V) final-layer logits, when asked for
+    logits: torch.Tensor | None  # (B, T, V) final-layer logits when asked for; (M, V) with `at_targets`
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, T): the positions that carry a loss."""
+        return self.targets != IGNORE
 
 
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
@@ -92,8 +97,10 @@ class FrozenImageFeatures:
 
 
 def teacher_forced(backbone, batch: Batch, keep: set[int] | None = None, logits: bool = False,
-                   image_features: torch.Tensor | None = None) -> TeacherForced:
-    """Run the whole sequence through the LM; keep h_i for i in `keep` (all layers when None). `image_features`:
+                   image_features: torch.Tensor | None = None, at_targets: bool = False) -> TeacherForced:
+    """Run the whole sequence through the LM; keep h_i for i in `keep` (all layers when None). `at_targets`: the
+    final logits only at the M positions that carry a loss (row-major), not at the image, prompt and padding
+    positions; on a real LM the head is ~7 layers' work, and most positions carry no loss. `image_features`:
     the batch's precomputed image features (a `FrozenImageFeatures` result), else the vision side runs."""
     lm = backbone.lm
     inputs = backbone.prepare(batch.pixel_values, batch.input_ids, batch.attention_mask,
@@ -117,5 +124,7 @@ def teacher_forced(backbone, batch: Batch, keep: set[int] | None = None, logits:
         hidden = lm.run_layer(layer, hidden, ctx, None)
         if i in keep:
             states[i] = hidden
-    out_logits = lm.head(lm.final_norm(hidden)) if logits else None
+    out_logits = None
+    if logits:
+        out_logits = lm.head(lm.final_norm(hidden[targets != IGNORE] if at_targets else hidden))
     return TeacherForced(states, hidden, ctx, targets, out_logits)
