@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from freevlm.generation.cache import Span
+from freevlm.generation.kv import fill_exit_kv
 
 
 def capture(fn, pool) -> torch.cuda.CUDAGraph:
@@ -136,9 +137,10 @@ class StaticSpeculative:
     they keep different numbers of drafts, so K/V are scattered per row), the full model's argmax is compared with the
     drafts, and `kept` / `next` are decided on the device. Every row drafts L every round (static shapes); what a row
     may really draft (its cap, EOS, the confidence threshold) is a mask on the device, so the tokens are exactly those
-    of a round that stops where the rows stop (`trim`, the eager round). Each feed runs the exit, so that token's exit
-    K/V are written and no fix-up runs when every draft is kept. One host transfer per round brings back what the host
-    emits.
+    of a round that stops where the rows stop (`trim`, the eager round). Each graphed feed runs the exit, so that
+    token's exit K/V are written and no fix-up runs when every draft is kept; the eager round skips the exit on its last
+    feed and projects that token's exit K/V where every draft was kept (`_last_exit_kv`). One host transfer per round
+    brings back what the host emits.
     """
 
     trim = True  # eager rounds stop feeding once no row needs the next feed (see `round`)
@@ -178,15 +180,15 @@ class StaticSpeculative:
         span = Span(None, cols.shape[1], cache.max_len, cols, e._base + cols, allowed[:, None])
         return e._prepare(span)
 
-    def _feed(self, i: int, span: Span | None = None, rows: torch.Tensor | None = None) -> None:
+    def _feed(self, i: int, span: Span | None = None, rows: torch.Tensor | None = None, exit: bool = True) -> None:
         """Block token i (the current token, then draft i-1) through segment (0, e]: layers 1..e and the exit at e,
         keeping h_e for the verification (`span`: where the token sits, default: over every cache column; `rows`: only
-        these rows, default: all)."""
+        these rows, default: all; `exit`: False when no row drafts from this feed, see `_last_exit_kv`)."""
         e, k = self.engine, self.engine.kernel
         span = self._span((self.col + i)[:, None]) if span is None else span
         tok = _rows(self.tok if i == 0 else self.drafts[:, i - 1], rows)
         h = k.embed_tokens(tok[:, None], span.positions)
-        h, _, state = e.run_segment(0, self.layer, h, span)
+        h, _, state = e.run_segment(0, self.layer, h, span, exit=exit)
         if rows is None:
             self.hs[:, i] = h[:, 0]
         else:
@@ -296,15 +298,16 @@ class StaticSpeculative:
             return self.result.tolist()
         stopped = [False] * len(cols)  # a draft so far stopped the row (an EOS, or low confidence)
         fed_on = list(live)  # rows whose last draft was made and is not an EOS: they feed it
-        m = length + 1
+        m, last = length + 1, None
         for i in range(length + 1):
             if not fed_on:
                 m = i
                 break
-            self._feed(i, *self._eager_span(fed_on, cols, i, 1))
-            drafting = [r for r in fed_on if i < caps[r] and not stopped[r]]
-            if i == length or not drafting:
-                m = i + 1
+            drafting = [r for r in fed_on if i < length and i < caps[r] and not stopped[r]]
+            span, index = self._eager_span(fed_on, cols, i, 1)
+            self._feed(i, span, index, exit=bool(drafting))  # no row drafts from the last feed: its exit waits
+            if not drafting:
+                m, last = i + 1, (span, fed_on)
                 break
             self._draft(i)
             stop, eos = torch.stack([self.stop[:, i], torch.isin(self.drafts[:, i], self.eos)]).tolist()
@@ -312,7 +315,26 @@ class StaticSpeculative:
                 stopped[r] = stop[r]
             fed_on = [r for r in drafting if not eos[r]]
         self._verify(m, *self._eager_span(live, cols, 0, m))
-        return self.result.tolist()
+        result = self.result.tolist()
+        if last is not None:
+            self._last_exit_kv(m - 1, *last, result)
+        return result
+
+    def _last_exit_kv(self, i: int, span: Span, fed: list[int], result: list[list[int]]) -> None:
+        """The exit K/V of feed i, which ran without its exit (no row drafted from it), for the rows that kept every
+        draft: that token is emitted and later feeds attend to it at the exit (a row that rejected a draft rewrites the
+        column). Projected from h_e, as the old driver's fix-up did: an exit transformer's run saved per round."""
+        ex = self.engine.exit_at[self.layer]
+        at = [j for j, r in enumerate(fed) if result[r][0] == result[r][1]]
+        if not ex.uses_cache or not at:
+            return
+        device = self.col.device
+        rows = to_device([fed[j] for j in at], device)
+        rope = None
+        if span.rope is not None:
+            pick = to_device(at, device)
+            rope = tuple((t if t.shape[0] == 1 else t[pick])[:, -1].expand(len(at), -1) for t in span.rope)
+        fill_exit_kv(self.engine, ex, self.hs[rows, i], rows, self.col[rows] + i, rope)
 
     def _eager_span(self, rows: list[int], cols: list[int], offset: int, q: int
                     ) -> tuple[Span, torch.Tensor | None]:
