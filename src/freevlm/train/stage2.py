@@ -34,7 +34,6 @@ from freevlm.exits import (
     validate_exit_layers,
 )
 from freevlm.losses import (
-    IGNORE,
     KL_DIRECTIONS,
     discriminator_loss,
     exit_kl,
@@ -123,7 +122,8 @@ class ExitLosses(nn.Module):
             with torch.autocast(state.device.type, torch.bfloat16, enabled=self.cfg.head_precision == "bf16"):
                 logits.append(exit_.logits(lm, state[mask]) if self.cfg.task != "none" else None)
         targets = tf.targets[mask]
-        task, logs = self._task_loss(logits, tf.logits, targets, targets != IGNORE, normalizer)
+        task, logs = self._task_loss(logits, tf.logits, targets, torch.ones_like(targets, dtype=torch.bool),
+                                     normalizer)
         return states, task, logs
 
     def _task_loss(self, logits, final, targets, mask, normalizer):
@@ -217,7 +217,7 @@ def train_exits(backbone, examples, cfg: ExitTrainConfig, out: str | Path, *, re
         with torch.no_grad():
             tf = teacher_forced(backbone, batch, keep=keep, logits=final_logits, at_targets=True,
                                 image_features=None if features is None else features(batch))
-        mask = tf.targets != IGNORE
+        mask = tf.mask
         local = mask.sum()
         norm = global_count(accelerator, local)
         states, task, logs = generator(tf, norm)
@@ -301,7 +301,7 @@ def train_exits_together(backbone, examples, cfgs: dict[str, ExitTrainConfig], o
         with torch.no_grad():
             tf = teacher_forced(backbone, batch, keep=keep, logits=final_logits, at_targets=True,
                                 image_features=None if features is None else features(batch))
-        local = (tf.targets != IGNORE).sum()
+        local = tf.mask.sum()
         norm = global_count(accelerator, local)
         scale = float(norm) / max(int(local), 1)
         total, logs = 0.0, {}
