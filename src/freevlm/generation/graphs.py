@@ -323,7 +323,8 @@ class StaticSpeculative:
     def _last_exit_kv(self, i: int, span: Span, fed: list[int], result: list[list[int]]) -> None:
         """The exit K/V of feed i, which ran without its exit (no row drafted from it), for the rows that kept every
         draft: that token is emitted and later feeds attend to it at the exit (a row that rejected a draft rewrites the
-        column). Projected from h_e, as the old driver's fix-up did: an exit transformer's run saved per round."""
+        column). Projected from h_e (the exit layer's K/V depend only on its input): an exit transformer's run saved per
+        round."""
         ex = self.engine.exit_at[self.layer]
         at = [j for j, r in enumerate(fed) if result[r][0] == result[r][1]]
         if not ex.uses_cache or not at:

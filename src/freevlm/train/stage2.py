@@ -122,13 +122,13 @@ class ExitLosses(nn.Module):
             with torch.autocast(state.device.type, torch.bfloat16, enabled=self.cfg.head_precision == "bf16"):
                 logits.append(exit_.logits(lm, state[mask]) if self.cfg.task != "none" else None)
         targets = tf.targets[mask]
-        task, logs = self._task_loss(logits, tf.logits, targets, torch.ones_like(targets, dtype=torch.bool),
-                                     normalizer)
+        task, logs = self._task_loss(logits, tf.logits, targets, normalizer)
         return states, task, logs
 
-    def _task_loss(self, logits, final, targets, mask, normalizer):
-        """`logits`, `final`: (M, V) at the M positions with a loss; `targets` (M,); `mask` (M,), all true."""
+    def _task_loss(self, logits, final, targets, normalizer):
+        """`logits`, `final`: (M, V) at the M positions with a loss; `targets` (M,)."""
         cfg, zero = self.cfg, targets.new_zeros((), dtype=torch.float32)
+        mask = torch.ones_like(targets, dtype=torch.bool)  # every one of the M positions carries a loss
         if cfg.task == "none":
             return zero, {}
         if cfg.task == "kd":
